@@ -1,0 +1,1 @@
+"""Test helpers shipped with the library: Hypothesis strategies for deltas and stores."""
