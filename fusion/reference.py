@@ -112,11 +112,12 @@ def pack_bits(masks: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros((t, -(-n // 8) * 8), dtype=torch.uint8)
     padded[:, :n] = masks.to(torch.uint8)
     weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)  # (8,)
-    return (padded.view(t, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)  # (T, n/8)
+    # Explicit sizes, not -1: a view of zero tasks cannot infer its width.
+    return (padded.view(t, padded.shape[1] // 8, 8) * weights).sum(dim=2, dtype=torch.uint8)  # (T, n/8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 `(T, ceil(n/8))` -> bool `(T, n)`, the inverse of `pack_bits`."""
     shifts = torch.arange(8, dtype=torch.uint8)  # (8,)
     bits = (packed.unsqueeze(-1) >> shifts) & 1  # (T, n/8, 8)
-    return bits.reshape(packed.shape[0], -1)[:, :n].bool()  # (T, n)
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :n].bool()  # (T, n)
