@@ -6,6 +6,8 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
                                  # resolved against the config file, then the packaged assets
     device: auto                 # auto | cpu | cuda | cuda:N
     image_size: null             # pixels for builtin tasks (default: the processor's crop size)
+    data_root: null              # relative source paths start here (default: the config's folder);
+                                 # ~ and $VARS expand; `condu-cl run --data-root DIR` overrides it
     tasks_file: mtil_tasks.yaml  # optional: task specs in another YAML file (a list, or {tasks: [...]})
     tasks:                       # the task order; each entry:
       - name: shapes                     # unique, [A-Za-z0-9_.-]
@@ -329,11 +331,15 @@ def _resolve_model(model: str, base_dir: Path) -> str:
     return model  # an absolute path or a hub id
 
 
-def _resolve_source_paths(source: dict, base_dir: Path) -> dict:
+def _expand(path: str | os.PathLike) -> str:
+    return os.path.expanduser(os.path.expandvars(str(path)))
+
+
+def _resolve_source_paths(source: dict, data_root: Path) -> dict:
     resolved = dict(source)
     for key in ("path", "train", "test"):
         if key in resolved and source["kind"] != "builtin":
-            resolved[key] = str((base_dir / os.path.expanduser(str(resolved[key]))).resolve())
+            resolved[key] = str((data_root / _expand(resolved[key])).resolve())
     return resolved
 
 
@@ -350,15 +356,20 @@ def _task_entries(where: str, data: dict, base_dir: Path) -> list:
     return entries
 
 
-def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathLike = ".") -> RunConfig:
-    """Validate a config mapping (already parsed from YAML) into a RunConfig."""
+def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathLike = ".",
+                 data_root: str | os.PathLike | None = None) -> RunConfig:
+    """Validate a config mapping (already parsed from YAML) into a RunConfig.
+
+    `data_root` (a command-line override) replaces the config's own `data_root`.
+    """
     base_dir = Path(base_dir)
     data = _mapping(where, "<top level>", data)
-    _check_keys(where, "<top level>", data, set(RunConfig.__dataclass_fields__) - {"path"} | {"tasks_file"})
+    _check_keys(where, "<top level>", data, set(RunConfig.__dataclass_fields__) - {"path"} | {"tasks_file", "data_root"})
     if not isinstance(data.get("model"), str):
         raise _fail(where, "model", "give theta0 as a local CLIP folder or a hub id")
     tasks = tuple(parse_task(where, i, t) for i, t in enumerate(_task_entries(where, data, base_dir)))
-    tasks = tuple(replace(t, source=_resolve_source_paths(t.source, base_dir)) for t in tasks)
+    root = Path(_expand(data_root)) if data_root else base_dir / _expand(data.get("data_root") or ".")
+    tasks = tuple(replace(t, source=_resolve_source_paths(t.source, root)) for t in tasks)
     _unique(where, "tasks", [t.name for t in tasks])
     methods = data.get("methods")
     if not isinstance(methods, list) or not methods:
@@ -375,12 +386,19 @@ def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathL
     )
 
 
-def load_config(path: str | os.PathLike) -> RunConfig:
-    """Read and validate a run config YAML file; relative paths in it are relative to the file."""
+def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None) -> RunConfig:
+    """Read and validate a run config YAML file; relative paths in it are relative to the file.
+
+    A name without a folder that is not a file here (`mtil`, `mini_mtil_quick.yaml`) is looked
+    up among the configs shipped in cl_driver/configs/.
+    """
     path = Path(path)
+    if not path.exists() and path.parent == Path("."):
+        shipped = packaged_config(path.name if path.suffix else f"{path.name}.yaml")
+        path = shipped if shipped.exists() else path
     if not path.exists():
-        raise ValueError(f"{path}: no such config file; give the path to a run YAML")
-    return parse_config(_read_yaml(path), where=str(path), base_dir=path.parent)
+        raise ValueError(f"{path}: no such config file; give the path to a run YAML or a shipped name (mtil)")
+    return parse_config(_read_yaml(path), where=str(path), base_dir=path.parent, data_root=data_root)
 
 
 def packaged_config(name: str) -> Path:
