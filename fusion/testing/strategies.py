@@ -18,6 +18,7 @@ __all__ = [
     "deltas",
     "delta_sequences",
     "state_dicts",
+    "continual_schedules",
     "rescaler_modes",
     "chunk_sizes",
     "FLOAT_DTYPES",
@@ -100,6 +101,28 @@ def delta_sequences(
     """A sequence of task deltas for continual runs: unify the first, add the rest one by one."""
     return draw(state_dicts(num_tasks=_draw(draw, steps), num_tensors=num_tensors, max_numel=max_numel,
                             dtype=dtype, zero_fraction=zero_fraction, scale=scale))
+
+
+@st.composite
+def continual_schedules(
+    draw,
+    *,
+    steps: st.SearchStrategy[int] | int = st.integers(2, 6),
+    max_reunify: int = 2,
+    num_tensors: st.SearchStrategy[int] | int = st.integers(1, 3),
+    max_numel: int = 30,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
+    """A continual run: `(first, later)`; unify the deltas in `first`, then apply `later` in order.
+
+    Each item of `later` is one new task's delta (`add(state, delta)`) or None, a re-unification
+    with no new task (`add(state, ())`). At most `max_reunify` Nones are inserted.
+    """
+    sequence = draw(delta_sequences(steps=steps, num_tensors=num_tensors, max_numel=max_numel))
+    num_first = draw(st.integers(1, len(sequence) - 1)) if len(sequence) > 1 else 1
+    later: list[dict[str, torch.Tensor] | None] = list(sequence[num_first:])
+    for _ in range(draw(st.integers(0, max_reunify))):
+        later.insert(draw(st.integers(0, len(later))), None)
+    return sequence[:num_first], later
 
 
 def rescaler_modes() -> st.SearchStrategy[str]:

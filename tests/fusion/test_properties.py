@@ -1,0 +1,397 @@
+"""Properties of the ConDU iteration (the paper's appendix F) and its edge cases, with Hypothesis.
+
+All runs use the reference kernel: these tests are about the rules, not about a fast path.
+"""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from fusion import RESCALER_MODES, add, unify
+from fusion.reference import unpack_bits
+from fusion.testing.strategies import (
+    FLOAT_DTYPES,
+    continual_schedules,
+    rescaler_modes,
+    state_dicts,
+)
+
+KERNEL = "reference"
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+def _run(first, later, mode):
+    """Yield the state after unify(first) and after each later step (a new delta or a re-unify)."""
+    state = unify(first, mode=mode, kernel=KERNEL)
+    yield state
+    for delta in later:
+        state = add(state, () if delta is None else delta, kernel=KERNEL)
+        yield state
+
+
+def _originals(first, later):
+    """Task deltas in the order the state holds them."""
+    return list(first) + [d for d in later if d is not None]
+
+
+def _l1(tensor) -> float:
+    return float(tensor.double().abs().sum())
+
+
+def _flat(delta) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in delta.values()])  # (N,)
+
+
+def _rebuilt(state) -> torch.Tensor:
+    return torch.stack([_flat(state.decouple(i)) for i in range(state.num_tasks)])  # (T, N)
+
+
+def _position_weights(state) -> torch.Tensor:
+    """Per-position weights of the norm a mode preserves: 1, or 1/n_k for `tensor-mean`."""
+    if state.mode == "tensor-mean":
+        return torch.cat([torch.full((s.numel(),), 1.0 / s.numel(), dtype=torch.float64) for s in state.shapes.values()])
+    return torch.ones(sum(s.numel() for s in state.shapes.values()), dtype=torch.float64)
+
+
+def _groups(state) -> list[slice]:
+    """Position ranges that share one rescaler: the whole model, or each tensor in `tensor` mode."""
+    sizes = [s.numel() for s in state.shapes.values()]
+    if state.mode != "tensor":
+        return [slice(0, sum(sizes))]
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [slice(end - size, end) for end, size in zip(ends, sizes)]
+
+
+def _masks(state) -> torch.Tensor:
+    return torch.cat([unpack_bits(state.masks[name], state.unified[name].numel()) for name in state.names], dim=1)  # (T, N)
+
+
+def _unified(state) -> torch.Tensor:
+    return torch.cat([state.unified[name] for name in state.names])  # (N,)
+
+
+# ----------------------------------------------------------------------------------------
+# Lemma F.1: sign preservation
+
+
+@given(continual_schedules(), rescaler_modes())
+def test_lemma_f1_reconstructions_never_change_sign(schedule, mode):
+    first, later = schedule
+    originals = [_flat(d) for d in _originals(first, later)]
+    previous: list[torch.Tensor] = []
+    for state in _run(first, later, mode):
+        rebuilt = _rebuilt(state)  # (T, N)
+        for i in range(state.num_tasks):
+            # against the task's own fine-tune: same sign or 0 ...
+            assert (rebuilt[i] * originals[i] >= 0).all(), f"task {i} flipped a sign"
+            assert (rebuilt[i][originals[i] == 0] == 0).all(), f"task {i} grew an entry"
+            # ... and against the previous iteration: a zero stays zero.
+            if i < len(previous):
+                assert (rebuilt[i] * previous[i] >= 0).all(), f"task {i} flipped a sign"
+                assert (rebuilt[i][previous[i] == 0] == 0).all(), f"task {i}: a zero came back"
+        previous = list(rebuilt)
+
+
+# ----------------------------------------------------------------------------------------
+# Lemma F.2: L1 preservation
+#
+# lambda_i * ||M_i * u||_1 = ||input_i||_1 holds whenever ||M_i * u||_1 > 0. It fails, honestly,
+# when a task (or, in `tensor` mode, a tensor of it) has no entry that agrees with the elected
+# sign: every nonzero entry is outvoted or ties to -1 against it, its masked L1 is 0, its rescaler
+# is 0 and it is rebuilt as zeros; from then on its input is zero and it stays zero (Lemma F.1).
+# The tests check that this is the only way to lose L1 and that it happens exactly then.
+# Tolerance: each decouple-unify round rounds lambda to float32 and each product once, at most
+# 2 * 2**-24 relative to the L1 norm; a task goes through at most 8 rounds here (< 1e-6).
+
+L1_RTOL = 1e-6
+
+
+def _check_l1(norm_now: float, masked: float, rescaler: float, alive: bool, original: float, where: str) -> bool:
+    """Assert one L1 fact; return whether the task (or tensor) is still alive."""
+    if masked == 0:
+        assert rescaler == 0 and norm_now == 0, f"{where}: outvoted, must be rebuilt as zeros"
+        return False
+    assert alive, f"{where}: came back after being outvoted"
+    assert norm_now == pytest.approx(original, rel=L1_RTOL), where
+    return True
+
+
+@given(continual_schedules())
+def test_lemma_f2_model_rescalers_keep_each_task_l1(schedule):
+    first, later = schedule
+    originals = [_l1(_flat(d)) for d in _originals(first, later)]
+    alive: list[bool] = []
+    for step, state in enumerate(_run(first, later, "model")):
+        alive += [True] * (state.num_tasks - len(alive))
+        for i in range(state.num_tasks):
+            alive[i] = _check_l1(_l1(_flat(state.decouple(i))), float(state.masked_l1[i].sum()),
+                                 float(state.rescalers[i, 0]), alive[i], originals[i], f"step {step} task {i}")
+    event(f"tasks outvoted entirely: {alive.count(False)}")
+
+
+@given(continual_schedules())
+def test_lemma_f2_tensor_rescalers_keep_each_tensor_l1(schedule):
+    first, later = schedule
+    originals = [{n: _l1(t) for n, t in d.items()} for d in _originals(first, later)]
+    alive: list[dict[str, bool]] = []
+    for step, state in enumerate(_run(first, later, "tensor")):
+        alive += [dict.fromkeys(state.names, True) for _ in range(state.num_tasks - len(alive))]
+        for i in range(state.num_tasks):
+            rebuilt = state.decouple(i)
+            for k, name in enumerate(state.names):
+                alive[i][name] = _check_l1(_l1(rebuilt[name]), float(state.masked_l1[i, k]), float(state.rescalers[i, k]),
+                                           alive[i][name], originals[i][name], f"step {step} task {i} {name}")
+
+
+@given(continual_schedules())
+def test_tensor_mean_rescalers_keep_the_sum_of_mean_abs(schedule):
+    """`tensor-mean` keeps sum_k mean|delta_i[k]| (the quantity its rescaler is a ratio of), not the L1."""
+    first, later = schedule
+    originals = [sum(_l1(t) / t.numel() for t in d.values()) for d in _originals(first, later)]
+    alive: list[bool] = []
+    for step, state in enumerate(_run(first, later, "tensor-mean")):
+        alive += [True] * (state.num_tasks - len(alive))
+        numels = torch.tensor([s.numel() for s in state.shapes.values()], dtype=torch.float64)
+        for i in range(state.num_tasks):
+            mean_abs = sum(_l1(t) / t.numel() for t in state.decouple(i).values())
+            alive[i] = _check_l1(mean_abs, float((state.masked_l1[i] / numels).sum()), float(state.rescalers[i, 0]),
+                                 alive[i], originals[i], f"step {step} task {i}")
+
+
+# ----------------------------------------------------------------------------------------
+# Theorem F.3: convergence of repeated re-unification with no new task (docs/convergence.md)
+#
+# S_0 = unify(deltas), S_{k+1} = add(S_k, ()). What holds, and is proved in the doc:
+#  (a) masks never change: M(S_k) = M(S_0) for every k (as long as no rebuilt value underflows);
+#  (b) from S_1 on every rescaler is <= 1, and in each rescaler group (the model, or a tensor in
+#      `tensor` mode) the largest is exactly 1.0: that task's reconstruction is u itself on its
+#      mask, and it never changes again, bit for bit;
+#  (c) |u| never grows from S_1 on and keeps its sign, so the iteration converges;
+#  (d) S_k (k >= 1) is a fixed point, bit for bit in u and masks, if and only if every nonzero
+#      position of u is masked by a task whose rescaler there rounds to 1.0 in float32;
+#  (e) it is NOT a fixed point after a bounded number of steps in general: with two tasks the
+#      free mass B_k of the non-dominant task obeys B_{k+1} = L B_k / (A + B_k), geometric with
+#      ratio min(A, L) / max(A, L), harmonic when A = L.
+
+REUNIFY_STEPS = 4
+
+
+def _reunified(deltas, mode, steps=REUNIFY_STEPS):
+    states = [unify(deltas, mode=mode, kernel=KERNEL)]
+    for _ in range(steps):
+        states.append(add(states[-1], (), kernel=KERNEL))
+    return states
+
+
+def _dominant_rows(state, group_index: int) -> torch.Tensor:
+    """Tasks whose rescaler in the group rounds to exactly 1.0 in float32."""
+    column = state.rescalers[:, group_index if state.mode == "tensor" else 0]
+    return column.float() == 1.0  # (T,) bool
+
+
+@given(state_dicts(num_tasks=st.integers(1, 5)), rescaler_modes())
+def test_theorem_f3_masks_fixed_rescalers_capped_u_shrinks(deltas, mode):
+    states = _reunified(deltas, mode)
+    masks0 = _masks(states[0])
+    for k in range(1, len(states)):
+        state, before = states[k], states[k - 1]
+        assert torch.equal(_masks(state), masks0), f"S_{k}: masks changed"  # (a)
+        assert ((state.rescalers >= 0) & (state.rescalers <= 1)).all(), f"S_{k}: rescaler above 1"  # (b)
+        masks = _masks(state)
+        for g, positions in enumerate(_groups(state)):
+            if masks[:, positions].any():
+                assert _dominant_rows(state, g).any(), f"S_{k}: no rescaler is exactly 1 in group {g}"
+        u, u_before = _unified(state), _unified(before)
+        if k >= 2:
+            assert (u.abs() <= u_before.abs()).all(), f"S_{k}: |u| grew"  # (c)
+        assert (u * u_before >= 0).all(), f"S_{k}: u changed sign"
+
+
+@given(state_dicts(num_tasks=st.integers(1, 5)), rescaler_modes())
+def test_theorem_f3_dominant_tasks_are_frozen_from_the_first_reunify(deltas, mode):
+    states = _reunified(deltas, mode)
+    first = _rebuilt(states[1])  # (T, N)
+    for g, positions in enumerate(_groups(states[1])):
+        for i in torch.nonzero(_dominant_rows(states[1], g)).flatten().tolist():
+            for k in range(2, len(states)):
+                assert torch.equal(_rebuilt(states[k])[i, positions], first[i, positions]), f"task {i} moved at S_{k}"
+
+
+def _fixed_point_criterion(state) -> bool:
+    """Every nonzero position of u is masked by a task whose rescaler there rounds to 1.0."""
+    masks, covered = _masks(state), torch.zeros(_unified(state).numel(), dtype=torch.bool)
+    for g, positions in enumerate(_groups(state)):
+        covered[positions] = masks[_dominant_rows(state, g)][:, positions].any(dim=0)
+    return bool(covered[_unified(state) != 0].all())
+
+
+@given(state_dicts(num_tasks=st.integers(1, 4), max_numel=12), rescaler_modes())
+def test_theorem_f3_fixed_point_if_and_only_if_covered_by_rescaler_one(deltas, mode):
+    states = _reunified(deltas, mode, steps=3)
+    for k in (1, 2):
+        fixed = torch.equal(_unified(states[k + 1]), _unified(states[k]))
+        assert fixed == _fixed_point_criterion(states[k]), f"S_{k}"
+        event(f"S_{k} fixed: {fixed}")
+        if fixed:
+            assert torch.equal(_masks(states[k + 1]), _masks(states[k]))
+            torch.testing.assert_close(states[k + 1].rescalers, states[k].rescalers, rtol=1e-6, atol=0)
+
+
+@given(state_dicts(num_tasks=st.integers(1, 4), disjoint=True), rescaler_modes())
+def test_theorem_f3_disjoint_tasks_are_fixed_after_one_reunify(deltas, mode):
+    """No two tasks share a position: every rescaler is 1 from S_1 on and S_2 == S_1 bit for bit."""
+    states = _reunified(deltas, mode, steps=2)
+    masks = _masks(states[1])
+    for g, positions in enumerate(_groups(states[1])):
+        has_mask = masks[:, positions].any(dim=1)
+        column = states[1].rescalers[:, g if mode == "tensor" else 0]
+        assert (column[has_mask] == 1.0).all()
+    assert torch.equal(_unified(states[2]), _unified(states[1]))
+    assert torch.equal(states[2].rescalers, states[1].rescalers)
+    assert torch.equal(_rebuilt(states[2]), _rebuilt(states[1]))
+
+
+@given(state_dicts(num_tasks=2, num_tensors=st.integers(1, 2), max_numel=20), rescaler_modes())
+def test_theorem_f3_two_tasks_follow_the_scalar_recurrence(deltas, mode):
+    """(e): after S_1, in each rescaler group, with `a` the task whose rescaler is 1 and `b` the other,
+    A = ||u on M_a & M_b|| (frozen), B_k = ||u on M_b minus M_a|| and L = ||rebuilt b|| (kept by F.2),
+    in the norm the mode keeps: B_{k+1} = L * B_k / (A + B_k)."""
+    states = _reunified(deltas, mode, steps=5)
+    weights = _position_weights(states[1])
+    masks = _masks(states[1])
+    moving = 0
+    for g, positions in enumerate(_groups(states[1])):
+        dominant = _dominant_rows(states[1], g)
+        if dominant.all() or not dominant.any():
+            continue  # both tasks tight (fixed already), or no mask in this group
+        a, b = int(dominant.nonzero()[0]), int((~dominant).nonzero()[0])
+        shared = (masks[a] & masks[b])[positions]
+        own = (masks[b] & ~masks[a])[positions]
+        w = weights[positions]
+
+        def norm(values, where):
+            return float((values[positions].double().abs() * w)[where].sum())
+
+        big_a = norm(_unified(states[1]), shared)
+        big_l = norm(_rebuilt(states[1])[b], torch.ones_like(own))
+        for k in range(1, len(states) - 1):
+            b_now, b_next = norm(_unified(states[k]), own), norm(_unified(states[k + 1]), own)
+            expected = big_l * b_now / (big_a + b_now) if big_a + b_now > 0 else 0.0  # b has no mask here
+            assert b_next == pytest.approx(expected, rel=1e-5, abs=1e-30), f"S_{k + 1}"
+            moving += b_next != b_now
+    event(f"steps where B moved: {moving > 0}")
+
+
+def test_theorem_f3_no_finite_fixed_point_in_general():
+    """delta_a = [10, 0], delta_b = [1, 1]: A = 10 > L = 2, so b's own entry decays like (1/5)^k forever.
+
+    The exact sequence of u[1] is 1, 2/11, 1/28, 2/281, ...; b's rebuilt delta tends to [2, 0]:
+    its mass moves onto the position it shares with the dominant task."""
+    deltas = [{"w": torch.tensor([10.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}]
+    states = _reunified(deltas, "model", steps=30)
+    exact = Fraction(1)
+    for k, state in enumerate(states):
+        assert state.unified["w"][0] == 10.0 and state.rescalers[0, 0] == 1.0
+        assert float(state.unified["w"][1]) == pytest.approx(float(exact), rel=1e-5), f"S_{k}"
+        if k:
+            assert state.unified["w"][1] < states[k - 1].unified["w"][1], f"S_{k} is a fixed point"
+        exact = 2 * exact / (10 + exact)
+    torch.testing.assert_close(states[-1].decouple(1)["w"], torch.tensor([2.0, 0.0]), rtol=1e-6, atol=1e-12)
+
+
+def test_theorem_f3_geometric_approach_when_shared_mass_is_small():
+    """delta_a = [2, 0], delta_b = [1, 10]: A = 2 < L = 11, so B_k -> L - A = 9 with ratio A/L = 2/11."""
+    deltas = [{"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([1.0, 10.0])}]
+    states = _reunified(deltas, "model", steps=25)
+    errors = [abs(float(s.unified["w"][1]) - 9.0) for s in states[1:]]
+    for before, after in zip(errors[:5], errors[1:6]):
+        assert after == pytest.approx(before * 2 / 11, rel=0.05)
+    assert errors[-1] < 1e-6
+    torch.testing.assert_close(states[-1].decouple(1)["w"], torch.tensor([2.0, 9.0]))
+
+
+# ----------------------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", RESCALER_MODES)
+@given(deltas=state_dicts(num_tasks=1, max_numel=40))
+def test_single_task_rebuilds_exactly(deltas, mode, dtype):
+    """T = 1: u is the delta itself (rounded to the store dtype, exact for inputs of that dtype)
+    and the rescaler is exactly 1, so the task is rebuilt bit for bit, also after re-unifying."""
+    delta = {name: t.to(dtype) for name, t in deltas[0].items()}
+    state = unify([delta], mode=mode, kernel=KERNEL, dtypes=dict.fromkeys(delta, dtype))
+    for current in (state, add(state, (), kernel=KERNEL)):
+        rebuilt = current.decouple(0)
+        for name, tensor in delta.items():
+            assert rebuilt[name].dtype == torch.float32
+            assert torch.equal(rebuilt[name], tensor.float()), name
+            assert torch.equal(rebuilt[name].to(dtype), tensor), name
+        # Rescaler 1 exactly, or 0 where the task is all zero (per tensor in `tensor` mode).
+        has_mask = current.masked_l1[0] > 0 if mode == "tensor" else current.masked_l1[0].sum() > 0
+        assert torch.equal(current.rescalers[0], torch.where(has_mask, 1.0, 0.0).double().expand(len(delta)))
+
+
+@pytest.mark.parametrize("mode", RESCALER_MODES)
+@given(shapes=state_dicts(num_tasks=st.integers(1, 4)))
+def test_all_zero_deltas_rebuild_zeros_without_nan(shapes, mode):
+    deltas = [{name: torch.zeros_like(t) for name, t in d.items()} for d in shapes]
+    for state in _reunified(deltas, mode, steps=1):
+        assert not state.rescalers.isnan().any() and (state.rescalers == 0).all()
+        assert (_unified(state) == 0).all() and not _masks(state).any()
+        assert (_rebuilt(state) == 0).all()
+
+
+@given(state_dicts(num_tasks=st.integers(1, 4)), rescaler_modes())
+def test_an_all_zero_task_is_inert(deltas, mode):
+    """Adding a zero task changes no sum and no mask: the others' state is as without it."""
+    zero = {name: torch.zeros_like(t) for name, t in deltas[0].items()}
+    with_zero, without = unify(deltas + [zero], mode=mode, kernel=KERNEL), unify(deltas, mode=mode, kernel=KERNEL)
+    assert torch.equal(_unified(with_zero), _unified(without))
+    assert torch.equal(_masks(with_zero)[:-1], _masks(without)) and not _masks(with_zero)[-1].any()
+    assert torch.equal(with_zero.rescalers[:-1], without.rescalers) and (with_zero.rescalers[-1] == 0).all()
+
+
+@given(state_dicts(num_tasks=1), rescaler_modes())
+def test_exact_sign_ties_elect_minus_one(deltas, mode):
+    """delta and -delta cancel everywhere: every sum is exactly 0, so -1 wins and only the
+    negative entries are kept, at full magnitude."""
+    delta = _flat(deltas[0])
+    state = unify([deltas[0], {n: -t for n, t in deltas[0].items()}], mode=mode, kernel=KERNEL)
+    assert torch.equal(_unified(state), -delta.abs())
+    masks = _masks(state)
+    assert torch.equal(masks[0], delta < 0) and torch.equal(masks[1], delta > 0)
+
+
+@given(continual_schedules(max_numel=45), rescaler_modes())
+def test_padding_bits_of_packed_masks_stay_zero(schedule, mode):
+    """Lengths that are not a multiple of 8: the bits past the end are 0 after every step."""
+    for state in _run(*schedule, mode):
+        for name in state.names:
+            n = state.unified[name].numel()
+            packed = state.masks[name]
+            assert packed.shape == (state.num_tasks, -(-n // 8))
+            bits = unpack_bits(packed, packed.shape[1] * 8)
+            assert not bits[:, n:].any(), name
+
+
+@given(state_dicts(num_tasks=st.integers(2, 8)), st.randoms(use_true_random=False), rescaler_modes())
+def test_permuting_tasks_permutes_masks_and_rescalers(deltas, rnd, mode):
+    """One-shot unify is symmetric in the tasks. The float32 election sum is sequential and so
+    order-dependent in general, but the strategies' values are integers in [-8, 8] times 2**-6:
+    every partial sum of at most 8 of them is a multiple of 2**-6 below 2**0 * 64, exact in
+    float32, so here any order gives the same bits. L1 sums are per task, so also exact."""
+    order = list(range(len(deltas)))
+    rnd.shuffle(order)
+    state = unify(deltas, mode=mode, kernel=KERNEL)
+    permuted = unify([deltas[i] for i in order], mode=mode, kernel=KERNEL)
+    assert torch.equal(_unified(permuted), _unified(state))
+    for name in state.names:
+        assert torch.equal(permuted.masks[name], state.masks[name][order])
+    assert torch.equal(permuted.rescalers, state.rescalers[order])
