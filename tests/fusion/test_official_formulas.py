@@ -1,0 +1,90 @@
+"""`tensor-mean` mode against the official EMR-Merging / ConDU formulas, written here independently.
+
+The implementation below follows the official code's whole-tensor style: per tensor, stack the
+task vectors, elect with `flag = (sum > 0) * 2 - 1` (an exact zero sum elects -1), take the
+largest agreeing magnitude, mask with `stacked * unified > 0`, and rescale each task by the sum
+over tensors of mean|delta| over the sum over tensors of mean|M * u|. It shares no code with
+`fusion` beyond torch.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusion import add, unify
+from fusion.testing.strategies import state_dicts
+
+
+def official_unify(task_vectors: list[dict[str, torch.Tensor]]):
+    """-> (unified {name: tensor}, masks [{name: bool tensor}], rescalers [float]), whole tensors."""
+    unified, masks = {}, [{} for _ in task_vectors]
+    for name in task_vectors[0]:
+        stacked = torch.stack([tv[name].float() for tv in task_vectors])  # (T, *shape)
+        flag = (stacked.sum(dim=0) > 0) * 2 - 1  # (*shape): +1 / -1, an exact zero sum -> -1
+        param_max = ((stacked * flag > 0) * stacked.abs()).max(dim=0).values  # (*shape)
+        unified[name] = param_max * flag
+        for i in range(len(task_vectors)):
+            # The official mask multiplies values; it differs from comparing signs only where
+            # |delta| * |u| underflows float32, which the strategies' values never do.
+            masks[i][name] = stacked[i] * unified[name] > 0
+    rescalers = []
+    for i, tv in enumerate(task_vectors):
+        # Means accumulated in float64, so that the comparison is about the formula and not about
+        # float32 rounding of the official accumulation; a zero denominator is handled apart.
+        sum_param = sum(tv[name].double().abs().mean() for name in tv)
+        sum_unified = sum((masks[i][name] * unified[name]).double().abs().mean() for name in tv)
+        rescalers.append(float(sum_param / sum_unified) if sum_unified > 0 else 0.0)
+    return unified, masks, rescalers
+
+
+def official_decouple(unified, mask, rescaler):
+    return {name: rescaler * mask[name] * unified[name] for name in unified}
+
+
+def _assert_matches(state, unified, masks, rescalers):
+    for name in state.names:
+        assert torch.equal(state.unified[name].reshape(unified[name].shape), unified[name].float()), name
+        for i in range(state.num_tasks):
+            assert torch.equal(state.mask(i, name), masks[i][name]), f"task {i} {name}"
+    torch.testing.assert_close(state.rescalers[:, 0], torch.tensor(rescalers, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert (state.rescalers == state.rescalers[:, :1]).all()  # one scalar per task
+    for i in range(state.num_tasks):
+        expected = official_decouple(unified, masks[i], rescalers[i])
+        for name, tensor in state.decouple(i).items():
+            torch.testing.assert_close(tensor, expected[name].float(), rtol=1e-6, atol=0)
+
+
+@given(state_dicts(num_tasks=st.integers(1, 5), max_numel=40))
+def test_tensor_mean_one_shot_matches_official_formulas(deltas):
+    _assert_matches(unify(deltas, mode="tensor-mean", kernel="reference"), *official_unify(deltas))
+
+
+@given(state_dicts(num_tasks=st.integers(2, 5), max_numel=40))
+def test_tensor_mean_continual_step_matches_official_formulas(deltas):
+    """The official continual step: rebuild the earlier tasks as rescaler * mask * unified, then unify
+    them with the new task vector from scratch."""
+    earlier, new = deltas[:-1], deltas[-1]
+    unified, masks, rescalers = official_unify(earlier)
+    rebuilt = [official_decouple(unified, masks[i], rescalers[i]) for i in range(len(earlier))]
+    state = add(unify(earlier, mode="tensor-mean", kernel="reference"), new, kernel="reference")
+    _assert_matches(state, *official_unify(rebuilt + [new]))
+
+
+def test_official_tie_rule_on_a_hand_case():
+    deltas = [{"w": torch.tensor([[2.0, -1.0], [0.0, 3.0]])}, {"w": torch.tensor([[-2.0, -1.0], [0.0, 1.0]])}]
+    unified, masks, rescalers = official_unify(deltas)
+    # [0, 0]: 2 - 2 = 0 elects -1, kept only by task 2. [1, 0]: all zero, nothing kept.
+    assert unified["w"].tolist() == [[-2.0, -1.0], [0.0, 3.0]]
+    assert masks[0]["w"].tolist() == [[False, True], [False, True]]
+    assert masks[1]["w"].tolist() == [[True, True], [False, True]]
+    assert rescalers == pytest.approx([6 / 4, 4 / 6])
+    _assert_matches(unify(deltas, mode="tensor-mean", kernel="reference"), unified, masks, rescalers)
+
+
+def test_zero_denominator_is_zero_not_nan():
+    """Where a task keeps nothing, the official division is 0/0 or x/0; the library's rule is 0."""
+    deltas = [{"w": torch.tensor([-1.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([0.0, 0.0])}]
+    state = unify(deltas, mode="tensor-mean", kernel="reference")
+    assert state.rescalers[:, 0].tolist() == [0.0, 1.0, 0.0]
+    assert official_unify(deltas)[2] == [0.0, 1.0, 0.0]
