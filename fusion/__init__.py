@@ -9,6 +9,8 @@ from .fuse import FusedDeltas, add, apply_delta, is_fusable, remove, task_delta,
 from .kernels import KERNELS, get_kernel
 from .reference import ChunkResult, pack_bits, unpack_bits
 from .rescale import RESCALER_MODES, compute_rescalers
+from .store import Store, StoreLockedError, TaskRecord
+from . import io
 
 __version__ = "0.1.0"
 
@@ -19,7 +21,10 @@ __all__ = [
     "KERNELS",
     "L1Tables",
     "RESCALER_MODES",
+    "Store",
+    "StoreLockedError",
     "StoredChunk",
+    "TaskRecord",
     "TensorSpec",
     "add",
     "apply_delta",
@@ -27,6 +32,7 @@ __all__ = [
     "compute_rescalers",
     "fuse_pass",
     "get_kernel",
+    "io",
     "is_fusable",
     "pack_bits",
     "remove",
