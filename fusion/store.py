@@ -160,6 +160,11 @@ def _cleanup(store_dir: Path, manifest: dict | None) -> None:
             p.unlink(missing_ok=True)
 
 
+def _cleanup_after_failure(store_dir: Path) -> None:
+    """Remove what a failed change wrote, keeping every file of the manifest now on disk."""
+    _cleanup(store_dir, _read_manifest(store_dir) if (store_dir / MANIFEST).exists() else None)
+
+
 def _gen(g: int) -> str:
     return f"g{g:06d}"
 
@@ -313,10 +318,10 @@ class _Stats:
         self.bits += _POPCOUNT[packed.long()].sum(dim=1)  # (T,)
 
     def measure(self, task: int, k: int, masked_unified: torch.Tensor, original: torch.Tensor) -> None:
-        m, o = masked_unified.double(), original.double()  # (n,)
-        self.dot[task, k] += (m * o).sum()
-        self.hat2[task, k] += (m * m).sum()
-        self.orig2[task, k] += (o * o).sum()
+        m, o = masked_unified.float(), original.float()  # (n,) products in float32, sums in float64
+        self.dot[task, k] += (m * o).sum(dtype=torch.float64)
+        self.hat2[task, k] += (m * m).sum(dtype=torch.float64)
+        self.orig2[task, k] += (o * o).sum(dtype=torch.float64)
 
     def fidelity(self, task: int, rescalers: torch.Tensor) -> tuple[float, float | None]:
         """cosine and relative L2 of lambda * M * u against the original delta."""
@@ -396,6 +401,14 @@ class _Sink:
             w.abort()
 
 
+def _check_finite(new: list[_NewTask], name: str, delta_l1: torch.Tensor) -> None:
+    """A NaN or Inf anywhere in a chunk's delta makes its L1 sum NaN or Inf: one cheap test."""
+    for task, l1 in zip(new, delta_l1.tolist()):
+        if not math.isfinite(l1):
+            raise ValueError(f"{task.checkpoint.file_of(name)}: tensor {name!r} has NaN or Inf in its delta; "
+                             "fix or re-export the checkpoint")
+
+
 def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tensor, torch.Tensor, _Stats]:
     """Stream every fused tensor through fuse_pass; return rescalers (T, K), delta L1 (T, K), stats."""
     t_old, column = len(inp.keep), {t.name: k for k, t in enumerate(inp.fused)}
@@ -412,10 +425,6 @@ def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tenso
     def new_deltas(name: str, lo: int, hi: int) -> torch.Tensor:
         rows = [torch.zeros(hi - lo) if name in task.zero else task.checkpoint.read_flat(name, lo, hi).float() - base_flat(name, lo, hi)
                 for task in inp.new]
-        for task, row in zip(inp.new, rows):
-            if not bool(torch.isfinite(row).all()):
-                raise ValueError(f"{task.checkpoint.file_of(name)}: tensor {name!r} has NaN or Inf in its delta; "
-                                 "fix or re-export the checkpoint")
         cache["fresh"] = rows
         return torch.stack(rows) if rows else torch.empty((0, hi - lo))  # (T_new, n)
 
@@ -426,6 +435,7 @@ def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tenso
         return StoredChunk(inp.old.unified_flat(name, lo, hi), packed, rescalers)
 
     def emit(name: str, lo: int, hi: int, result: ChunkResult) -> None:
+        _check_finite(inp.new, name, result.delta_l1[t_old:])
         sink.write(name, result, by_name[name].unified_dtype)
         stats.count(result.packed_masks)
         masks = unpack_bits(result.packed_masks, hi - lo)  # (T, n)
@@ -548,10 +558,9 @@ class Store:
         names = [t["name"] for t in tasks]
         if isinstance(task, str) and task in names:
             return names.index(task)
-        if isinstance(task, str) and task.strip().isdigit():
-            task = int(task)
-        if isinstance(task, int) and not isinstance(task, bool) and 1 <= task <= len(tasks):
-            return task - 1
+        number = int(task) if isinstance(task, str) and task.strip().isdigit() else task
+        if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= len(tasks):
+            return number - 1
         choices = ", ".join(f"{i + 1} ({n})" for i, n in enumerate(names))
         raise ValueError(f"{self.path}: no task {task!r}; choose one of {choices}")
 
@@ -657,12 +666,13 @@ class Store:
                 for n, t in tensors.items():
                     writer.write(n, t.detach().cpu())
                 writer.finish()
+                new = json.loads(json.dumps(manifest))
+                new["generation"], new["tasks"][index]["prototypes"] = g, rel
+                self._manifest = _commit(self.path, new, {rel: writer})
             except BaseException:
                 writer.abort()
+                _cleanup_after_failure(self.path)
                 raise
-            new = json.loads(json.dumps(manifest))
-            new["generation"], new["tasks"][index]["prototypes"] = g, rel
-            self._manifest = _commit(self.path, new, {rel: writer})
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -731,45 +741,59 @@ def _create(store_dir: Path, base_path: Path, paths: list[Path], names, mode: st
 
 def _next_generation(store_dir: Path, manifest: dict, base: Checkpoint, fused: list[_Fused], keep: list[int],
                      new: list[_NewTask], kernel, chunk: int, progress: bool, *, mode: str | None = None) -> dict:
-    """Run one pass (carry `keep`, add `new`), write generation g+1 and commit it; return its manifest."""
-    g = manifest["generation"] + 1
+    """Run one pass (carry `keep`, add `new`), write generation g+1 and commit it; return its manifest.
+
+    On any failure the files this call wrote are removed; whatever manifest is on disk then
+    (the old one, or the new one if the failure came after the swap) stays whole.
+    """
     for sub in SUBDIRS[:2]:
         (store_dir / sub).mkdir(exist_ok=True)
     old = _Generation(store_dir, manifest) if manifest["tasks"] else None
-    uid0 = manifest["next_uid"]
+    sources = [_source_if_unchanged(manifest["tasks"][i]) for i in keep]
+    sink: list[_Sink] = []
+    try:
+        result, written = _write_generation(store_dir, manifest, base, fused, old, keep, new, sources, sink,
+                                            mode or manifest["rescaler"], kernel, chunk, progress)
+        return _commit(store_dir, result, written)
+    except BaseException:
+        for s in sink:
+            s.abort()
+        _cleanup_after_failure(store_dir)
+        raise
+    finally:
+        for opened in [old, *(src for src, _ in filter(None, sources))]:
+            if opened:
+                opened.close()
+
+
+def _write_generation(store_dir: Path, manifest: dict, base: Checkpoint, fused: list[_Fused], old: _Generation | None,
+                      keep: list[int], new: list[_NewTask], sources: list, sink_slot: list, mode: str, kernel,
+                      chunk: int, progress: bool) -> tuple[dict, dict[str, SafetensorsWriter]]:
+    """Write private files, unified shards and triggers of generation g+1; return its manifest and files."""
+    g, uid0 = manifest["generation"] + 1, manifest["next_uid"]
     new_uids = [f"t{uid0 + j:04d}" for j in range(len(new))]
     old_tasks = [manifest["tasks"][i] for i in keep]
     uids = [t["uid"] for t in old_tasks] + new_uids
     written: dict[str, SafetensorsWriter] = {}
-    sink = None
-    try:
-        for task, uid in zip(new, new_uids):
-            writer = _write_private(store_dir, task, uid, chunk)
-            if writer:
-                written[f"private/{writer.path.name}"] = writer
-        sources = [_source_if_unchanged(t) for t in old_tasks]
-        sink = _Sink(store_dir, g, fused, uids, manifest.get("max_shard_size", DEFAULT_SHARD_SIZE))
-        inp = _PassInput(base, fused, old, keep, new, sources, mode or manifest["rescaler"], kernel, chunk)
-        rescalers, delta_l1, stats = _run_pass(inp, sink, progress)
-        written.update(sink.finish())
-    except BaseException:
-        if sink:
-            sink.abort()
-        _cleanup(store_dir, manifest if manifest["tasks"] else None)
-        raise
-    finally:
-        if old:
-            old.close()
+    for task, uid in zip(new, new_uids):
+        writer = _write_private(store_dir, task, uid, chunk)
+        if writer:
+            written[f"private/{writer.path.name}"] = writer
+    sink = _Sink(store_dir, g, fused, uids, manifest.get("max_shard_size", DEFAULT_SHARD_SIZE))
+    sink_slot.append(sink)
+    inp = _PassInput(base, fused, old, keep, new, sources, mode, kernel, chunk)
+    rescalers, delta_l1, stats = _run_pass(inp, sink, progress)
+    written.update(sink.finish())
     tasks = [dict(t) for t in old_tasks] + [_new_task_entry(t, uid, g) for t, uid in zip(new, new_uids)]
     total = sum(t.numel for t in fused)
     for i, task in enumerate(tasks):
-        _update_task(task, i, fused, rescalers, delta_l1, stats, total, g, uids[i],
-                     measured=i >= len(old_tasks) or inp.sources[i] is not None)
-    _set_rescalers(tasks, fused, rescalers, inp.mode)
+        _update_task(task, i, rescalers, delta_l1, stats, total, g, uids[i],
+                     measured=i >= len(old_tasks) or sources[i] is not None)
+    _set_rescalers(tasks, fused, rescalers, mode)
     weight_map = dict(sink.unified.weight_map)
-    result = dict(manifest, generation=g, next_uid=uid0 + len(new), tasks=tasks,
+    result = dict(manifest, generation=g, next_uid=uid0 + len(new), tasks=tasks, rescaler=mode,
                   unified={"files": list(dict.fromkeys(weight_map.values())), "weight_map": weight_map})
-    return _commit(store_dir, result, written)
+    return result, written
 
 
 def _new_task_entry(task: _NewTask, uid: str, g: int) -> dict:
@@ -780,7 +804,7 @@ def _new_task_entry(task: _NewTask, uid: str, g: int) -> dict:
             "prototypes": None}
 
 
-def _update_task(task: dict, i: int, fused: list[_Fused], rescalers: torch.Tensor, delta_l1: torch.Tensor,
+def _update_task(task: dict, i: int, rescalers: torch.Tensor, delta_l1: torch.Tensor,
                  stats: _Stats, total: int, g: int, uid: str, *, measured: bool) -> None:
     """Fill a task's manifest entry from the pass: L1, density, fidelity, trigger file."""
     task["l1"] = float(delta_l1[i].sum())
