@@ -1,0 +1,741 @@
+#!/usr/bin/env python
+"""Figures of the ConDU store: speed, peak memory, storage and decouple, next to the official way.
+
+    python benchmarks/fusion_store.py                  # 64M parameters a checkpoint, T = 2, 4, 8, 16
+    python benchmarks/fusion_store.py --quick          # 1M parameters, T = 2, 4 (the smoke test)
+
+The workload is made here: a base and T fine-tuned fp32 checkpoints in transformer-like tensors,
+written as safetensors tensor by tensor. The peer is `official_baseline.py` (whole state dicts,
+bool masks, torch.save), measured in the same run. Every measured operation runs in its own
+process, forked from this one while it holds nothing but the imported libraries, so its peak
+resident memory is its own: `ru_maxrss` of that process, plus the peak of its anonymous memory sampled
+from outside (file pages of memory-mapped inputs count in RSS but are reclaimable).
+Times are medians of `--repeats` runs. Results go to benchmarks/results/fusion_store.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # official_baseline, next to this file
+sys.path.insert(0, str(HERE.parent))  # the fusion package, when run from a checkout
+
+MiB, GiB = 1 << 20, 1 << 30
+RESULT_NAME = "fusion_store"
+TARGET_SPEEDUP = 4.0
+TARGET_PEAK = 1 * GiB
+
+
+# ---------------------------------------------------------------- the workload
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the synthetic model: kind picks how its values and deltas are drawn."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # embedding | weight | bias | norm | buffer
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int64 if self.kind == "buffer" else torch.float32
+
+
+def parse_count(text: str) -> int:
+    """'64M' -> 64 * 2**20, '512K' -> 512 * 2**10, '1000' -> 1000."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    if text[-1:] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def hidden_size(params: int) -> int:
+    """A width that gives a handful of layers at this size, as real models of that size have."""
+    for width, at_least in ((768, 48 * MiB), (512, 16 * MiB), (256, 2 * MiB)):
+        if params >= at_least:
+            return width
+    return 128
+
+
+def layer_plan(i: int, d: int) -> list[TensorPlan]:
+    """One transformer block: attention q/k/v/o, two layer norms, MLP up/down."""
+    p = f"layers.{i}."
+    plans = []
+    for proj in "qkvo":
+        plans += [TensorPlan(f"{p}attn.{proj}_proj.weight", (d, d), "weight"),
+                  TensorPlan(f"{p}attn.{proj}_proj.bias", (d,), "bias")]
+    for norm in ("norm1", "norm2"):
+        plans += [TensorPlan(f"{p}{norm}.weight", (d,), "norm"), TensorPlan(f"{p}{norm}.bias", (d,), "bias")]
+    plans += [TensorPlan(f"{p}mlp.up.weight", (4 * d, d), "weight"), TensorPlan(f"{p}mlp.up.bias", (4 * d,), "bias"),
+              TensorPlan(f"{p}mlp.down.weight", (d, 4 * d), "weight"), TensorPlan(f"{p}mlp.down.bias", (d,), "bias")]
+    return plans
+
+
+def model_plan(params: int, positions: int = 512) -> list[TensorPlan]:
+    """About `params` parameters: blocks take ~70%, the token embedding the rest."""
+    d = hidden_size(params)
+    per_layer = 12 * d * d + 13 * d
+    layers = max(1, round(0.7 * params / per_layer))
+    vocab = max(16, (params - layers * per_layer - positions * d - 2 * d) // d)
+    plans = [TensorPlan("embed_tokens.weight", (vocab, d), "embedding"),
+             TensorPlan("embed_positions.weight", (positions, d), "weight"),
+             TensorPlan("position_ids", (1, positions), "buffer"),
+             TensorPlan("token_type_ids", (1, positions), "buffer")]
+    for i in range(layers):
+        plans += layer_plan(i, d)
+    return plans + [TensorPlan("final_norm.weight", (d,), "norm"), TensorPlan("final_norm.bias", (d,), "bias"),
+                    TensorPlan("pooler.num_batches_tracked", (), "buffer")]
+
+
+def generator(seed: int, task: int, k: int) -> torch.Generator:
+    """One seeded stream per (task, tensor): any tensor can be drawn alone, in any order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + task * 10_007 + k)
+
+
+def base_tensor(plan: TensorPlan, gen: torch.Generator) -> torch.Tensor:
+    if plan.kind == "buffer":
+        return torch.arange(plan.numel, dtype=torch.int64).reshape(plan.shape)
+    values = torch.randn(plan.shape, generator=gen) * 0.02
+    return values + 1.0 if plan.kind == "norm" else values
+
+
+def task_delta(plan: TensorPlan, gen: torch.Generator) -> torch.Tensor:
+    """A fine-tuning delta: small Gaussian at a per-tensor scale, ~10% exact zeros; an
+    embedding moves only the rows its task saw; a norm is sometimes frozen."""
+    scale = 1e-3 * math.exp(0.5 * float(torch.randn((), generator=gen)))
+    delta = torch.randn(plan.shape, generator=gen) * scale
+    if plan.kind == "embedding":
+        delta *= (torch.rand(plan.shape[0], generator=gen) < 0.25)[:, None]
+    elif plan.kind == "norm" and float(torch.rand((), generator=gen)) < 0.3:
+        delta.zero_()
+    return delta.masked_fill_(torch.rand(plan.shape, generator=gen) < 0.1, 0.0)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
+
+
+def safetensors_header(plans: list[TensorPlan]) -> bytes:
+    """The safetensors header for tensors written back to back in `plans` order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for p in plans:
+        nbytes = p.numel * p.dtype.itemsize
+        header[p.name] = {"dtype": SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
+                          "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@dataclass
+class Workload:
+    base: str
+    checkpoints: list[str]
+    checkpoint_bytes: int  # one fp32 checkpoint file
+    params: int
+    fused_numel: int  # float elements, the ones with a mask bit per task
+    tensors: int
+
+
+def write_workload(workdir: Path, plans: list[TensorPlan], num_tasks: int, seed: int) -> Workload:
+    """Write the base and every fine-tune at once, one tensor at a time: memory stays one tensor."""
+    paths = [workdir / "base.safetensors"] + [workdir / f"task{i:02d}.safetensors" for i in range(1, num_tasks + 1)]
+    header = safetensors_header(plans)
+    files = [open(p, "wb") for p in paths]
+    try:
+        for f in files:
+            f.write(header)
+        for k, plan in enumerate(plans):
+            base = base_tensor(plan, generator(seed, 0, k))
+            files[0].write(base.numpy().tobytes())
+            for task, f in enumerate(files[1:], start=1):
+                tuned = base if plan.kind == "buffer" else base + task_delta(plan, generator(seed, task, k))
+                f.write(tuned.numpy().tobytes())
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files:
+            f.close()
+    fused = sum(p.numel for p in plans if p.kind != "buffer")
+    return Workload(str(paths[0]), [str(p) for p in paths[1:]], paths[0].stat().st_size,
+                    sum(p.numel for p in plans), fused, len(plans))
+
+
+# ---------------------------------------------------------------- the measured operations
+# Each runs in a fresh process; it returns {"seconds": ...} and its own facts.
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _timed(fn, *args, **kwargs) -> dict:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return {"seconds": time.perf_counter() - start}
+
+
+def op_noop() -> dict:
+    return {"seconds": 0.0}
+
+
+def op_store_unify(base, checkpoints, store_dir, rescaler, dtype=None) -> dict:
+    from fusion import Store
+    dtype = getattr(torch, dtype) if dtype else None
+    return _timed(Store.unify, store_dir, base, checkpoints, rescaler=rescaler, dtype=dtype)
+
+
+def op_store_add(store_dir, checkpoint) -> dict:
+    from fusion import Store
+    return _timed(lambda: Store.open(store_dir).add(checkpoint))
+
+
+def op_store_decouple(store_dir, task, out) -> dict:
+    from fusion import Store
+    return _timed(lambda: Store.open(store_dir).decouple(task, out))
+
+
+def op_official_unify(base, checkpoints, out_dir) -> dict:
+    import official_baseline
+    return _timed(official_baseline.unify, base, checkpoints, out_dir)
+
+
+def op_official_add(base, state_dir, checkpoint, out_dir) -> dict:
+    import official_baseline
+    return _timed(official_baseline.add, base, state_dir, checkpoint, out_dir)
+
+
+def op_copy(src, dst) -> dict:
+    """A plain file copy, synced: the speed limit of writing a checkpoint."""
+    def copy():
+        shutil.copyfile(src, dst)
+        _fsync_file(Path(dst))
+    return _timed(copy)
+
+
+def op_load_save(src, dst) -> dict:
+    """safetensors load_file + save_file of one checkpoint, synced."""
+    from safetensors.torch import load_file, save_file
+
+    def load_save():
+        save_file(load_file(src), dst)
+        _fsync_file(Path(dst))
+    return _timed(load_save)
+
+
+def op_compare(store_dir, official_dir, base, scratch) -> dict:
+    """Same rules, same answer: the store's unified delta vs the official one, and task 1 rebuilt."""
+    from safetensors.torch import load_file
+    from fusion import Store
+    import official_baseline as ob
+    unified_files = sorted(Path(store_dir).glob("unified*.safetensors"))
+    stored = {k: v for f in unified_files for k, v in load_file(str(f)).items()}
+    unified, masks, rescalers = ob.load_state(official_dir)
+    shared = [k for k in unified if k in stored]
+    equal = all(torch.equal(stored[k].reshape(unified[k].shape), unified[k]) for k in shared)
+    out = Path(scratch) / "compare-task1.safetensors"
+    Store.open(store_dir).decouple(1, out)
+    rebuilt, theta0 = load_file(str(out)), ob.load_state_dict(base)
+    official = ob.reconstruct(unified, masks[0], rescalers[0])
+    # Relative to the weights: both sides round theta0 + delta to fp32 once.
+    worst = max(float((rebuilt[k] - (theta0[k] + official[k])).abs().max() / rebuilt[k].abs().max().clamp(min=1e-30))
+                for k in official)
+    out.unlink()
+    return {"seconds": 0.0, "unified_tensors_compared": len(shared), "unified_tensors_official": len(unified),
+            "unified_bit_equal": bool(equal and len(shared) == len(unified)),
+            "task1_max_rel_error": worst}  # of the weights
+
+
+OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
+
+
+# ---------------------------------------------------------------- isolated runs and memory
+
+def _child_main(conn, op: str, kwargs: dict, threads: int) -> None:
+    try:
+        torch.set_num_threads(threads)
+        result = OPS[op](**kwargs)
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        conn.send(("ok", result))
+    except BaseException as exc:  # report, never hang the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _memory_sample(proc: psutil.Process) -> tuple[int, int]:
+    """(rss, anonymous rss) now; file-backed pages are rss - anonymous."""
+    info = proc.memory_info()
+    return info.rss, info.rss - info.shared
+
+
+# Threads of every measured process: --threads, or what torch picks in a fresh process.
+THREADS = [torch.get_num_threads()]
+
+
+def run_isolated(op: str, **kwargs) -> dict:
+    """Run one operation in a fresh forked process; add its peak RSS and sampled peak anonymous memory.
+
+    The fork starts from this small orchestrating process (libraries imported, nothing held),
+    the same floor for every operation; `noop` measures that floor."""
+    ctx, started = mp.get_context("fork"), time.perf_counter()
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(sender, op, kwargs, THREADS[0]))
+    child.start()
+    sender.close()
+    peak_anon, watched = 0, psutil.Process(child.pid)
+    while not receiver.poll(0.02):
+        try:
+            peak_anon = max(peak_anon, _memory_sample(watched)[1])
+        except psutil.Error:
+            pass
+        if not child.is_alive() and not receiver.poll(0.2):
+            break
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", f"process died (exit code {child.exitcode}, killed for memory?)"
+    child.join()
+    if status == "error":
+        print(f"  ! {op}: {payload}", file=sys.stderr)
+        return {"error": payload}
+    print(f"  {op}: {payload['seconds']:.2f} s of {time.perf_counter() - started:.2f} s, "
+          f"peak RSS {payload['peak_rss'] / MiB:.0f} MiB", file=sys.stderr)
+    return {**payload, "peak_anon": peak_anon}
+
+
+# ---------------------------------------------------------------- the figures
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median time, largest peak memory, every run kept."""
+    errors = [r["error"] for r in runs if "error" in r]
+    good = [r for r in runs if "error" not in r]
+    return {"seconds": median_of(good, "seconds"),
+            "peak_rss": max((r["peak_rss"] for r in good), default=None),
+            "peak_anon": max((r["peak_anon"] for r in good), default=None),
+            "runs": runs, **({"errors": errors} if errors else {})}
+
+
+def official_need(wl: Workload, tasks: int) -> int:
+    """Rough peak of the in-memory peer: base, T task vectors, their sum, unified, temporaries,
+    one loaded fine-tune, and T bool masks of one byte per parameter."""
+    return (tasks + 5) * wl.checkpoint_bytes + tasks * wl.fused_numel
+
+
+def official_fits(wl: Workload, tasks: int, limit: int) -> tuple[bool, str]:
+    need, free = official_need(wl, tasks), psutil.virtual_memory().available
+    if need > min(limit, 0.8 * free):
+        return False, (f"not run: needs about {need / GiB:.1f} GiB; limit {limit / GiB:.1f} GiB, "
+                       f"{free / GiB:.1f} GiB available")
+    return True, ""
+
+
+class Bench:
+    """The run's state: workload, scratch space, options, and results as they come in."""
+
+    def __init__(self, wl: Workload, scratch: Path, args: argparse.Namespace):
+        self.wl, self.scratch, self.args = wl, scratch, args
+        self.official_limit = int(args.official_max_gib * GiB)
+
+    def ckpts(self, tasks: int) -> list[str]:
+        return self.wl.checkpoints[:tasks]
+
+    def store_unify(self, tasks: int, tag: str, dtype: str | None = None) -> tuple[dict, Path]:
+        out = self.scratch / f"store-{tag}"
+        return run_isolated("store_unify", base=self.wl.base, checkpoints=self.ckpts(tasks), store_dir=str(out),
+                            rescaler=self.args.rescaler, dtype=dtype), out
+
+    def official_unify(self, tasks: int, tag: str) -> tuple[dict, Path]:
+        out = self.scratch / f"official-{tag}"
+        fits, why = official_fits(self.wl, tasks, self.official_limit)
+        if not fits:
+            return {"skipped": why}, out
+        return run_isolated("official_unify", base=self.wl.base, checkpoints=self.ckpts(tasks),
+                            out_dir=str(out)), out
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def measure_unify(bench: Bench, tasks: int, repeats: int) -> dict:
+    """Both sides, interleaved; sizes from the first run; the first run's folders are kept."""
+    store_runs, official_runs, kept = [], [], {}
+    for r in range(repeats):
+        print(f"unify T={tasks} run {r + 1}/{repeats}", file=sys.stderr)
+        result, store_dir = bench.store_unify(tasks, f"unify-T{tasks}-r{r}")
+        store_runs.append(result)
+        official, official_dir = bench.official_unify(tasks, f"unify-T{tasks}-r{r}")
+        official_runs.append(official)
+        if r == 0:
+            kept = {"store_dir": store_dir, "official_dir": official_dir,
+                    "store_bytes": dir_bytes(store_dir) if "error" not in result else None,
+                    "official_bytes": dir_bytes(official_dir) if official_dir.exists() and "seconds" in official else None}
+        else:
+            remove_tree(store_dir), remove_tree(official_dir)
+    skipped = next((o["skipped"] for o in official_runs if "skipped" in o), None)
+    official = {"skipped": skipped} if skipped else summarize(official_runs)
+    return {"tasks": tasks, "store": summarize(store_runs), "official": official, **kept}
+
+
+def measure_add(bench: Bench, tasks: int) -> dict:
+    """Add task T to a store of T-1 (made by unify, not measured); the official step likewise."""
+    print(f"add T={tasks}", file=sys.stderr)
+    setup, store_dir = bench.store_unify(tasks - 1, f"add-T{tasks}")
+    store = setup if "error" in setup else run_isolated("store_add", store_dir=str(store_dir),
+                                                         checkpoint=bench.ckpts(tasks)[-1])
+    store_bytes = dir_bytes(store_dir) if "error" not in store else None
+    remove_tree(store_dir)
+    official, official_dir = bench.official_unify(tasks - 1, f"add-T{tasks}")
+    if "seconds" in official:
+        out = bench.scratch / f"official-add-T{tasks}-out"
+        fits, why = official_fits(bench.wl, tasks, bench.official_limit)
+        official = run_isolated("official_add", base=bench.wl.base, state_dir=str(official_dir),
+                                checkpoint=bench.ckpts(tasks)[-1], out_dir=str(out)) if fits else {"skipped": why}
+        remove_tree(out)
+    remove_tree(official_dir)
+    return {"tasks": tasks, "store": store, "official": official, "store_bytes_after": store_bytes}
+
+
+def measure_decouple(bench: Bench, store_dir: Path, repeats: int) -> dict:
+    """Rebuild task 1 as one safetensors file vs copying one checkpoint, both synced."""
+    src = bench.wl.checkpoints[0]
+    runs: dict[str, list] = {"decouple": [], "copy": [], "load_save": []}
+    for r in range(repeats):
+        print(f"decouple run {r + 1}/{repeats}", file=sys.stderr)
+        for name in runs:
+            out = bench.scratch / f"{name}-{r}.safetensors"
+            kwargs = {"store_dir": str(store_dir), "task": 1, "out": str(out)} if name == "decouple" else {"src": src, "dst": str(out)}
+            runs[name].append(run_isolated("store_decouple" if name == "decouple" else name, **kwargs))
+            out.unlink(missing_ok=True)
+    return {name: summarize(r) for name, r in runs.items()}
+
+
+# ---------------------------------------------------------------- derived figures and checks
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def storage_rows(bench: Bench, unify: list[dict], bf16: dict | None) -> list[dict]:
+    """Store size vs the bound, T separate checkpoints and the official bool-mask layout."""
+    wl, rows = bench.wl, []
+    for u in unify:
+        t = u["tasks"]
+        official = u.get("official_bytes")
+        rows.append({"tasks": t, "dtype": "float32", "store_bytes": u.get("store_bytes"),
+                     "bound_bytes": (1 + t / 32) * wl.checkpoint_bytes * 1.01,
+                     "separate_bytes": sum(Path(c).stat().st_size for c in bench.ckpts(t)),
+                     "official_bytes": official or official_layout_estimate(wl, t),
+                     "official_measured": official is not None})
+    if bf16:
+        t = bf16["tasks"]
+        rows.append({"tasks": t, "dtype": "bfloat16", "store_bytes": bf16.get("store_bytes"),
+                     "bound_bytes": (1 + t / 16) * wl.checkpoint_bytes / 2 * 1.01,
+                     "separate_bytes": sum(Path(c).stat().st_size for c in bench.ckpts(t)) // 2,
+                     "official_bytes": None, "official_measured": False})
+    for row in rows:
+        row["within_bound"] = row["store_bytes"] is not None and row["store_bytes"] <= row["bound_bytes"]
+    return rows
+
+
+def official_layout_estimate(wl: Workload, tasks: int) -> int:
+    """Computed when not measured: fp32 unified delta plus one bool byte per fused parameter per task."""
+    return wl.fused_numel * 4 + tasks * wl.fused_numel
+
+
+def memory_verdict(rows: list[dict], checkpoint_bytes: int) -> dict:
+    """At most 1 GiB everywhere, and flat: growth per added task under 5% of one checkpoint."""
+    verdict = {}
+    for op in ("unify", "add"):
+        peaks = [(r["tasks"], r[op]["store"].get("peak_rss")) for r in rows if r[op]["store"].get("peak_rss")]
+        if len(peaks) < 1:
+            continue
+        (t0, p0), (t1, p1) = peaks[0], peaks[-1]
+        per_task = (p1 - p0) / (t1 - t0) if t1 > t0 else 0.0
+        verdict[op] = {"max_peak_rss": max(p for _, p in peaks), "growth_per_task": per_task,
+                       "growth_per_task_of_checkpoint": per_task / checkpoint_bytes,
+                       "within_1_gib": max(p for _, p in peaks) <= TARGET_PEAK,
+                       "flat": per_task <= 0.05 * checkpoint_bytes}
+    return verdict
+
+
+def machine_facts() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": THREADS[0], "memory_gib": round(psutil.virtual_memory().total / GiB, 1),
+            "platform": platform.platform(), "loadavg_start": os.getloadavg()}
+
+
+# ---------------------------------------------------------------- output
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def fmt_s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+def fmt_x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def side_cell(side: dict, key: str, fmt) -> str:
+    """A table cell: the value, or why there is none."""
+    if "skipped" in side:
+        return "not run (memory)"
+    if "error" in side or side.get("errors") and side.get(key) is None:
+        return "error"
+    return fmt(side.get(key))
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def speed_section(res: dict) -> list[str]:
+    u = res["unify_speed"]
+    rows = [[f"unify, T = {u['tasks']}", side_cell(u["store"], "seconds", fmt_s),
+             side_cell(u["official"], "seconds", fmt_s), fmt_x(res["speedup"]), f">= {TARGET_SPEEDUP:.0f}x"]]
+    return ["## Unify speed (read, fuse, write, fsync)", ""] + table(
+        ["operation", "store", "official-style", "speed-up", "target"], rows)
+
+
+def memory_section(res: dict) -> list[str]:
+    rows = [[str(r["tasks"]), side_cell(r["unify"]["store"], "peak_rss", fmt_bytes),
+             side_cell(r["add"]["store"], "peak_rss", fmt_bytes),
+             side_cell(r["unify"]["store"], "peak_anon", fmt_bytes),
+             side_cell(r["unify"]["official"], "peak_rss", fmt_bytes),
+             side_cell(r["add"]["official"], "peak_rss", fmt_bytes)] for r in res["memory"]]
+    lines = ["## Peak resident memory (target: store <= 1 GiB, flat in T)", ""]
+    lines += table(["T", "store unify", "store add", "store unify (anon)", "official unify", "official add"], rows)
+    lines += ["", f"A process that has only imported torch, safetensors and fusion: "
+                  f"{fmt_bytes(res['floor'].get('peak_rss'))} (included above)."]
+    for op, v in res["memory_verdict"].items():
+        lines.append(f"- store {op}: max {fmt_bytes(v['max_peak_rss'])}, growth {fmt_bytes(v['growth_per_task'])} "
+                     f"per added task ({100 * v['growth_per_task_of_checkpoint']:.1f}% of a checkpoint); "
+                     f"<= 1 GiB: {'yes' if v['within_1_gib'] else 'NO'}, flat: {'yes' if v['flat'] else 'NO'}")
+    return lines
+
+
+def storage_section(res: dict) -> list[str]:
+    rows = [[str(r["tasks"]), r["dtype"], fmt_bytes(r["store_bytes"]), fmt_bytes(r["bound_bytes"]),
+             "yes" if r["within_bound"] else "NO", fmt_bytes(r["separate_bytes"]),
+             fmt_bytes(r["official_bytes"]) + ("" if r["official_measured"] or r["official_bytes"] is None else " (computed)")]
+            for r in res["storage"]]
+    lines = ["## Storage (the base is kept once outside the store and is not counted on any side)", ""]
+    return lines + table(["T", "dtype", "store", "bound", "within", "T separate checkpoints", "official layout"], rows) + [
+        "", "Bound: (1 + T/32) x one fp32 checkpoint + 1%; bf16: (1 + T/16) x one bf16 checkpoint + 1%."]
+
+
+def decouple_section(res: dict) -> list[str]:
+    d = res["decouple"]
+    rows = [[name, side_cell(d[name], "seconds", fmt_s), side_cell(d[name], "peak_rss", fmt_bytes)]
+            for name in ("decouple", "copy", "load_save")]
+    return ["## Decouple one task to a safetensors file (synced)", ""] + table(["operation", "time", "peak RSS"], rows) + [
+        "", f"Decouple runs at {fmt_x(res['decouple_vs_copy'])} of plain copy speed "
+            f"and {fmt_x(res['decouple_vs_load_save'])} of safetensors load+save speed."]
+
+
+def markdown(res: dict) -> str:
+    cfg, wl = res["config"], res["workload"]
+    check = res.get("equality") or {}
+    lines = [f"# ConDU store figures", "",
+             f"Workload: a base and T fine-tuned fp32 checkpoints of {wl['params'] / MiB:.1f}M parameters "
+             f"({fmt_bytes(wl['checkpoint_bytes'])} each, {wl['tensors']} tensors). Store rescaler: "
+             f"`{cfg['rescaler']}` (the official rule, so both sides compute the same state). "
+             f"Times are medians of {cfg['repeats']} runs; each run is its own process.", "",
+             f"Command: `{res['command']}`", "",
+             f"Same answer: unified delta bit-equal to the official-style one: {check.get('unified_bit_equal', '-')}; "
+             f"task 1 rebuilt by both, largest difference relative to the weights: "
+             f"{check.get('task1_max_rel_error', '-')}.", ""]
+    for section in (speed_section, memory_section, storage_section, decouple_section):
+        lines += section(res) + [""]
+    lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for op, side, style in (("unify", "store", "o-"), ("add", "store", "s-"),
+                            ("unify", "official", "o--"), ("add", "official", "s--")):
+        pts = [(r["tasks"], r[op][side]["peak_rss"] / GiB) for r in res["memory"] if r[op][side].get("peak_rss")]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{'store' if side == 'store' else 'official-style'} {op}")
+    ax.axhline(TARGET_PEAK / GiB, color="grey", linestyle=":", label="1 GiB target")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["tasks"] for r in res["memory"]], [str(r["tasks"]) for r in res["memory"]])
+    ax.set_xlabel("tasks T")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title(f"Peak memory, {res['workload']['params'] / MiB:.0f}M-parameter checkpoints")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(res: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{RESULT_NAME}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out_dir / f"{RESULT_NAME}.md").write_text(markdown(res))
+    plot(res, out_dir / f"{RESULT_NAME}.png")
+
+
+# ---------------------------------------------------------------- the run
+
+FULL = {"params": "64M", "tasks": "2,4,8,16", "unify_tasks": 8, "bf16_tasks": 8, "repeats": 3}
+# Tiny tensors on one thread: hand-offs between threads would cost more than the work.
+QUICK = {"params": "1M", "tasks": "2,4", "unify_tasks": 4, "bf16_tasks": 2, "repeats": 1, "threads": 1}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", help="parameters a checkpoint, e.g. 64M (binary multiples; default 64M, quick 1M)")
+    p.add_argument("--tasks", help="T values of the memory and storage sweep (default 2,4,8,16; quick 2,4)")
+    p.add_argument("--unify-tasks", type=int, help="T of the unify speed comparison (default 8; quick 4)")
+    p.add_argument("--bf16-tasks", type=int, help="T of the bf16 store size, 0 to skip (default 8; quick 2)")
+    p.add_argument("--repeats", type=int, help="runs of each timed operation, median taken (default 3; quick 1)")
+    p.add_argument("--rescaler", default="tensor-mean", help="store rescaler mode")
+    p.add_argument("--official-max-gib", type=float, default=10.0,
+                   help="skip official-style runs estimated to need more memory than this")
+    p.add_argument("--workdir", default=None, help="where checkpoints and stores go (default: a tmp dir, removed)")
+    p.add_argument("--results-dir", default=str(HERE / "results"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every measured process "
+                   "(default: torch's own choice)")
+    p.add_argument("--quick", action="store_true", help="1M parameters, T = 2, 4, one run each, one thread")
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.task_list = sorted({int(t) for t in args.tasks.split(",")})
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    plans = model_plan(parse_count(args.params))
+    most = max(args.task_list + [args.unify_tasks, args.bf16_tasks])
+    print(f"writing base + {most} checkpoints of {parse_count(args.params) / MiB:.1f}M parameters to {work}", file=sys.stderr)
+    wl = write_workload(work, plans, most, args.seed)
+    scratch = work / "runs"
+    scratch.mkdir(exist_ok=True)
+    bench = Bench(wl, scratch, args)
+    res = {"command": "python benchmarks/fusion_store.py " + " ".join(sys.argv[1:]), "config": vars(args),
+           "machine": machine_facts(), "workload": asdict(wl), "floor": run_isolated("noop")}
+    unify = {t: measure_unify(bench, t, args.repeats if t == args.unify_tasks else 1)
+             for t in sorted(set(args.task_list) | {args.unify_tasks})}
+    speed = unify[args.unify_tasks]
+    res["unify_speed"] = {k: v for k, v in speed.items() if not k.endswith("_dir")}
+    res["speedup"] = ratio(speed["official"].get("seconds"), speed["store"].get("seconds"))
+    if "error" not in speed["store"] and "seconds" in speed["official"] and speed["official"]["seconds"]:
+        res["equality"] = run_isolated("compare", store_dir=str(speed["store_dir"]),
+                                       official_dir=str(speed["official_dir"]), base=wl.base, scratch=str(scratch))
+    res["decouple"] = measure_decouple(bench, speed["store_dir"], args.repeats)
+    res["decouple_vs_copy"] = ratio(res["decouple"]["copy"]["seconds"], res["decouple"]["decouple"]["seconds"])
+    res["decouple_vs_load_save"] = ratio(res["decouple"]["load_save"]["seconds"], res["decouple"]["decouple"]["seconds"])
+    for u in unify.values():
+        remove_tree(u.pop("store_dir")), remove_tree(u.pop("official_dir"))
+    adds = {t: measure_add(bench, t) for t in args.task_list}
+    res["memory"] = [{"tasks": t, "unify": {"store": unify[t]["store"], "official": unify[t]["official"]},
+                      "add": {"store": adds[t]["store"], "official": adds[t]["official"]}} for t in args.task_list]
+    res["memory_verdict"] = memory_verdict(res["memory"], wl.checkpoint_bytes)
+    bf16 = None
+    if args.bf16_tasks:
+        result, out = bench.store_unify(args.bf16_tasks, f"bf16-T{args.bf16_tasks}", dtype="bfloat16")
+        bf16 = {"tasks": args.bf16_tasks, "store": result, "store_bytes": dir_bytes(out) if "error" not in result else None}
+        remove_tree(out)
+    res["storage"] = storage_rows(bench, [unify[t] for t in args.task_list], bf16)
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["notes"] = notes(res, args)
+    return res
+
+
+def notes(res: dict, args: argparse.Namespace) -> list[str]:
+    skipped = sorted({r["tasks"] for r in res["memory"] for op in ("unify", "add") if "skipped" in r[op]["official"]})
+    m = res["machine"]
+    out = [f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, torch {m['torch']} with {m['torch_threads']} threads; "
+           f"shared with other work while this ran, so times are noisy (load average "
+           f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end).",
+           "Inputs were just written, so both sides read them from the page cache: this compares compute "
+           "and write paths, not disk reads.",
+           "Peak RSS is the process's own ru_maxrss, which includes the imported libraries and any "
+           "memory-mapped file pages it touched; 'anon' is the sampled peak of anonymous memory only.",
+           "The store's add is measured on a store of T-1 tasks made by unify (not counted); "
+           "the official-style add likewise starts from its own saved state of T-1 tasks."]
+    if skipped:
+        out.append(f"Official-style runs not made at T = {', '.join(map(str, skipped))}: their estimated peak "
+                   f"memory exceeded the limit (--official-max-gib {args.official_max_gib}) or the free memory. "
+                   "Nothing is filled in for them.")
+    return out
+
+
+def preload_libraries() -> None:
+    """Import once here, so every forked process starts from the same floor, without import time."""
+    import official_baseline  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    try:
+        import fusion  # noqa: F401
+    except ImportError as exc:  # reported by each store operation instead
+        print(f"fusion does not import: {exc}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preload_libraries()
+    THREADS[0] = args.threads or THREADS[0]
+    # This process stays on one thread, so no OpenMP pool exists when it forks the measured ones.
+    torch.set_num_threads(1)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="condu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        res = run(args, work)
+    finally:
+        if not args.workdir:
+            remove_tree(work)
+    write_results(res, Path(args.results_dir))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
