@@ -180,6 +180,22 @@ class SafetensorsFile:
         """The whole tensor, in its shape and stored dtype."""
         return self.read_flat(name).reshape(self.entries[name].shape)
 
+    def read_flat_into(self, name: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [lo, hi) into the contiguous `out` (hi - lo,), converted to its dtype.
+
+        Same dtype: the bytes are read straight into `out`, no intermediate copy.
+        """
+        info = self.entries[name]
+        assert out.is_contiguous() and out.numel() == hi - lo, "out must be contiguous with hi - lo elements"
+        if out.dtype != info.dtype or hi == lo:
+            return out.copy_(self.read_flat(name, lo, hi))
+        size = _itemsize(info.dtype)
+        view = memoryview(out.view(torch.uint8).numpy())
+        got = os.preadv(self._file(), [view], self.data_start + info.begin + lo * size)
+        if got != (hi - lo) * size:
+            raise ValueError(f"{self.path}: tensor {name!r} is truncated; the file is incomplete")
+        return out
+
 
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -253,6 +269,9 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def read_flat_into(self, name: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return self._where[name].read_flat_into(name, lo, hi, out)
 
     @property
     def nbytes(self) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .engine import DEFAULT_CHUNK, StoredChunk, TensorSpec, chunk_ranges, fuse_pass
@@ -48,6 +49,8 @@ from .io import (
     open_checkpoint,
     sha256_file,
 )
+from .fidelity import NUM_SUMS, chunk_sums_fast
+from .fidelity import finish as finish_fidelity
 from .kernels import get_kernel
 from .reference import ChunkResult, reconstruct, unpack_bits
 from .rescale import check_mode, compute_rescalers
@@ -306,34 +309,29 @@ class _Generation:
 # ---------------------------------------------------------------------------------------------
 
 
+def _popcount(packed: torch.Tensor) -> torch.Tensor:
+    """Bits set per row of packed masks (T, nbytes) -> (T,) int64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2: one vectorised pass
+        return torch.from_numpy(np.bitwise_count(packed.numpy()).sum(axis=1, dtype=np.int64))
+    return _POPCOUNT[packed.long()].sum(dim=1)
+
+
 class _Stats:
-    """Per task, per tensor float64 sums for mask density and reconstruction fidelity."""
+    """Per task: mask bits set, and per tensor the fidelity sums (fusion.fidelity) in float64."""
 
     def __init__(self, num_tasks: int, num_tensors: int):
-        shape = (num_tasks, num_tensors)
         self.bits = torch.zeros(num_tasks, dtype=torch.int64)
-        self.dot, self.hat2, self.orig2 = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
+        self.sums = torch.zeros((num_tasks, num_tensors, NUM_SUMS), dtype=torch.float64)
 
     def count(self, packed: torch.Tensor) -> None:
-        self.bits += _POPCOUNT[packed.long()].sum(dim=1)  # (T,)
+        self.bits += _popcount(packed)  # (T,)
 
-    def measure(self, task: int, k: int, masked_unified: torch.Tensor, original: torch.Tensor) -> None:
-        m, o = masked_unified.float(), original.float()  # (n,) products in float32, sums in float64
-        self.dot[task, k] += (m * o).sum(dtype=torch.float64)
-        self.hat2[task, k] += (m * m).sum(dtype=torch.float64)
-        self.orig2[task, k] += (o * o).sum(dtype=torch.float64)
+    def measure(self, task: int, k: int, unified: torch.Tensor, packed: torch.Tensor, original: torch.Tensor) -> None:
+        self.sums[task, k] += chunk_sums_fast(unified, packed, original)
 
     def fidelity(self, task: int, rescalers: torch.Tensor) -> tuple[float, float | None]:
         """cosine and relative L2 of lambda * M * u against the original delta."""
-        lam = rescalers[task].float().double()  # (K,) the float32 value decouple multiplies by
-        dot, hat2 = float((lam * self.dot[task]).sum()), float((lam * lam * self.hat2[task]).sum())
-        orig2 = float(self.orig2[task].sum())
-        if hat2 == 0 or orig2 == 0:
-            cosine = 1.0 if hat2 == orig2 else 0.0
-        else:
-            cosine = dot / math.sqrt(hat2 * orig2)
-        rel_l2 = math.sqrt(max(hat2 - 2 * dot + orig2, 0.0) / orig2) if orig2 > 0 else (0.0 if hat2 == 0 else None)
-        return cosine, rel_l2
+        return finish_fidelity(self.sums[task], rescalers[task])
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
@@ -422,11 +420,17 @@ def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tenso
             cache["base_key"], cache["base"] = (name, lo), inp.base.read_flat(name, lo, hi).float()
         return cache["base"]  # (n,)
 
+    buffer = torch.empty(len(inp.new) * min(inp.chunk, max((t.numel for t in inp.fused), default=0)))
+
     def new_deltas(name: str, lo: int, hi: int) -> torch.Tensor:
-        rows = [torch.zeros(hi - lo) if name in task.zero else task.checkpoint.read_flat(name, lo, hi).float() - base_flat(name, lo, hi)
-                for task in inp.new]
+        rows = buffer[: len(inp.new) * (hi - lo)].view(len(inp.new), hi - lo)  # (T_new, n), reused
+        for task, row in zip(inp.new, rows):
+            if name in task.zero:
+                row.zero_()
+            else:
+                task.checkpoint.read_flat_into(name, lo, hi, row).sub_(base_flat(name, lo, hi))
         cache["fresh"] = rows
-        return torch.stack(rows) if rows else torch.empty((0, hi - lo))  # (T_new, n)
+        return rows
 
     def stored(name: str, lo: int, hi: int) -> StoredChunk:
         packed = [inp.old.packed(i, name, lo, hi) for i in inp.keep]
@@ -438,14 +442,13 @@ def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tenso
         _check_finite(inp.new, name, result.delta_l1[t_old:])
         sink.write(name, result, by_name[name].unified_dtype)
         stats.count(result.packed_masks)
-        masks = unpack_bits(result.packed_masks, hi - lo)  # (T, n)
         originals = {t_old + j: row for j, row in enumerate(cache["fresh"])}
         for j, source in enumerate(inp.sources):
             if source is not None:
                 src, zero = source
                 originals[j] = torch.zeros(hi - lo) if name in zero else src.read_flat(name, lo, hi).float() - base_flat(name, lo, hi)
         for i, original in originals.items():
-            stats.measure(i, column[name], torch.where(masks[i], result.unified, 0.0), original)
+            stats.measure(i, column[name], result.unified, result.packed_masks[i], original)
 
     bar = _progress_bar(progress, sum(t.numel for t in inp.fused), "fuse")
     try:

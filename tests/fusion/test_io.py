@@ -157,3 +157,16 @@ def test_copy_model_files_takes_config_and_tokenizer_only(tmp_path):
     (tmp_path / "dst").mkdir()
     copied = {p.name for p in copy_model_files(src, tmp_path / "dst")}
     assert copied == {"config.json", "tokenizer_config.json"}
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       out_dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_read_flat_into_equals_read_flat(tmp_path_factory, data, dtype, out_dtype):
+    path = tmp_path_factory.mktemp("ri") / "x.safetensors"
+    tensor = (torch.arange(30) / 8 - 1).reshape(5, 6).to(dtype)
+    save_file({"x": tensor}, str(path))
+    lo = data.draw(st.integers(0, 30))
+    hi = data.draw(st.integers(lo, 30))
+    out = torch.full((hi - lo,), 7.0, dtype=out_dtype)
+    open_checkpoint(path).read_flat_into("x", lo, hi, out)
+    assert torch.equal(out, tensor.flatten()[lo:hi].to(out_dtype))

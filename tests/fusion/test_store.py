@@ -9,8 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hypothesis.strategies as st
+from hypothesis import given
+
 import fusion
 from fusion import Store, StoreLockedError
+from fusion.fidelity import chunk_sums, chunk_sums_fast, finish
+from fusion.reference import pack_bits
+from fusion.testing.strategies import deltas as delta_rows
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "condu-v1"
@@ -241,6 +247,17 @@ def test_bad_add_changes_nothing(tmp_path, two_task_store, case):
     assert store.verify() == [] and len(store.tasks) == 2
 
 
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+@pytest.mark.parametrize("case", ["nan", "inf"])
+def test_non_finite_deltas_are_caught_with_every_kernel(tmp_path, two_task_store, case, kernel):
+    store, base = two_task_store
+    path, message = _bad_checkpoints(tmp_path, base)[case]
+    before = snapshot(store.path)
+    with pytest.raises(ValueError, match=message):
+        Store.open(store.path, kernel=kernel, chunk=64).add(path)
+    assert snapshot(store.path) == before
+
+
 @pytest.mark.parametrize("case", ["nan", "pickle"])
 def test_bad_unify_creates_no_store(tmp_path, case):
     base_path, paths, base, _ = _setup(tmp_path, 1)
@@ -412,3 +429,24 @@ def test_info_reports_sizes_and_savings(two_task_store):
     assert info["sizes"]["total"] == sum(p.stat().st_size for p in store.path.rglob("*.safetensors"))
     assert info["separate_checkpoints_bytes"] == 2 * (store.path.parent / "base.safetensors").stat().st_size
     assert [t["index"] for t in info["tasks"]] == [1, 2]
+
+
+@given(rows=delta_rows(num_tasks=3, length=st.integers(1, 70)))
+def test_fast_fidelity_sums_equal_the_reference(rows):
+    unified, original, mask_source = rows[0], rows[1], rows[2]
+    packed = pack_bits((mask_source != 0)[None])[0]
+    torch.testing.assert_close(chunk_sums_fast(unified, packed, original), chunk_sums(unified, packed, original),
+                               rtol=1e-12, atol=1e-15)
+
+
+@given(rows=delta_rows(num_tasks=3, length=st.integers(1, 70)), lam=st.floats(0.25, 4.0))
+def test_fidelity_sums_give_the_direct_cosine_and_error(rows, lam):
+    unified, original, mask_source = rows[0].double(), rows[1].double(), rows[2]
+    mask = mask_source != 0
+    lam32 = float(torch.tensor(lam, dtype=torch.float32))
+    rebuilt = torch.where(mask, unified * lam32, 0.0)
+    cosine, rel_l2 = finish(chunk_sums(unified, pack_bits(mask[None])[0], original)[None], torch.tensor([lam]))
+    if original.norm() > 0:
+        assert rel_l2 == pytest.approx(float((rebuilt - original).norm() / original.norm()), rel=1e-9, abs=1e-12)
+    if original.norm() > 0 and rebuilt.norm() > 0:
+        assert cosine == pytest.approx(float(rebuilt @ original / (rebuilt.norm() * original.norm())), rel=1e-9, abs=1e-12)
