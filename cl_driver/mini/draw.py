@@ -7,6 +7,7 @@ sizes are fractions of the canvas side, so one description renders at any image 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -89,11 +90,17 @@ def draw_shape(img: Image.Image, kind: str, cx: float, cy: float, r: float, fill
     ImageDraw.Draw(img).polygon(pts, fill=fill, outline=outline, width=max(int(width * side), 0) if outline else 0)
 
 
+@lru_cache(maxsize=256)
+def font_of_size(size: int) -> ImageFont.FreeTypeFont:
+    # Loading the font is slower than drawing a glyph: keep one per size.
+    return ImageFont.load_default(size=size)
+
+
 def draw_glyph(img: Image.Image, text: str, cx: float, cy: float, height: float, fill, *,
                angle: float = 0.0, stroke: float = 0.0) -> None:
     """Draw text centred at (cx, cy) with its ink `height` a fraction of the side, rotated by `angle`."""
     side = img.size[0]
-    font = ImageFont.load_default(size=max(int(height * side * 1.35), 8))
+    font = font_of_size(max(int(height * side * 1.35), 8))
     stroke_px = max(int(stroke * side), 0)
     left, top, right, bottom = font.getbbox(text, stroke_width=stroke_px)
     layer = Image.new("L", (right - left + 4, bottom - top + 4), 0)
