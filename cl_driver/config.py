@@ -6,6 +6,7 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
                                  # resolved against the config file, then the packaged assets
     device: auto                 # auto | cpu | cuda | cuda:N
     image_size: null             # pixels for builtin tasks (default: the processor's crop size)
+    fusion_kernel: null          # reference | cpu | triton; null: fusion picks by device
     data_root: null              # relative source paths start here (default: the config's folder);
                                  # ~ and $VARS expand; `condu-cl run --data-root DIR` overrides it
     tasks_file: mtil_tasks.yaml  # optional: task specs in another YAML file (a list, or {tasks: [...]})
@@ -68,6 +69,7 @@ TRAIN_PARTS = ("whole", "image", "text")
 AGGREGATES = ("mean", "weighted")
 METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu")
 RESCALERS = ("model", "tensor-mean", "tensor")
+FUSION_KERNELS = ("reference", "cpu", "triton")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -128,6 +130,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     device: str = "auto"
     image_size: int | None = None
+    fusion_kernel: str | None = None
     path: str = "<config>"  # the file it came from, for messages
 
     def task_training(self, task: TaskConfig) -> TrainingConfig:
@@ -382,6 +385,8 @@ def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathL
         evaluation=parse_evaluation(where, data.get("evaluation")),
         device=str(data.get("device", "auto")),
         image_size=_number(where, "image_size", data.get("image_size"), int, minimum=1, optional=True),
+        fusion_kernel=None if data.get("fusion_kernel") is None else _choice(
+            where, "fusion_kernel", data["fusion_kernel"], FUSION_KERNELS),
         path=where,
     )
 

@@ -1,0 +1,146 @@
+"""`condu-cl`: continual learning of CLIP with ConDU, from a YAML config.
+
+    condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR]
+    condu-cl report DIR
+    condu-cl prepare mtil --root DOWNLOADS --out DATA [--download]
+    condu-cl prepare datasets SOURCE --out DATA/TASK [--image-column image] [--label-column label]
+    condu-cl demo
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .config import load_config
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(1)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.group()
+def main() -> None:
+    """Continual learning of Hugging Face CLIP with ConDU model fusion."""
+
+
+@main.command()
+@click.argument("config")
+@click.option("--methods", help="comma-separated method names from the config (default: all)")
+@click.option("--out", type=click.Path(file_okay=False), help="run folder (default: runs/<config name>)")
+@click.option("--data-root", type=click.Path(file_okay=False), help="folder that relative task paths start from")
+@click.option("--stop-after", type=int, help="stop after this many tasks (resume later with the same command)")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+def run(config, methods, out, data_root, stop_after, progress):
+    """Run (or resume) the continual loop of CONFIG (a YAML file, or a shipped name such as mtil)."""
+    from .loop import run as run_loop
+
+    try:
+        cfg = load_config(config, data_root=data_root).select_methods(_names(methods))
+        out = out or str(Path("runs") / Path(config).stem)
+        results = run_loop(cfg, out, progress=progress, stop_after=stop_after)
+    except ValueError as err:
+        _fail(err)
+    if results is None:
+        click.echo(f"stopped after {stop_after} tasks; run the same command to resume ({out})")
+        return
+    from .metrics import markdown_table
+
+    click.echo(markdown_table(results["summary"]), nl=False)
+    click.echo(f"results: {Path(out) / 'results.md'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir):
+    """Rebuild results.md and the heat maps of RUN_DIR from its results.json; print the table."""
+    from .loop import report as make_report
+
+    try:
+        click.echo(make_report(run_dir), nl=False)
+    except ValueError as err:
+        _fail(err)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def demo(out, progress):
+    """Run the quick mini benchmark with the shipped small CLIP and print the table."""
+    from .config import packaged_config
+    from .loop import run as run_loop
+    from .metrics import markdown_table
+
+    try:
+        results = run_loop(load_config(packaged_config("mini_mtil_quick.yaml")), out, progress=progress)
+    except ValueError as err:
+        _fail(err)
+    click.echo(markdown_table(results["summary"]), nl=False)
+    click.echo(f"results, matrices and heat maps: {out}")
+
+
+@main.group()
+def prepare():
+    """Write datasets as the image folders that `folder` sources read."""
+
+
+@prepare.command("mtil")
+@click.option("--root", type=click.Path(file_okay=False), required=True, help="torchvision download folder")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="where the task folders go")
+@click.option("--config", "config_name", default="mtil", show_default=True, help="config with the class names")
+@click.option("--tasks", help="comma-separated task names (default: all of the config)")
+@click.option("--download/--no-download", default=False, help="let torchvision download what is missing")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True,
+              help="test share for datasets with a single split (Caltech101, EuroSAT, SUN397)")
+@click.option("--seed", type=int, default=0, show_default=True)
+def prepare_mtil(root, out, config_name, tasks, download, test_fraction, seed):
+    """MTIL's datasets from torchvision into OUT/<task>/{train,test}/ (needs torchvision)."""
+    from .prepare import prepare_torchvision
+
+    try:
+        cfg = load_config(config_name)
+        chosen = _names(tasks) or [t.name for t in cfg.tasks]
+        specs = {t.name: t for t in cfg.tasks}
+        for name in chosen:
+            if name not in specs:
+                raise ValueError(f"{cfg.path}: no task {name!r}; choose from {', '.join(specs)}")
+            counts = prepare_torchvision(name, specs[name].class_names, root, out, download=download,
+                                         test_fraction=test_fraction, seed=seed)
+            click.echo(f"{name}: {sum(counts['train'])} train, {sum(counts['test'])} test images")
+    except (ValueError, ImportError) as err:
+        _fail(err)
+
+
+@prepare.command("datasets")
+@click.argument("source")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="the task's folder")
+@click.option("--class-names", type=click.Path(exists=True, dir_okay=False),
+              help="a text file with one class name a line (default: the label feature's names)")
+@click.option("--image-column", default="image", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--test-split", default="test", show_default=True)
+def prepare_hf(source, out, class_names, image_column, label_column, train_split, test_split):
+    """A Hugging Face dataset (a save_to_disk folder or a hub name) into OUT/{train,test}/."""
+    from .prepare import dataset_class_names, load_datasets_source, prepare_datasets
+
+    try:
+        data = load_datasets_source(source)
+        names = (Path(class_names).read_text().splitlines() if class_names
+                 else dataset_class_names(data, label_column))
+        counts = prepare_datasets(data, [n for n in names if n.strip()], out, image_column=image_column,
+                                  label_column=label_column, splits={"train": train_split, "test": test_split})
+        click.echo(f"{out}: {sum(counts['train'])} train, {sum(counts['test'])} test images")
+    except (ValueError, ImportError) as err:
+        _fail(err)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The continual loop: train each task, update the ConDU stores, evaluate every method on every task.
+
+Run folder layout::
+
+    base.safetensors                    theta0, the base of every store
+    checkpoints/individual/NN-task.safetensors   fine-tuned from theta0 (individual, task arithmetic, ConDU)
+    checkpoints/sequential/NN-task.safetensors   fine-tuned from the previous one (sequential, MagMax)
+    stores/<rescaler>/                  one ConDU store per rescaler mode in the config
+    state.json                          after each task, written atomically: the resume point
+    results.json, results.md, heatmap-<method>.png   when the run is complete
+
+A run interrupted after task k resumes at task k+1: checkpoints, stores and matrix rows on disk
+are reused, and a step whose store update already landed is not added twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import baselines, metrics
+from .config import MethodConfig, RunConfig
+from .data import TaskSpec, as_dataset, load_split, resolve_task
+from .inference import ModelRunner, accuracy, combine_routed, rows_selecting, top_k_experts
+from .models import Clip, image_size, load_clip, resolve_device, state_dict_cpu
+from .prototypes import compute_prototypes, dataset_features, routing_weights
+from .train import finetune, save_checkpoint
+
+STATE_VERSION = 1
+PROTOTYPES = "prototypes"  # the tensor name under which a task's (C, D) prototypes are stored
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Atomic JSON write: temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_fingerprint(config: RunConfig) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    return json.loads(json.dumps({
+        "model": config.model, "tasks": [asdict(t) for t in config.tasks],
+        "methods": [asdict(m) for m in config.methods], "training": asdict(config.training),
+        "evaluation": asdict(config.evaluation), "image_size": config.image_size,
+        "fusion_kernel": config.fusion_kernel,
+    }))
+
+
+def needs(config: RunConfig) -> dict:
+    """Which checkpoints and stores the selected methods share."""
+    kinds = {m.kind for m in config.methods}
+    return {
+        "individual": bool(kinds & {"individual", "task_arithmetic", "condu"}),
+        "sequential": bool(kinds & {"sequential", "magmax"}),
+        "rescalers": sorted({m.rescaler for m in config.methods if m.kind == "condu"}),
+    }
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Restore torch's thread count after a call that may change it.
+
+    The fusion kernels' parallel loops can reset the process-wide OpenMP thread count, and
+    torch shares it; on a busy CPU more threads than asked for slow small models down a lot.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fidelity_of(store) -> list[dict]:
+    """Per stored task: its name and its reconstruction fidelity (cosine, relative L2)."""
+    return [{"task": t.name, **t.fidelity} for t in store.tasks]
+
+
+# ---------------------------------------------------------------- the run
+
+
+class ContinualRun:
+    """One run folder: its config, its on-disk state, and the models it trains and evaluates."""
+
+    def __init__(self, config: RunConfig, out: str | os.PathLike, *, progress: bool = True,
+                 clip: Clip | None = None):
+        self.config, self.root, self.progress = config, Path(out), progress
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clip = clip or load_clip(config.model, device=resolve_device(config.device))
+        self.theta0 = state_dict_cpu(self.clip.model)
+        self.specs: list[TaskSpec] = [resolve_task(t) for t in config.tasks]
+        self.side = config.image_size or image_size(self.clip.processor)
+        self.plan = needs(config)
+        ev = config.evaluation
+        self.runner = ModelRunner(self.clip, self.theta0, cache_size=ev.cache_size, batch_size=ev.batch_size,
+                                  num_workers=config.training.num_workers, progress=progress)
+        self._tests: dict[int, object] = {}
+        self._base_eval: dict[int, tuple] = {}
+        self.state = self._load_state()
+
+    # -- paths ----------------------------------------------------------------------------
+
+    @property
+    def base_path(self) -> Path:
+        return self.root / "base.safetensors"
+
+    def checkpoint(self, kind: str, i: int) -> Path:
+        return self.root / "checkpoints" / kind / f"{i + 1:02d}-{self.specs[i].name}.safetensors"
+
+    def store_dir(self, rescaler: str) -> Path:
+        return self.root / "stores" / rescaler
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _load_state(self) -> dict:
+        path = self.root / "state.json"
+        fingerprint = config_fingerprint(self.config)
+        if not path.exists():
+            return {"version": STATE_VERSION, "config": fingerprint, "completed": 0,
+                    "rows": {m.name: [] for m in self.config.methods}, "fidelity": {}, "seconds": {}}
+        state = json.loads(path.read_text())
+        if state.get("config") != fingerprint:
+            raise ValueError(f"{path}: this run folder was made with another config; "
+                             "use a new --out folder, or the same config and --methods to resume")
+        return state
+
+    def _save_state(self) -> None:
+        write_json(self.state, self.root / "state.json")
+
+    # -- data -----------------------------------------------------------------------------
+
+    def test_set(self, j: int):
+        if j not in self._tests:
+            split = load_split(self.specs[j], "test", image_size=self.side, seed=self.config.training.seed,
+                               limit=self.config.evaluation.max_test)
+            self._tests[j] = (as_dataset(split, self.clip.processor, self.side), torch.tensor(split.labels))
+        return self._tests[j]
+
+    def train_set(self, i: int):
+        split = load_split(self.specs[i], "train", image_size=self.side, seed=self.config.training.seed)
+        return as_dataset(split, self.clip.processor, self.side)
+
+    def base_eval(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """theta0's logits (N, C), features (N, D) and the labels (N,) on task j's test set (cached)."""
+        if j not in self._base_eval:
+            dataset, labels = self.test_set(j)
+            self.runner.activate("theta0")
+            logits, feats = self.runner.logits(dataset, self.specs[j].class_names, self.specs[j].templates,
+                                               desc=f"eval theta0 on {self.specs[j].name}")
+            self._base_eval[j] = (logits, feats, labels)
+        return self._base_eval[j]
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _train(self, kind: str, i: int, start: dict, train_set) -> Path:
+        path = self.checkpoint(kind, i)
+        if not path.exists():
+            settings = self.config.task_training(self.config.tasks[i])
+            began = time.perf_counter()
+            finetune(self.clip, start, self.specs[i], train_set, settings, path,
+                     seed=settings.seed + i, progress=self.progress)
+            self.state["seconds"][f"train/{kind}/{i + 1}"] = time.perf_counter() - began
+            self.runner.invalidate()
+        return path
+
+    def train_step(self, i: int, train_set) -> None:
+        if self.plan["individual"]:
+            self._train("individual", i, self.theta0, train_set)
+        if self.plan["sequential"]:
+            start = self.theta0 if i == 0 else load_file(str(self.checkpoint("sequential", i - 1)))
+            self._train("sequential", i, start, train_set)
+
+    # -- ConDU stores -----------------------------------------------------------------------
+
+    def prototypes(self, i: int, train_set) -> torch.Tensor:
+        """(C, D) prototypes of task i, computed with theta0 (REFERENCE.md)."""
+        self.runner.activate("theta0")
+        feats, labels = dataset_features(self.clip, train_set, batch_size=self.config.evaluation.batch_size,
+                                         desc=f"prototypes {self.specs[i].name}" if self.progress else None)
+        return compute_prototypes(self.clip, feats, labels, self.specs[i].class_names, self.specs[i].templates)
+
+    def store_step(self, i: int, protos: torch.Tensor) -> None:
+        """Unify (first task) or add task i to every store; skip what an interrupted run already did."""
+        from fusion import Store
+
+        name, ckpt = self.specs[i].name, self.checkpoint("individual", i)
+        for rescaler in self.plan["rescalers"]:
+            began = time.perf_counter()
+            path = self.store_dir(rescaler)
+            with keep_torch_threads():
+                if not (path / "condu.json").exists():
+                    store = Store.unify(path, self.base_path, [ckpt], names=[name], rescaler=rescaler,
+                                        kernel=self.config.fusion_kernel)
+                else:
+                    store = Store.open(path, kernel=self.config.fusion_kernel)
+                    if name not in [t.name for t in store.tasks]:
+                        store.add(ckpt, name=name)
+                store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
+            self.state["seconds"][f"store/{rescaler}/{i + 1}"] = time.perf_counter() - began
+            self.state["fidelity"].setdefault(rescaler, []).append(fidelity_of(store))
+
+    def open_store(self, rescaler: str):
+        from fusion import Store
+
+        return Store.open(self.store_dir(rescaler), kernel=self.config.fusion_kernel)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def eval_model(self, key, build, j: int) -> float:
+        """Accuracy on task j of one model, given by a cache key and a builder of its weights."""
+        self.runner.activate(key, build)
+        dataset, labels = self.test_set(j)
+        logits, _ = self.runner.logits(dataset, self.specs[j].class_names, self.specs[j].templates,
+                                       desc=f"eval {key[0]} on {self.specs[j].name}")
+        return accuracy(logits, labels)
+
+    def zero_shot_row(self) -> list[float]:
+        return [accuracy(self.base_eval(j)[0], self.base_eval(j)[2]) for j in range(len(self.specs))]
+
+    def one_model_row(self, key, build) -> list[float]:
+        return [self.eval_model(key, build, j) for j in range(len(self.specs))]
+
+    def individual_row(self, i: int) -> list[float]:
+        zero = self.zero_shot_row()
+        return [self.eval_model(("individual", j), lambda j=j: load_file(str(self.checkpoint("individual", j))), j)
+                if j <= i else zero[j] for j in range(len(self.specs))]
+
+    def merged_row(self, method: MethodConfig, i: int) -> list[float]:
+        if method.kind == "sequential":
+            return self.one_model_row(("sequential", i), lambda: load_file(str(self.checkpoint("sequential", i))))
+        if method.kind == "task_arithmetic":
+            paths = [self.checkpoint("individual", t) for t in range(i + 1)]
+            return self.one_model_row(("task_arithmetic", method.alpha, i),
+                                      lambda: baselines.task_arithmetic(self.theta0, paths, alpha=method.alpha))
+        paths = [self.checkpoint("sequential", t) for t in range(i + 1)]
+        return self.one_model_row(("magmax", method.scale, i),
+                                  lambda: baselines.magmax(self.theta0, paths, scale=method.scale))
+
+    def condu_row(self, method: MethodConfig, i: int) -> list[float]:
+        """Seen tasks with identity: their decoupled expert; the rest: theta0 + top-K routed experts."""
+        store = self.open_store(method.rescaler)
+        protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]
+        top_k = method.top_k or self.config.evaluation.top_k
+        aggregate = method.aggregate or self.config.evaluation.aggregate
+        routed = [j for j in range(len(self.specs)) if method.agnostic or j > i]
+        routes = {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
+        acc, expert_logits = {}, {j: {} for j in routed}
+        for t in range(i + 1):  # each expert is loaded once per step
+            wanted = [j for j in routed if (routes[j][0] == t).any()]
+            identity = not method.agnostic
+            if not wanted and not identity:
+                continue
+            key, build = ("condu", method.rescaler, i, t), (lambda t=t: self.load_expert(store, t))
+            if identity:
+                acc[t] = self.eval_model(key, build, t)
+            self.runner.activate(key, build)
+            for j in wanted:
+                rows, _ = rows_selecting(routes[j][0], t)
+                expert_logits[j][t], _ = self.runner.logits(self.test_set(j)[0], self.specs[j].class_names,
+                                                            self.specs[j].templates, rows=rows)
+        for j in routed:
+            logits0, _, labels = self.base_eval(j)
+            acc[j] = accuracy(combine_routed(logits0, *routes[j], expert_logits[j], aggregate), labels)
+        return [acc[j] for j in range(len(self.specs))]
+
+    @staticmethod
+    def load_expert(store, t: int) -> dict[str, torch.Tensor]:
+        """Task t's (0-based) full model as the store decouples it."""
+        with keep_torch_threads():
+            return store.load_task(t + 1)
+
+    def row(self, method: MethodConfig, i: int) -> list[float]:
+        if method.kind == "zero_shot":
+            return self.zero_shot_row()
+        if method.kind == "individual":
+            return self.individual_row(i)
+        if method.kind == "condu":
+            return self.condu_row(method, i)
+        return self.merged_row(method, i)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self, i: int) -> None:
+        """Train task i, update the stores, evaluate every method's row i, save the state."""
+        train_set = self.train_set(i)
+        self.train_step(i, train_set)
+        if self.plan["rescalers"]:
+            self.store_step(i, self.prototypes(i, train_set))
+        for method in self.config.methods:
+            began = time.perf_counter()
+            self.state["rows"][method.name].append(self.row(method, i))
+            self.state["seconds"][f"eval/{method.name}/{i + 1}"] = time.perf_counter() - began
+        self.runner.cache.clear()
+        self.state["completed"] = i + 1
+        self._save_state()
+
+    def run(self, *, stop_after: int | None = None) -> dict | None:
+        """Run (or resume) the loop; return the results, or None when stopped after `stop_after` tasks."""
+        if not self.base_path.exists():
+            save_checkpoint(self.theta0, self.base_path)
+        total = len(self.specs)
+        bar = tqdm(range(self.state["completed"], total), desc="tasks", disable=not self.progress,
+                   initial=self.state["completed"], total=total)
+        for i in bar:
+            bar.set_postfix(task=self.specs[i].name)
+            self.step(i)
+            if stop_after is not None and i + 1 >= stop_after and i + 1 < total:
+                return None
+        return self.finish()
+
+    def finish(self) -> dict:
+        results = build_results(self.config, self.state, [s.name for s in self.specs])
+        write_outputs(results, self.root)
+        return results
+
+
+# ---------------------------------------------------------------- results
+
+
+def fidelity_summary(fidelity: dict, tasks: list[str]) -> dict:
+    """Per store: each task's fidelity right after its own step and after the last step."""
+    summary = {}
+    for rescaler, per_step in fidelity.items():
+        summary[rescaler] = [{"task": tasks[i], "own_step": per_step[i][i], "last_step": per_step[-1][i]}
+                             for i in range(len(per_step))]
+    return summary
+
+
+def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
+    matrices = {name: rows for name, rows in state["rows"].items()}
+    return {
+        "tasks": tasks,
+        "methods": {m.name: asdict(m) for m in config.methods},
+        "matrices": matrices,
+        "summary": {name: metrics.summarize(rows) for name, rows in matrices.items()},
+        "fidelity": fidelity_summary(state["fidelity"], tasks),
+        "seconds": state["seconds"],
+        "config": state["config"],
+    }
+
+
+def fidelity_table(fidelity: dict) -> str:
+    lines = ["| store | task | cosine (own step) | rel. L2 (own step) | cosine (last) | rel. L2 (last) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for rescaler, rows in fidelity.items():
+        for r in rows:
+            own, end = r["own_step"], r["last_step"]
+            lines.append(f"| {rescaler} | {r['task']} | {own['cosine']:.4f} | {own['rel_l2']:.4f} | "
+                         f"{end['cosine']:.4f} | {end['rel_l2']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: dict) -> str:
+    parts = ["# Continual learning results\n", metrics.markdown_table(results["summary"])]
+    for name, matrix in results["matrices"].items():
+        parts.append(f"\n## {name}: accuracy matrix (rows: after step i; columns: task j)\n")
+        parts.append(metrics.matrix_table(matrix, results["tasks"]))
+    if results["fidelity"]:
+        parts.append("\n## Reconstruction fidelity of the rebuilt deltas\n")
+        parts.append(fidelity_table(results["fidelity"]))
+    return "".join(parts)
+
+
+def write_outputs(results: dict, root: str | os.PathLike) -> str:
+    """results.json, results.md and one heat map per method; returns the summary table."""
+    root = Path(root)
+    write_json(results, root / "results.json")
+    (root / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    for name, matrix in results["matrices"].items():
+        metrics.heatmap(matrix, results["tasks"], root / f"heatmap-{name}.png", title=name)
+    return metrics.markdown_table(results["summary"])
+
+
+def report(root: str | os.PathLike) -> str:
+    """Rebuild the table, markdown and plots from a run folder's saved results."""
+    root = Path(root)
+    if not (root / "results.json").exists():
+        raise ValueError(f"{root}: no results.json; finish the run with `condu-cl run` first")
+    return write_outputs(json.loads((root / "results.json").read_text()), root)
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, progress: bool = True, stop_after: int | None = None,
+        clip: Clip | None = None) -> dict | None:
+    """Run or resume the continual loop of `config` in the folder `out`."""
+    return ContinualRun(config, out, progress=progress, clip=clip).run(stop_after=stop_after)

@@ -1,0 +1,140 @@
+"""Fine-tune CLIP on one task: cross-entropy with label smoothing over its text classifier.
+
+AdamW and a cosine schedule with linear warmup, for a fixed number of iterations (MTIL's
+protocol). Training goes through Hugging Face `accelerate`, so `accelerate launch` spreads it
+over GPUs; one process on a CPU is a plain loop. The result is written as safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import TrainingConfig
+from .data import TaskSpec
+from .models import Clip, image_features, load_weights, state_dict_cpu
+
+FROZEN = ("logit_scale",)  # CLIP's temperature stays as pre-trained
+PART_PREFIXES = {
+    "whole": ("",),
+    "image": ("vision_model.", "visual_projection."),
+    "text": ("text_model.", "text_projection."),
+}
+
+
+def select_trainable(model, part: str) -> list[torch.nn.Parameter]:
+    """Freeze everything but the chosen tower(s); return the parameters left to train."""
+    prefixes = PART_PREFIXES[part]
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in FROZEN and name.startswith(prefixes))
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak lr, then a cosine decay to zero at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ClassifierLogits(torch.nn.Module):
+    """images (B, 3, H, W) -> logits (B, C) against the task's class texts, in one forward."""
+
+    def __init__(self, clip_model, tokens: dict | None, fixed_classifier: torch.Tensor | None):
+        super().__init__()
+        self.clip = clip_model
+        self.tokens, self.fixed = tokens, fixed_classifier
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = image_features(self.clip, pixels)  # (B, D)
+        if self.fixed is not None:
+            classifier = self.fixed.to(feats.device)
+        else:
+            tokens = {k: v.to(feats.device) for k, v in self.tokens.items()}
+            text = self.clip.get_text_features(**tokens)
+            classifier = F.normalize((text if isinstance(text, torch.Tensor) else text.pooler_output).float(), dim=-1)
+        return self.clip.logit_scale.exp().float() * feats @ classifier.T  # (B, C)
+
+
+def _class_tokens(clip: Clip, spec: TaskSpec, settings: TrainingConfig) -> dict:
+    template = spec.templates[settings.train_template % len(spec.templates)]
+    tokens = clip.tokenizer([template.format(c) for c in spec.class_names], padding=True, truncation=True,
+                            max_length=clip.max_text_length, return_tensors="pt")
+    return {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+
+def _fixed_classifier(clip: Clip, tokens: dict) -> torch.Tensor:
+    """The class texts' embeddings when the text tower is frozen: computed once."""
+    with torch.no_grad():
+        text = clip.model.get_text_features(**{k: v.to(clip.device) for k, v in tokens.items()})
+    return F.normalize((text if isinstance(text, torch.Tensor) else text.pooler_output).float(), dim=-1)
+
+
+def _batches(loader, iterations: int):
+    """Cycle the loader until `iterations` batches were drawn."""
+    drawn = 0
+    while drawn < iterations:
+        for batch in loader:
+            yield batch
+            drawn += 1
+            if drawn == iterations:
+                return
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a state dict as safetensors atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
+             out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
+    """Fine-tune from the weights `start` on `dataset` and write the result to `out` (safetensors)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    load_weights(clip.model, start)
+    accelerator = Accelerator(cpu=clip.device.type == "cpu", mixed_precision=settings.mixed_precision)
+    params = select_trainable(clip.model, settings.train_part)
+    tokens = _class_tokens(clip, spec, settings)
+    fixed = _fixed_classifier(clip, tokens) if settings.train_part == "image" else None
+    module = ClassifierLogits(clip.model, tokens, fixed).train()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, settings.iterations)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=False,
+                                         num_workers=settings.num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    bar = tqdm(total=settings.iterations, desc=f"train {spec.name}", disable=not progress or not accelerator.is_main_process,
+               leave=False)
+    for pixels, labels in _batches(loader, settings.iterations):
+        loss = F.cross_entropy(module(pixels), labels, label_smoothing=settings.label_smoothing)
+        accelerator.backward(loss)
+        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        bar.update(1), bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    clip.model.eval()
+    for param in clip.model.parameters():
+        param.requires_grad_(False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(state_dict_cpu(accelerator.unwrap_model(module).clip), out)
+    accelerator.wait_for_everyone()
+    return Path(out)
