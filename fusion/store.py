@@ -407,54 +407,67 @@ def _check_finite(new: list[_NewTask], name: str, delta_l1: torch.Tensor) -> Non
                              "fix or re-export the checkpoint")
 
 
-def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tensor, torch.Tensor, _Stats]:
-    """Stream every fused tensor through fuse_pass; return rescalers (T, K), delta L1 (T, K), stats."""
-    t_old, column = len(inp.keep), {t.name: k for k, t in enumerate(inp.fused)}
-    by_name = {t.name: t for t in inp.fused}
-    num_tasks = t_old + len(inp.new)
-    stats = _Stats(num_tasks, len(inp.fused))
-    cache: dict = {}
+class _PassIO:
+    """The callbacks of fuse_pass: read checkpoints and the old generation lazily, write the sink."""
 
-    def base_flat(name: str, lo: int, hi: int) -> torch.Tensor:
-        if cache.get("base_key") != (name, lo):
-            cache["base_key"], cache["base"] = (name, lo), inp.base.read_flat(name, lo, hi).float()
-        return cache["base"]  # (n,)
+    def __init__(self, inp: _PassInput, sink: _Sink, stats: _Stats):
+        self.inp, self.sink, self.stats = inp, sink, stats
+        self.t_old = len(inp.keep)
+        self.fused = {t.name: (k, t) for k, t in enumerate(inp.fused)}
+        largest = max((t.numel for t in inp.fused), default=0)
+        self.buffer = torch.empty(len(inp.new) * min(inp.chunk, largest))  # new deltas, reused every chunk
+        self.base_key, self.base, self.fresh = None, None, None
 
-    buffer = torch.empty(len(inp.new) * min(inp.chunk, max((t.numel for t in inp.fused), default=0)))
+    def base_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """theta0 on [lo, hi) in float32, read once per chunk: `(n,)`."""
+        if self.base_key != (name, lo):
+            self.base_key, self.base = (name, lo), self.inp.base.read_flat(name, lo, hi).float()
+        return self.base
 
-    def new_deltas(name: str, lo: int, hi: int) -> torch.Tensor:
-        rows = buffer[: len(inp.new) * (hi - lo)].view(len(inp.new), hi - lo)  # (T_new, n), reused
-        for task, row in zip(inp.new, rows):
+    def new_deltas(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        rows = self.buffer[: len(self.inp.new) * (hi - lo)].view(len(self.inp.new), hi - lo)  # (T_new, n)
+        for task, row in zip(self.inp.new, rows):
             if name in task.zero:
                 row.zero_()
             else:
-                task.checkpoint.read_flat_into(name, lo, hi, row).sub_(base_flat(name, lo, hi))
-        cache["fresh"] = rows
+                task.checkpoint.read_flat_into(name, lo, hi, row).sub_(self.base_flat(name, lo, hi))
+        self.fresh = rows
         return rows
 
-    def stored(name: str, lo: int, hi: int) -> StoredChunk:
-        packed = [inp.old.packed(i, name, lo, hi) for i in inp.keep]
+    def stored(self, name: str, lo: int, hi: int) -> StoredChunk:
+        old, keep = self.inp.old, self.inp.keep
+        packed = [old.packed(i, name, lo, hi) for i in keep]
         packed = torch.stack(packed) if packed else torch.empty((0, -(-(hi - lo) // 8)), dtype=torch.uint8)
-        rescalers = torch.tensor([inp.old.rescaler(i, name) for i in inp.keep], dtype=torch.float64)
-        return StoredChunk(inp.old.unified_flat(name, lo, hi), packed, rescalers)
+        rescalers = torch.tensor([old.rescaler(i, name) for i in keep], dtype=torch.float64)  # (T_old,)
+        return StoredChunk(old.unified_flat(name, lo, hi), packed, rescalers)
 
-    def emit(name: str, lo: int, hi: int, result: ChunkResult) -> None:
-        _check_finite(inp.new, name, result.delta_l1[t_old:])
-        sink.write(name, result, by_name[name].unified_dtype)
-        stats.count(result.packed_masks)
-        originals = {t_old + j: row for j, row in enumerate(cache["fresh"])}
-        for j, source in enumerate(inp.sources):
+    def emit(self, name: str, lo: int, hi: int, result: ChunkResult) -> None:
+        k, spec = self.fused[name]
+        _check_finite(self.inp.new, name, result.delta_l1[self.t_old:])
+        self.sink.write(name, result, spec.unified_dtype)
+        self.stats.count(result.packed_masks)
+        for i, original in self._originals(name, lo, hi).items():
+            self.stats.measure(i, k, result.unified, result.packed_masks[i], original)
+
+    def _originals(self, name: str, lo: int, hi: int) -> dict[int, torch.Tensor]:
+        """Original deltas on [lo, hi) of the tasks whose fine-tune is at hand, by row of the pass."""
+        originals = {self.t_old + j: row for j, row in enumerate(self.fresh)}
+        for j, source in enumerate(self.inp.sources):
             if source is not None:
                 src, zero = source
-                originals[j] = torch.zeros(hi - lo) if name in zero else src.read_flat(name, lo, hi).float() - base_flat(name, lo, hi)
-        for i, original in originals.items():
-            stats.measure(i, column[name], result.unified, result.packed_masks[i], original)
+                originals[j] = torch.zeros(hi - lo) if name in zero else src.read_flat(name, lo, hi).float() - self.base_flat(name, lo, hi)
+        return originals
 
+
+def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tensor, torch.Tensor, _Stats]:
+    """Stream every fused tensor through fuse_pass; return rescalers (T, K), delta L1 (T, K), stats."""
+    stats = _Stats(len(inp.keep) + len(inp.new), len(inp.fused))
+    io = _PassIO(inp, sink, stats)
+    specs = [TensorSpec(t.name, t.numel, t.unified_dtype) for t in inp.fused]
     bar = _progress_bar(progress, sum(t.numel for t in inp.fused), "fuse")
     try:
-        specs = [TensorSpec(t.name, t.numel, t.unified_dtype) for t in inp.fused]
-        tables = fuse_pass(specs, num_tasks=num_tasks, new_deltas=new_deltas, emit=emit,
-                           stored=None if inp.old is None else stored, kernel=inp.kernel, chunk=inp.chunk,
+        tables = fuse_pass(specs, num_tasks=len(inp.keep) + len(inp.new), new_deltas=io.new_deltas, emit=io.emit,
+                           stored=None if inp.old is None else io.stored, kernel=inp.kernel, chunk=inp.chunk,
                            progress=bar.update if bar else None)
     finally:
         if bar:
@@ -834,7 +847,7 @@ def _commit(store_dir: Path, manifest: dict, written: dict[str, SafetensorsWrite
     for sub in ("", *SUBDIRS):
         if (store_dir / sub).is_dir():
             fsync_dir(store_dir / sub)
-    atomic_write_text(store_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(store_dir / MANIFEST, json.dumps(manifest, separators=(",", ":")) + "\n")  # compact: it counts in the store size
     _cleanup(store_dir, manifest)
     return manifest
 
