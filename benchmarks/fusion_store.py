@@ -161,8 +161,21 @@ class Workload:
 
 
 def write_workload(workdir: Path, plans: list[TensorPlan], num_tasks: int, seed: int) -> Workload:
-    """Write the base and every fine-tune at once, one tensor at a time: memory stays one tensor."""
+    """Write the base and every fine-tune at once, one tensor at a time: memory stays one tensor.
+    A --workdir that already holds this exact workload is reused."""
     paths = [workdir / "base.safetensors"] + [workdir / f"task{i:02d}.safetensors" for i in range(1, num_tasks + 1)]
+    marker = workdir / "workload.json"
+    recipe = {"tensors": [asdict(p) for p in plans], "tasks": num_tasks, "seed": seed}
+    if not (marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(recipe))):
+        marker.unlink(missing_ok=True)
+        _write_checkpoints(paths, plans, seed)
+        marker.write_text(json.dumps(recipe))
+    fused = sum(p.numel for p in plans if p.kind != "buffer")
+    return Workload(str(paths[0]), [str(p) for p in paths[1:]], paths[0].stat().st_size,
+                    sum(p.numel for p in plans), fused, len(plans))
+
+
+def _write_checkpoints(paths: list[Path], plans: list[TensorPlan], seed: int) -> None:
     header = safetensors_header(plans)
     files = [open(p, "wb") for p in paths]
     try:
@@ -180,9 +193,6 @@ def write_workload(workdir: Path, plans: list[TensorPlan], num_tasks: int, seed:
     finally:
         for f in files:
             f.close()
-    fused = sum(p.numel for p in plans if p.kind != "buffer")
-    return Workload(str(paths[0]), [str(p) for p in paths[1:]], paths[0].stat().st_size,
-                    sum(p.numel for p in plans), fused, len(plans))
 
 
 # ---------------------------------------------------------------- the measured operations
@@ -355,23 +365,26 @@ def official_need(wl: Workload, tasks: int) -> int:
     return (tasks + 5) * wl.checkpoint_bytes + tasks * wl.fused_numel
 
 
-def official_fits(wl: Workload, tasks: int, limit: int) -> tuple[bool, str]:
-    need, free = official_need(wl, tasks), psutil.virtual_memory().available
-    if need > min(limit, 0.8 * free):
-        return False, (f"not run: needs about {need / GiB:.1f} GiB; limit {limit / GiB:.1f} GiB, "
-                       f"{free / GiB:.1f} GiB available")
-    return True, ""
-
-
 class Bench:
-    """The run's state: workload, scratch space, options, and results as they come in."""
+    """The run's state: workload, scratch space, options, and the clock of the official side."""
 
     def __init__(self, wl: Workload, scratch: Path, args: argparse.Namespace):
         self.wl, self.scratch, self.args = wl, scratch, args
         self.official_limit = int(args.official_max_gib * GiB)
+        self.deadline = time.monotonic() + args.official_budget_min * 60 if args.official_budget_min else None
 
     def ckpts(self, tasks: int) -> list[str]:
         return self.wl.checkpoints[:tasks]
+
+    def official_blocked(self, tasks: int) -> str | None:
+        """Why an official-style run at T tasks is not made (memory or the time budget), or None."""
+        need, free = official_need(self.wl, tasks), psutil.virtual_memory().available
+        if need > min(self.official_limit, 0.8 * free):
+            return (f"not run: needs about {need / GiB:.1f} GiB; limit {self.official_limit / GiB:.1f} GiB, "
+                    f"{free / GiB:.1f} GiB available")
+        if self.deadline and time.monotonic() > self.deadline:
+            return f"not run: the official side's time budget ({self.args.official_budget_min} min) was spent"
+        return None
 
     def store_unify(self, tasks: int, tag: str, dtype: str | None = None) -> tuple[dict, Path]:
         out = self.scratch / f"store-{tag}"
@@ -380,9 +393,9 @@ class Bench:
 
     def official_unify(self, tasks: int, tag: str) -> tuple[dict, Path]:
         out = self.scratch / f"official-{tag}"
-        fits, why = official_fits(self.wl, tasks, self.official_limit)
-        if not fits:
-            return {"skipped": why}, out
+        blocked = self.official_blocked(tasks)
+        if blocked:
+            return {"skipped": blocked}, out
         return run_isolated("official_unify", base=self.wl.base, checkpoints=self.ckpts(tasks),
                             out_dir=str(out)), out
 
@@ -396,14 +409,14 @@ def measure_unify(bench: Bench, tasks: int, repeats: int) -> dict:
     store_runs, official_runs, kept = [], [], {}
     for r in range(repeats):
         print(f"unify T={tasks} run {r + 1}/{repeats}", file=sys.stderr)
-        result, store_dir = bench.store_unify(tasks, f"unify-T{tasks}-r{r}")
+        result, store_dir = bench.store_unify(tasks, f"T{tasks}-r{r}")
         store_runs.append(result)
-        official, official_dir = bench.official_unify(tasks, f"unify-T{tasks}-r{r}")
+        official, official_dir = bench.official_unify(tasks, f"T{tasks}-r{r}")
         official_runs.append(official)
         if r == 0:
             kept = {"store_dir": store_dir, "official_dir": official_dir,
                     "store_bytes": dir_bytes(store_dir) if "error" not in result else None,
-                    "official_bytes": dir_bytes(official_dir) if official_dir.exists() and "seconds" in official else None}
+                    "official_bytes": dir_bytes(official_dir) if "seconds" in official else None}
         else:
             remove_tree(store_dir), remove_tree(official_dir)
     skipped = next((o["skipped"] for o in official_runs if "skipped" in o), None)
@@ -411,23 +424,24 @@ def measure_unify(bench: Bench, tasks: int, repeats: int) -> dict:
     return {"tasks": tasks, "store": summarize(store_runs), "official": official, **kept}
 
 
-def measure_add(bench: Bench, tasks: int) -> dict:
-    """Add task T to a store of T-1 (made by unify, not measured); the official step likewise."""
-    print(f"add T={tasks}", file=sys.stderr)
-    setup, store_dir = bench.store_unify(tasks - 1, f"add-T{tasks}")
-    store = setup if "error" in setup else run_isolated("store_add", store_dir=str(store_dir),
-                                                         checkpoint=bench.ckpts(tasks)[-1])
+def measure_add(bench: Bench, unified: dict) -> dict:
+    """The continual step on what unify left: add task T+1 to the store of T, and to the
+    official-style state of T. Both folders are removed afterwards."""
+    tasks, store_dir, official_dir = unified["tasks"], unified.pop("store_dir"), unified.pop("official_dir")
+    checkpoint = bench.wl.checkpoints[tasks]
+    print(f"add task {tasks + 1} to T={tasks}", file=sys.stderr)
+    store = {"error": "no store to add to"} if "error" in unified["store"] else run_isolated(
+        "store_add", store_dir=str(store_dir), checkpoint=checkpoint)
     store_bytes = dir_bytes(store_dir) if "error" not in store else None
-    remove_tree(store_dir)
-    official, official_dir = bench.official_unify(tasks - 1, f"add-T{tasks}")
-    if "seconds" in official:
-        out = bench.scratch / f"official-add-T{tasks}-out"
-        fits, why = official_fits(bench.wl, tasks, bench.official_limit)
-        official = run_isolated("official_add", base=bench.wl.base, state_dir=str(official_dir),
-                                checkpoint=bench.ckpts(tasks)[-1], out_dir=str(out)) if fits else {"skipped": why}
+    official = {"skipped": unified["official"].get("skipped", "not run: no official state to add to")}
+    if "seconds" in unified["official"]:
+        out = bench.scratch / f"official-T{tasks + 1}-added"
+        blocked = bench.official_blocked(tasks + 1)
+        official = {"skipped": blocked} if blocked else run_isolated(
+            "official_add", base=bench.wl.base, state_dir=str(official_dir), checkpoint=checkpoint, out_dir=str(out))
         remove_tree(out)
-    remove_tree(official_dir)
-    return {"tasks": tasks, "store": store, "official": official, "store_bytes_after": store_bytes}
+    remove_tree(store_dir), remove_tree(official_dir)
+    return {"tasks": tasks + 1, "store": store, "official": official, "store_bytes": store_bytes}
 
 
 def measure_decouple(bench: Bench, store_dir: Path, repeats: int) -> dict:
@@ -450,26 +464,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def storage_rows(bench: Bench, unify: list[dict], bf16: dict | None) -> list[dict]:
+def storage_row(bench: Bench, tasks: int, made_by: str, store_bytes: int | None,
+                official_bytes: int | None, dtype: str = "float32") -> dict:
     """Store size vs the bound, T separate checkpoints and the official bool-mask layout."""
-    wl, rows = bench.wl, []
-    for u in unify:
-        t = u["tasks"]
-        official = u.get("official_bytes")
-        rows.append({"tasks": t, "dtype": "float32", "store_bytes": u.get("store_bytes"),
-                     "bound_bytes": (1 + t / 32) * wl.checkpoint_bytes * 1.01,
-                     "separate_bytes": sum(Path(c).stat().st_size for c in bench.ckpts(t)),
-                     "official_bytes": official or official_layout_estimate(wl, t),
-                     "official_measured": official is not None})
+    one = bench.wl.checkpoint_bytes if dtype == "float32" else bench.wl.checkpoint_bytes / 2
+    per_task_share = 32 if dtype == "float32" else 16  # a mask bit is 1/32 of an fp32 value, 1/16 of a bf16 one
+    bound = (1 + tasks / per_task_share) * one * 1.01
+    return {"tasks": tasks, "made_by": made_by, "dtype": dtype, "store_bytes": store_bytes, "bound_bytes": bound,
+            "within_bound": store_bytes is not None and store_bytes <= bound,
+            "separate_bytes": tasks * one,
+            "official_bytes": official_bytes or (official_layout_estimate(bench.wl, tasks) if dtype == "float32" else None),
+            "official_measured": official_bytes is not None}
+
+
+def storage_rows(bench: Bench, unify: list[dict], adds: list[dict], bf16: dict | None) -> list[dict]:
+    rows = [storage_row(bench, u["tasks"], "unify", u.get("store_bytes"), u.get("official_bytes")) for u in unify]
+    rows += [storage_row(bench, a["tasks"], "add", a.get("store_bytes"), None) for a in adds]
     if bf16:
-        t = bf16["tasks"]
-        rows.append({"tasks": t, "dtype": "bfloat16", "store_bytes": bf16.get("store_bytes"),
-                     "bound_bytes": (1 + t / 16) * wl.checkpoint_bytes / 2 * 1.01,
-                     "separate_bytes": sum(Path(c).stat().st_size for c in bench.ckpts(t)) // 2,
-                     "official_bytes": None, "official_measured": False})
-    for row in rows:
-        row["within_bound"] = row["store_bytes"] is not None and row["store_bytes"] <= row["bound_bytes"]
-    return rows
+        rows.append(storage_row(bench, bf16["tasks"], "unify", bf16["store_bytes"], None, dtype="bfloat16"))
+    return sorted(rows, key=lambda r: (r["dtype"] != "float32", r["tasks"]))
 
 
 def official_layout_estimate(wl: Workload, tasks: int) -> int:
@@ -481,8 +494,9 @@ def memory_verdict(rows: list[dict], checkpoint_bytes: int) -> dict:
     """At most 1 GiB everywhere, and flat: growth per added task under 5% of one checkpoint."""
     verdict = {}
     for op in ("unify", "add"):
-        peaks = [(r["tasks"], r[op]["store"].get("peak_rss")) for r in rows if r[op]["store"].get("peak_rss")]
-        if len(peaks) < 1:
+        peaks = [(r[op].get("tasks", r["tasks"]), r[op]["store"].get("peak_rss")) for r in rows]
+        peaks = [(t, p) for t, p in peaks if p]
+        if not peaks:
             continue
         (t0, p0), (t1, p1) = peaks[0], peaks[-1]
         per_task = (p1 - p0) / (t1 - t0) if t1 > t0 else 0.0
@@ -504,7 +518,9 @@ def machine_facts() -> dict:
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB" if n >= 100 * MiB else f"{n / MiB:.2f} MiB"
 
 
 def fmt_s(x: float | None) -> str:
@@ -539,12 +555,14 @@ def speed_section(res: dict) -> list[str]:
 
 def memory_section(res: dict) -> list[str]:
     rows = [[str(r["tasks"]), side_cell(r["unify"]["store"], "peak_rss", fmt_bytes),
-             side_cell(r["add"]["store"], "peak_rss", fmt_bytes),
              side_cell(r["unify"]["store"], "peak_anon", fmt_bytes),
              side_cell(r["unify"]["official"], "peak_rss", fmt_bytes),
+             f"{r['tasks']} -> {r['add']['tasks']}", side_cell(r["add"]["store"], "peak_rss", fmt_bytes),
+             side_cell(r["add"]["store"], "peak_anon", fmt_bytes),
              side_cell(r["add"]["official"], "peak_rss", fmt_bytes)] for r in res["memory"]]
     lines = ["## Peak resident memory (target: store <= 1 GiB, flat in T)", ""]
-    lines += table(["T", "store unify", "store add", "store unify (anon)", "official unify", "official add"], rows)
+    lines += table(["unify T", "store", "store (anon)", "official-style", "add", "store", "store (anon)",
+                    "official-style"], rows)
     lines += ["", f"A process that has only imported torch, safetensors and fusion: "
                   f"{fmt_bytes(res['floor'].get('peak_rss'))} (included above)."]
     for op, v in res["memory_verdict"].items():
@@ -555,12 +573,12 @@ def memory_section(res: dict) -> list[str]:
 
 
 def storage_section(res: dict) -> list[str]:
-    rows = [[str(r["tasks"]), r["dtype"], fmt_bytes(r["store_bytes"]), fmt_bytes(r["bound_bytes"]),
+    rows = [[str(r["tasks"]), r["made_by"], r["dtype"], fmt_bytes(r["store_bytes"]), fmt_bytes(r["bound_bytes"]),
              "yes" if r["within_bound"] else "NO", fmt_bytes(r["separate_bytes"]),
              fmt_bytes(r["official_bytes"]) + ("" if r["official_measured"] or r["official_bytes"] is None else " (computed)")]
             for r in res["storage"]]
     lines = ["## Storage (the base is kept once outside the store and is not counted on any side)", ""]
-    return lines + table(["T", "dtype", "store", "bound", "within", "T separate checkpoints", "official layout"], rows) + [
+    return lines + table(["T", "made by", "dtype", "store", "bound", "within", "T separate checkpoints", "official layout"], rows) + [
         "", "Bound: (1 + T/32) x one fp32 checkpoint + 1%; bf16: (1 + T/16) x one bf16 checkpoint + 1%."]
 
 
@@ -598,12 +616,15 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for op, side, style in (("unify", "store", "o-"), ("add", "store", "s-"),
                             ("unify", "official", "o--"), ("add", "official", "s--")):
-        pts = [(r["tasks"], r[op][side]["peak_rss"] / GiB) for r in res["memory"] if r[op][side].get("peak_rss")]
+        pts = [(r[op].get("tasks", r["tasks"]), r[op][side]["peak_rss"] / GiB)
+               for r in res["memory"] if r[op][side].get("peak_rss")]
         if pts:
-            ax.plot(*zip(*pts), style, label=f"{'store' if side == 'store' else 'official-style'} {op}")
+            label = f"{'store' if side == 'store' else 'official-style'} {op}" + (" (T-1 -> T)" if op == "add" else "")
+            ax.plot(*zip(*pts), style, label=label)
     ax.axhline(TARGET_PEAK / GiB, color="grey", linestyle=":", label="1 GiB target")
     ax.set_xscale("log", base=2)
-    ax.set_xticks([r["tasks"] for r in res["memory"]], [str(r["tasks"]) for r in res["memory"]])
+    ticks = sorted({r["tasks"] for r in res["memory"]} | {r["add"]["tasks"] for r in res["memory"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("tasks T")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title(f"Peak memory, {res['workload']['params'] / MiB:.0f}M-parameter checkpoints")
@@ -637,6 +658,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescaler", default="tensor-mean", help="store rescaler mode")
     p.add_argument("--official-max-gib", type=float, default=10.0,
                    help="skip official-style runs estimated to need more memory than this")
+    p.add_argument("--official-budget-min", type=float, default=None,
+                   help="stop starting official-style runs after this many minutes (default: no limit)")
     p.add_argument("--workdir", default=None, help="where checkpoints and stores go (default: a tmp dir, removed)")
     p.add_argument("--results-dir", default=str(HERE / "results"))
     p.add_argument("--seed", type=int, default=0)
@@ -652,60 +675,80 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def sweep_order(args: argparse.Namespace) -> list[int]:
+    """The speed T first (its figures matter most), then the others, largest last."""
+    return [args.unify_tasks] + [t for t in args.task_list if t != args.unify_tasks]
+
+
+def speed_figures(bench: Bench, unified: dict, res: dict) -> None:
+    """At the speed T: the ratio, the same-answer check, and decouple (before add changes the store)."""
+    res["unify_speed"] = {k: v for k, v in unified.items() if not k.endswith("_dir")}
+    res["speedup"] = ratio(unified["official"].get("seconds"), unified["store"].get("seconds"))
+    if "error" not in unified["store"] and "seconds" in unified["official"]:
+        res["equality"] = run_isolated("compare", store_dir=str(unified["store_dir"]), base=bench.wl.base,
+                                       official_dir=str(unified["official_dir"]), scratch=str(bench.scratch))
+    res["decouple"] = measure_decouple(bench, unified["store_dir"], bench.args.repeats)
+    d = res["decouple"]
+    res["decouple_vs_copy"] = ratio(d["copy"]["seconds"], d["decouple"]["seconds"])
+    res["decouple_vs_load_save"] = ratio(d["load_save"]["seconds"], d["decouple"]["seconds"])
+
+
+def measure_bf16(bench: Bench, tasks: int) -> dict:
+    print(f"bf16 store, T={tasks}", file=sys.stderr)
+    result, out = bench.store_unify(tasks, f"bf16-T{tasks}", dtype="bfloat16")
+    size = dir_bytes(out) if "error" not in result else None
+    remove_tree(out)
+    return {"tasks": tasks, "store": result, "store_bytes": size}
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     plans = model_plan(parse_count(args.params))
-    most = max(args.task_list + [args.unify_tasks, args.bf16_tasks])
-    print(f"writing base + {most} checkpoints of {parse_count(args.params) / MiB:.1f}M parameters to {work}", file=sys.stderr)
+    most = max(args.task_list + [args.unify_tasks, args.bf16_tasks]) + 1  # add puts one more on the largest
+    print(f"base + {most} checkpoints of {parse_count(args.params) / MiB:.1f}M parameters in {work}", file=sys.stderr)
     wl = write_workload(work, plans, most, args.seed)
     scratch = work / "runs"
-    scratch.mkdir(exist_ok=True)
+    remove_tree(scratch), scratch.mkdir()
     bench = Bench(wl, scratch, args)
     res = {"command": "python benchmarks/fusion_store.py " + " ".join(sys.argv[1:]), "config": vars(args),
            "machine": machine_facts(), "workload": asdict(wl), "floor": run_isolated("noop")}
-    unify = {t: measure_unify(bench, t, args.repeats if t == args.unify_tasks else 1)
-             for t in sorted(set(args.task_list) | {args.unify_tasks})}
-    speed = unify[args.unify_tasks]
-    res["unify_speed"] = {k: v for k, v in speed.items() if not k.endswith("_dir")}
-    res["speedup"] = ratio(speed["official"].get("seconds"), speed["store"].get("seconds"))
-    if "error" not in speed["store"] and "seconds" in speed["official"] and speed["official"]["seconds"]:
-        res["equality"] = run_isolated("compare", store_dir=str(speed["store_dir"]),
-                                       official_dir=str(speed["official_dir"]), base=wl.base, scratch=str(scratch))
-    res["decouple"] = measure_decouple(bench, speed["store_dir"], args.repeats)
-    res["decouple_vs_copy"] = ratio(res["decouple"]["copy"]["seconds"], res["decouple"]["decouple"]["seconds"])
-    res["decouple_vs_load_save"] = ratio(res["decouple"]["load_save"]["seconds"], res["decouple"]["decouple"]["seconds"])
-    for u in unify.values():
-        remove_tree(u.pop("store_dir")), remove_tree(u.pop("official_dir"))
-    adds = {t: measure_add(bench, t) for t in args.task_list}
+    unify, adds, bf16 = {}, {}, None
+    for t in sweep_order(args):
+        unify[t] = measure_unify(bench, t, args.repeats if t == args.unify_tasks else 1)
+        if t == args.unify_tasks:
+            speed_figures(bench, unify[t], res)
+        adds[t] = measure_add(bench, unify[t])
+        if t == args.unify_tasks and args.bf16_tasks:
+            bf16 = measure_bf16(bench, args.bf16_tasks)
     res["memory"] = [{"tasks": t, "unify": {"store": unify[t]["store"], "official": unify[t]["official"]},
-                      "add": {"store": adds[t]["store"], "official": adds[t]["official"]}} for t in args.task_list]
+                      "add": {"tasks": adds[t]["tasks"], "store": adds[t]["store"], "official": adds[t]["official"]}}
+                     for t in args.task_list]
     res["memory_verdict"] = memory_verdict(res["memory"], wl.checkpoint_bytes)
-    bf16 = None
-    if args.bf16_tasks:
-        result, out = bench.store_unify(args.bf16_tasks, f"bf16-T{args.bf16_tasks}", dtype="bfloat16")
-        bf16 = {"tasks": args.bf16_tasks, "store": result, "store_bytes": dir_bytes(out) if "error" not in result else None}
-        remove_tree(out)
-    res["storage"] = storage_rows(bench, [unify[t] for t in args.task_list], bf16)
+    res["storage"] = storage_rows(bench, [unify[t] for t in args.task_list], [adds[t] for t in args.task_list], bf16)
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["notes"] = notes(res, args)
     return res
 
 
 def notes(res: dict, args: argparse.Namespace) -> list[str]:
-    skipped = sorted({r["tasks"] for r in res["memory"] for op in ("unify", "add") if "skipped" in r[op]["official"]})
     m = res["machine"]
-    out = [f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, torch {m['torch']} with {m['torch_threads']} threads; "
-           f"shared with other work while this ran, so times are noisy (load average "
-           f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end).",
-           "Inputs were just written, so both sides read them from the page cache: this compares compute "
-           "and write paths, not disk reads.",
-           "Peak RSS is the process's own ru_maxrss, which includes the imported libraries and any "
-           "memory-mapped file pages it touched; 'anon' is the sampled peak of anonymous memory only.",
-           "The store's add is measured on a store of T-1 tasks made by unify (not counted); "
-           "the official-style add likewise starts from its own saved state of T-1 tasks."]
-    if skipped:
-        out.append(f"Official-style runs not made at T = {', '.join(map(str, skipped))}: their estimated peak "
-                   f"memory exceeded the limit (--official-max-gib {args.official_max_gib}) or the free memory. "
-                   "Nothing is filled in for them.")
+    out = [f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, torch {m['torch']} with {m['torch_threads']} threads "
+           f"in each measured process; shared with other work while this ran (run under `nice`), so times are "
+           f"noisy: load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end.",
+           "Each side reads inputs that were just written, from the page cache: this compares compute and "
+           "write paths, not disk reads. Writes are synced (fsync) on both sides.",
+           "Peak RSS is the process's own ru_maxrss: it includes the imported libraries (the floor above) and "
+           "the memory-mapped file pages it touched; 'anon' is the sampled peak of anonymous memory only.",
+           "Add is the continual step on what unify left: task T+1 joins the store of T tasks; the "
+           "official-style add likewise rebuilds its T saved tasks from bool masks and unifies again."]
+    skipped = {}
+    for r in res["memory"]:
+        for op in ("unify", "add"):
+            why = r[op]["official"].get("skipped")
+            if why:
+                skipped.setdefault(why.split(";")[0].split("(")[0].strip(), []).append(f"{op} T={r[op].get('tasks', r['tasks'])}")
+    for why, where in skipped.items():
+        out.append(f"Official-style runs {why}: {', '.join(where)}. Nothing is filled in for them "
+                   f"(limits: --official-max-gib {args.official_max_gib}, --official-budget-min {args.official_budget_min}).")
     return out
 
 

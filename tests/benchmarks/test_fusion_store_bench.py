@@ -11,7 +11,7 @@ SCRIPT = ROOT / "benchmarks" / "fusion_store.py"
 
 def _run_quick(tmp_path: Path) -> dict:
     results = tmp_path / "results"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--params", "64K",
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--params", "64K", "--bf16-tasks", "0",
            "--workdir", str(tmp_path / "work"), "--results-dir", str(results)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,7 +30,7 @@ def _runs(res: dict) -> list[dict]:
 
 def test_quick_run_measures_both_sides_and_they_agree(tmp_path):
     res = _run_quick(tmp_path)
-    assert [row["tasks"] for row in res["memory"]] == [2, 4]
+    assert [(row["tasks"], row["add"]["tasks"]) for row in res["memory"]] == [(2, 3), (4, 5)]
     runs = _runs(res)
     assert not [r["error"] for r in runs if "error" in r]
     assert all(r["peak_rss"] > 0 and r["seconds"] >= 0 for r in runs if "skipped" not in r)
