@@ -209,7 +209,8 @@ class ContinualRun:
                     store = Store.open(path, kernel=self.config.fusion_kernel)
                     if name not in [t.name for t in store.tasks]:
                         store.add(ckpt, name=name)
-                store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
+                if not store.task(name).has_prototypes:
+                    store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
             self.state["seconds"][f"store/{rescaler}/{i + 1}"] = time.perf_counter() - began
             self.state["fidelity"].setdefault(rescaler, []).append(fidelity_of(store))
 
