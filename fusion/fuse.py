@@ -94,12 +94,15 @@ def _check_deltas(deltas: Sequence[StateDict], shapes: Mapping[str, torch.Size] 
     for i, delta in enumerate(deltas):
         if set(delta) != set(shapes):
             missing, extra = sorted(set(shapes) - set(delta)), sorted(set(delta) - set(shapes))
-            raise ValueError(f"delta {i}: tensors differ from the others (missing {missing}, extra {extra})")
+            raise ValueError(f"delta {i}: tensors differ from the others (missing {missing}, extra {extra}); "
+                             "pass every delta over the same tensors (fusion.task_delta keeps only shared ones)")
         for name, shape in shapes.items():
             if delta[name].shape != shape:
-                raise ValueError(f"delta {i}: tensor {name!r} has shape {tuple(delta[name].shape)}, expected {tuple(shape)}")
+                raise ValueError(f"delta {i}: tensor {name!r} has shape {tuple(delta[name].shape)}, expected {tuple(shape)}; "
+                                 "leave tensors of another shape out of the deltas")
             if not delta[name].is_floating_point():
-                raise ValueError(f"delta {i}: tensor {name!r} is {delta[name].dtype}; only float tensors are fused")
+                raise ValueError(f"delta {i}: tensor {name!r} is {delta[name].dtype}; only float tensors are fused, "
+                                 "leave integer and bool buffers out")
     return dict(shapes)
 
 

@@ -240,8 +240,8 @@ def test_unify_rejects_an_extra_tensor():
         unify(_two(head=torch.ones(4)), kernel="reference")
 
 
-def test_unify_rejects_a_shape_mismatch_naming_the_tensor():
-    with pytest.raises(ValueError, match=r"'b' has shape \(3,\), expected \(2,\)"):
+def test_unify_rejects_a_shape_mismatch_naming_the_tensor_and_the_fix():
+    with pytest.raises(ValueError, match=r"'b' has shape \(3,\), expected \(2,\); leave tensors of another shape out"):
         unify(_two(b=torch.ones(3)), kernel="reference")
 
 
