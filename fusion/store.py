@@ -41,6 +41,7 @@ from .io import (
     SafetensorsFile,
     SafetensorsWriter,
     ShardedWriter,
+    TensorInfo,
     atomic_write_text,
     copy_model_files,
     dtype_from_name,
@@ -566,7 +567,9 @@ class Store:
         return [_record(i + 1, t) for i, t in enumerate(self._refresh()["tasks"])]
 
     def task(self, task: int | str) -> TaskRecord:
-        return _record(self._index(task) + 1, self._manifest["tasks"][self._index(task)])
+        """A task by 1-based index or by name."""
+        index = self._index(task)
+        return _record(index + 1, self._manifest["tasks"][index])
 
     def _index(self, task: int | str) -> int:
         """0-based position of a task given by 1-based index or by name."""
@@ -872,8 +875,9 @@ class _Decoupler:
         self.gen, self.base, self.private, self.index, self.dtype, self.chunk = gen, base, private, index, dtype, chunk
         self.fused = {t.name: t for t in gen.fused}
         own = private.entries if private else {}
-        self.layout = [(n, self._out(i.dtype), i.shape) for n, i in ((n, own.get(n) or base.info(n)) for n in base.keys())]
-        self.layout += [(n, self._out(i.dtype), i.shape) for n, i in own.items() if n not in base]
+        # Output order: the base's tensors (a private one replaces its base namesake), then new ones.
+        sources = [own.get(n) or base.info(n) for n in base.keys()] + [i for n, i in own.items() if n not in base]
+        self.layout = [(i.name, self._out(i.dtype), i.shape) for i in sources]
 
     def _out(self, dtype: torch.dtype) -> torch.dtype:
         return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
@@ -884,15 +888,18 @@ class _Decoupler:
 
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
         """Flat chunks of one output tensor, in its output dtype."""
-        private = self.private is not None and name in self.private.entries
-        source = self.private if private else self.base
-        numel = source.entries[name].numel if private else self.base.info(name).numel
-        for lo, hi in chunk_ranges(numel, self.chunk):
-            if private or name not in self.fused:
-                yield source.read_flat(name, lo, hi).to(self._out(source.entries[name].dtype if private else self.base.info(name).dtype))
-            else:
+        if self.private is not None and name in self.private.entries:
+            yield from self._copied(self.private, self.private.entries[name])
+        elif name not in self.fused:  # an integer or bool buffer: the base's
+            yield from self._copied(self.base, self.base.info(name))
+        else:
+            for lo, hi in chunk_ranges(self.base.info(name).numel, self.chunk):
                 theta = self.base.read_flat(name, lo, hi).float() + self.gen.rebuilt(self.index, name, lo, hi)  # (n,)
                 yield theta.to(self._out(self.fused[name].dtype))
+
+    def _copied(self, source, info: TensorInfo) -> Iterator[torch.Tensor]:
+        for lo, hi in chunk_ranges(info.numel, self.chunk):
+            yield source.read_flat(info.name, lo, hi).to(self._out(info.dtype))
 
     def write_all(self, write: Callable[[str, torch.Tensor], None], progress: bool) -> None:
         bar = _progress_bar(progress, self.numel, "decouple")
