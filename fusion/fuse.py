@@ -97,13 +97,29 @@ def _check_deltas(deltas: Sequence[StateDict], shapes: Mapping[str, torch.Size] 
             raise ValueError(f"delta {i}: tensors differ from the others (missing {missing}, extra {extra}); "
                              "pass every delta over the same tensors (fusion.task_delta keeps only shared ones)")
         for name, shape in shapes.items():
-            if delta[name].shape != shape:
-                raise ValueError(f"delta {i}: tensor {name!r} has shape {tuple(delta[name].shape)}, expected {tuple(shape)}; "
-                                 "leave tensors of another shape out of the deltas")
-            if not delta[name].is_floating_point():
-                raise ValueError(f"delta {i}: tensor {name!r} is {delta[name].dtype}; only float tensors are fused, "
-                                 "leave integer and bool buffers out")
+            _check_tensor(i, name, delta[name], shape)
     return dict(shapes)
+
+
+def _check_tensor(i: int, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    if tensor.shape != shape:
+        raise ValueError(f"delta {i}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}; "
+                         "leave tensors of another shape out of the deltas")
+    if not tensor.is_floating_point():
+        raise ValueError(f"delta {i}: tensor {name!r} is {tensor.dtype}; only float tensors are fused, "
+                         "leave integer and bool buffers out")
+    # A NaN would elect -1 at its position for every task and make this task's rescaler NaN.
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"delta {i}: tensor {name!r} has NaN or infinite values; check the fine-tuned checkpoint")
+
+
+def _check_keep(keep: Sequence[int] | None, num_tasks: int) -> list[int]:
+    """The stored tasks to rebuild: default all; indices in range and distinct."""
+    keep = list(range(num_tasks)) if keep is None else [int(i) for i in keep]
+    bad = [i for i in keep if not 0 <= i < num_tasks]
+    if bad or len(set(keep)) != len(keep):
+        raise ValueError(f"keep={keep}: give distinct task indices from 0 to {num_tasks - 1}")
+    return keep
 
 
 def _collect(shapes: Mapping[str, torch.Size], num_tasks: int):
@@ -169,7 +185,7 @@ def add(
     """
     new = [new] if isinstance(new, Mapping) else list(new)
     _check_deltas(new, state.shapes)
-    keep = list(range(state.num_tasks)) if keep is None else list(keep)
+    keep = _check_keep(keep, state.num_tasks)
     if len(keep) + len(new) == 0:
         raise ValueError("nothing left to unify: keep at least one task or add one")
     column = {name: k for k, name in enumerate(state.shapes)}

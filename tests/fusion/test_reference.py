@@ -267,3 +267,16 @@ def test_add_rejects_a_delta_that_does_not_match_the_state():
         add(state, {"w": torch.ones(3)}, kernel="reference")
     with pytest.raises(ValueError, match="nothing left to unify"):
         add(state, (), keep=[], kernel="reference")
+
+
+def test_unify_rejects_non_finite_values_naming_the_tensor():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"delta 1: tensor 'w' has NaN or infinite values"):
+            unify(_two(w=torch.tensor([1.0, bad, 0.0])), kernel="reference")
+
+
+def test_add_rejects_bad_keep_indices():
+    state = unify(_two(), kernel="reference")
+    for keep in ([2], [-1], [0, 0]):
+        with pytest.raises(ValueError, match="distinct task indices from 0 to 1"):
+            add(state, (), keep=keep, kernel="reference")
