@@ -5,6 +5,10 @@ task vectors, elect with `flag = (sum > 0) * 2 - 1` (an exact zero sum elects -1
 largest agreeing magnitude, mask with `stacked * unified > 0`, and rescale each task by the sum
 over tensors of mean|delta| over the sum over tensors of mean|M * u|. It shares no code with
 `fusion` beyond torch.
+
+The official election sums with a vectorised `stacked.sum(0)`, the library sequentially in task
+order. On arbitrary floats a near-tie could round to either sign; the strategies' values (small
+integers times 2**-6) make one-shot sums exact, so the two must agree bit for bit there.
 """
 
 import pytest

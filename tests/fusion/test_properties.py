@@ -385,8 +385,8 @@ def test_padding_bits_of_packed_masks_stay_zero(schedule, mode):
 def test_permuting_tasks_permutes_masks_and_rescalers(deltas, rnd, mode):
     """One-shot unify is symmetric in the tasks. The float32 election sum is sequential and so
     order-dependent in general, but the strategies' values are integers in [-8, 8] times 2**-6:
-    every partial sum of at most 8 of them is a multiple of 2**-6 below 2**0 * 64, exact in
-    float32, so here any order gives the same bits. L1 sums are per task, so also exact."""
+    a partial sum of at most 8 of them is a multiple of 2**-6 of size at most 1, which float32
+    holds exactly, so every order gives the same bits. L1 sums are per task, so also exact."""
     order = list(range(len(deltas)))
     rnd.shuffle(order)
     state = unify(deltas, mode=mode, kernel=KERNEL)
