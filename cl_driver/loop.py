@@ -85,12 +85,25 @@ def keep_torch_threads():
         torch.set_num_threads(threads)
 
 
+def store_sizes(info: dict) -> dict:
+    """Bytes on disk of a store next to its base and T separate fine-tuned checkpoints."""
+    return {"tasks": len(info["tasks"]), "base_bytes": info["base"]["bytes"], **info["sizes"],
+            "separate_checkpoints_bytes": info["separate_checkpoints_bytes"], "savings": info["savings"]}
+
+
 def fidelity_of(store) -> list[dict]:
     """Per stored task: its name and its reconstruction fidelity (cosine, relative L2)."""
     return [{"task": t.name, **t.fidelity} for t in store.tasks]
 
 
 # ---------------------------------------------------------------- the run
+
+
+def _process_state():
+    """accelerate's view of the processes: one on a plain run, several under `accelerate launch`."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 class ContinualRun:
@@ -100,7 +113,9 @@ class ContinualRun:
                  clip: Clip | None = None):
         self.config, self.root, self.progress = config, Path(out), progress
         self.root.mkdir(parents=True, exist_ok=True)
-        self.clip = clip or load_clip(config.model, device=resolve_device(config.device))
+        self.processes = _process_state()
+        device = self.processes.device if config.device == "auto" else resolve_device(config.device)
+        self.clip = clip or load_clip(config.model, device=device)
         self.theta0 = state_dict_cpu(self.clip.model)
         self.specs: list[TaskSpec] = [resolve_task(t) for t in config.tasks]
         self.side = config.image_size or image_size(self.clip.processor)
@@ -131,7 +146,8 @@ class ContinualRun:
         fingerprint = config_fingerprint(self.config)
         if not path.exists():
             return {"version": STATE_VERSION, "config": fingerprint, "completed": 0,
-                    "rows": {m.name: [] for m in self.config.methods}, "fidelity": {}, "seconds": {}}
+                    "rows": {m.name: [] for m in self.config.methods}, "fidelity": {}, "seconds": {},
+                    "routing": {}, "stores": {}}
         state = json.loads(path.read_text())
         if state.get("config") != fingerprint:
             raise ValueError(f"{path}: this run folder was made with another config; "
@@ -213,6 +229,7 @@ class ContinualRun:
                     store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
             self.state["seconds"][f"store/{rescaler}/{i + 1}"] = time.perf_counter() - began
             self.state["fidelity"].setdefault(rescaler, []).append(fidelity_of(store))
+            self.state["stores"][rescaler] = store_sizes(store.info())
 
     def open_store(self, rescaler: str):
         from fusion import Store
@@ -276,6 +293,10 @@ class ContinualRun:
         for j in routed:
             logits0, _, labels = self.base_eval(j)
             acc[j] = accuracy(combine_routed(logits0, *routes[j], expert_logits[j], aggregate), labels)
+        if method.agnostic:  # how often a seen task's images pick that task's expert first
+            self.state["routing"].setdefault(method.name, []).append(
+                [100.0 * (routes[j][0][:, 0] == j).double().mean().item() if j <= i else None
+                 for j in range(len(self.specs))])
         return [acc[j] for j in range(len(self.specs))]
 
     @staticmethod
@@ -310,18 +331,24 @@ class ContinualRun:
         self._save_state()
 
     def run(self, *, stop_after: int | None = None) -> dict | None:
-        """Run (or resume) the loop; return the results, or None when stopped after `stop_after` tasks."""
-        if not self.base_path.exists():
+        """Run (or resume) the loop; return the results, or None when stopped after `stop_after` tasks.
+
+        Under `accelerate launch` every process trains; the main one alone updates the stores,
+        evaluates and writes, while the others wait for it at the end of each task.
+        """
+        main = self.processes.is_main_process
+        if main and not self.base_path.exists():
             save_checkpoint(self.theta0, self.base_path)
         total = len(self.specs)
-        bar = tqdm(range(self.state["completed"], total), desc="tasks", disable=not self.progress,
+        bar = tqdm(range(self.state["completed"], total), desc="tasks", disable=not self.progress or not main,
                    initial=self.state["completed"], total=total)
         for i in bar:
             bar.set_postfix(task=self.specs[i].name)
-            self.step(i)
+            self.step(i) if main else self.train_step(i, self.train_set(i))
+            self.processes.wait_for_everyone()
             if stop_after is not None and i + 1 >= stop_after and i + 1 < total:
                 return None
-        return self.finish()
+        return self.finish() if main else None
 
     def finish(self) -> dict:
         results = build_results(self.config, self.state, [s.name for s in self.specs])
@@ -341,6 +368,17 @@ def fidelity_summary(fidelity: dict, tasks: list[str]) -> dict:
     return summary
 
 
+def cost_summary(seconds: dict) -> dict:
+    """Total seconds of fine-tuning, of each store's decouple-unify steps, and their ratio."""
+    train = sum(v for k, v in seconds.items() if k.startswith("train/individual/"))
+    stores = {}
+    for key, value in seconds.items():
+        if key.startswith("store/"):
+            stores[key.split("/")[1]] = stores.get(key.split("/")[1], 0.0) + value
+    return {"train_from_theta0_s": train, "store_s": stores,
+            "store_over_train": {k: (v / train if train else None) for k, v in stores.items()}}
+
+
 def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
     matrices = {name: rows for name, rows in state["rows"].items()}
     return {
@@ -349,7 +387,10 @@ def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
         "matrices": matrices,
         "summary": {name: metrics.summarize(rows) for name, rows in matrices.items()},
         "fidelity": fidelity_summary(state["fidelity"], tasks),
+        "routing_top1": state.get("routing", {}),
+        "stores": state.get("stores", {}),
         "seconds": state["seconds"],
+        "cost": cost_summary(state["seconds"]),
         "config": state["config"],
     }
 
@@ -365,6 +406,22 @@ def fidelity_table(fidelity: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def store_table(stores: dict) -> str:
+    lines = ["| store | tasks | base MB | store MB (unified + triggers + private) | T separate models MB | savings |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for rescaler, s in stores.items():
+        lines.append(f"| {rescaler} | {s['tasks']} | {s['base_bytes'] / 1e6:.2f} | {s['total'] / 1e6:.2f} | "
+                     f"{s['separate_checkpoints_bytes'] / 1e6:.2f} | {s['savings']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def routing_table(routing: dict, tasks: list[str]) -> str:
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name, rows in routing.items():
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in rows[-1]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(results: dict) -> str:
     parts = ["# Continual learning results\n", metrics.markdown_table(results["summary"])]
     for name, matrix in results["matrices"].items():
@@ -373,6 +430,12 @@ def results_markdown(results: dict) -> str:
     if results["fidelity"]:
         parts.append("\n## Reconstruction fidelity of the rebuilt deltas\n")
         parts.append(fidelity_table(results["fidelity"]))
+    if results.get("stores"):
+        parts.append("\n## Store size\n")
+        parts.append(store_table(results["stores"]))
+    if results.get("routing_top1"):
+        parts.append("\n## Routing: % of a seen task's test images whose top expert is that task (last step)\n")
+        parts.append(routing_table(results["routing_top1"], results["tasks"]))
     return "".join(parts)
 
 

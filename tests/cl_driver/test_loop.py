@@ -52,6 +52,23 @@ def test_every_method_gives_a_full_matrix_and_the_outputs(full_run, tiny_config)
     saved = json.loads((out / "results.json").read_text())
     assert saved["matrices"] == results["matrices"]
     assert "| condu-model |" in (out / "results.md").read_text()
+    # routing is reported for the task-agnostic methods only, for the tasks seen so far
+    routing = results["routing_top1"]["condu-model-agnostic"]
+    assert set(results["routing_top1"]) == {"condu-model-agnostic", "condu-weighted"}
+    assert [[v is None for v in row] for row in routing] == [[j > i for j in range(T)] for i in range(T)]
+    store = results["stores"]["model"]
+    assert store["tasks"] == T and 0 < store["total"] < store["separate_checkpoints_bytes"]
+    assert results["cost"]["train_from_theta0_s"] > 0 and set(results["cost"]["store_s"]) == {"model", "tensor"}
+
+
+def test_fidelity_is_reported_after_each_task_own_step_and_after_the_last(full_run):
+    fidelity = full_run[1]["fidelity"]["model"]
+    assert [f["task"] for f in fidelity] == list(TASKS)
+    first = fidelity[0]
+    assert first["own_step"]["cosine"] == pytest.approx(1.0) and first["own_step"]["rel_l2"] == pytest.approx(0.0)
+    for f in fidelity:
+        assert -1.0 <= f["last_step"]["cosine"] <= 1.0 + 1e-9 and f["last_step"]["rel_l2"] >= 0
+    assert fidelity[-1]["own_step"] == fidelity[-1]["last_step"]
 
 
 def test_baselines_share_the_zero_shot_row_where_nothing_was_learned(full_run):
