@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/kernels.py: its naive peer computes ConDU, and a tiny run writes its reports."""
+
+import json
+
+import torch
+
+from benchmarks.kernels import child_fuse_pass, main, naive_continual, naive_elect, naive_numel
+from fusion import reference
+
+
+def _integer_deltas(num_tasks: int, n: int, seed: int) -> torch.Tensor:
+    """Small integers: every sum is exact, so the naive mean and the reference sum elect alike."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (num_tasks, n), generator=gen).float()  # (T, n), many zeros and ties
+
+
+def test_naive_peer_elects_like_the_reference():
+    deltas = _integer_deltas(5, 1000, seed=1)
+    unified, masks, _ = naive_elect(list(deltas))
+    expected = reference.elect(deltas)
+    assert torch.equal(unified.float(), expected.unified)
+    assert torch.equal(reference.pack_bits(torch.stack(masks)), expected.packed_masks)
+
+
+def test_naive_peer_continual_step_like_the_reference():
+    old, new = _integer_deltas(3, 999, seed=2), _integer_deltas(1, 999, seed=3)
+    unified, masks, _ = naive_elect(list(old))
+    rescalers = torch.tensor([1.0, 2.0, 0.5])  # exact in float32: both rebuild the same values
+    got, got_masks, _ = naive_continual(unified.float(), masks, list(rescalers), new[0])
+    stored = reference.elect(old)
+    expected = reference.continual_chunk(stored.unified, stored.packed_masks, rescalers.double(), new)
+    assert torch.equal(got.float(), expected.unified)
+    assert torch.equal(reference.pack_bits(torch.stack(got_masks)), expected.packed_masks)
+
+
+def test_naive_size_shrinks_to_the_memory_budget():
+    assert naive_numel(2, 1 << 24, budget=8 << 30) == 1 << 24
+    assert naive_numel(16, 1 << 26, budget=6 << 30) == 1 << 24
+    assert naive_numel(16, 1 << 26, budget=0) == 1 << 20  # never below 1M
+
+
+def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
+    data = main(["--numel", "65536", "--tasks", "2", "3", "--repeats", "1", "--naive-repeats", "1", "--skip-rss",
+                 "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert [r["tasks"] for r in saved["records"]] == [2, 3]
+    for record in saved["records"]:
+        for op in ("elect", "continual"):
+            assert record["cpu"][op]["gbps"] > 0 and record["naive"][op]["gbps"] > 0
+            assert record["ratios"][op]["cpu_over_naive"] > 0
+        assert record["cpu"]["copy"]["gbps"] > 0
+    assert data["records"][0]["numel"] == 65536
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| T | op | cpu GB/s" in md and "cpu / copy" in md
+    assert (tmp_path / "kernels.png").stat().st_size > 1000
+
+
+def test_fuse_pass_child_reports_its_peak(capsys):
+    child_fuse_pass(20_000, 3, "add")
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["numel"] == 20_000 and report["tasks"] == 3
+    assert report["self_peak_rss_bytes"] >= report["rss_before_pass_bytes"] > 0
