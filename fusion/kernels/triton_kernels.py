@@ -1,0 +1,292 @@
+"""Triton kernels for CUDA: the reference's `elect` and `continual_chunk`, each fused into one kernel.
+
+Each program owns BLOCK consecutive elements, viewed as `(BLOCK // 8, 8)`: row j holds the 8
+elements whose mask bits share byte j, so packing a mask is one row sum of shifted bits.
+
+Sums are `tl.reduce(x, axis, tl.standard._sum_combine)`, what `tl.sum` does inside: `tl.sum` and
+`tl.zeros` are themselves @triton.jit functions, made when triton is imported, and only interpret
+if TRITON_INTERPRET was set before that import; the built-ins (`tl.reduce`, `tl.full`) work
+whatever the order, and the interpreter runs this reduce as a numpy sum.
+
+One pass over the tasks, in task order, does all of the election:
+- the float32 election sum runs sequentially (the reference's order, so signs are bit-identical;
+  `tl.sum` over a `(T, BLOCK)` tile would reorder the additions);
+- the largest positive and the largest negative magnitude are both kept, and the sign picks one;
+- each task's positive and negative entries are recorded as bits of two int32 registers, so the
+  masks of the first 32 tasks need no second read of the deltas (later tasks are read again);
+- per-task L1 sums of each block are reduced in float64 and written per program; the host
+  adds the programs up in float64.
+
+The continual kernel rebuilds the stored tasks in registers, `where(M_i, u * float32(lambda_i), 0)`,
+from the unified delta and the packed masks, and then runs the same pass with the new deltas
+appended. Its product is compiled without FMA contraction (`enable_fp_fusion=False`): a fused
+multiply-add into the election sum would skip the product's rounding and could flip a sign.
+
+Device contract: inputs may be CPU or CUDA tensors. They are computed on CUDA when it is there
+(CPU inputs are copied over) and the results come back on the inputs' device. Under
+`TRITON_INTERPRET=1` without CUDA the kernels run on CPU tensors (that is how CI tests them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import ChunkResult
+
+__all__ = ["KERNEL", "TritonKernel", "DEFAULT_BLOCK", "BIT_TASKS"]
+
+DEFAULT_BLOCK = 1024  # elements per program: 8 per thread at 4 warps, 32 KiB of fp32 input per task
+BIT_TASKS = 32  # tasks whose signs fit the int32 bit registers; later tasks are read twice
+_BIT_TASKS = tl.constexpr(BIT_TASKS)  # the same, visible inside @triton.jit functions
+
+# How the unified delta is rounded to the store's dtype (0: float32 and float64 keep float32 values).
+_ROUNDING = {torch.float32: 0, torch.float64: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def _round_to_stored(x, ROUNDING: tl.constexpr):
+    """float32 -> the store's dtype -> float32, rounding to nearest even as torch's `.to()` does."""
+    if ROUNDING == 1:  # float16: Triton's downcast rounds to nearest even on GPU and in the interpreter
+        x = x.to(tl.float16).to(tl.float32)
+    elif ROUNDING == 2:  # bfloat16 by bits: the interpreter's cast truncates, this rounds everywhere
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x
+
+
+@triton.jit
+def _task_row(t: tl.constexpr, stored, old_masks_ptr, rescalers_ptr, new_ptr, offs, in_range,
+              byte_idx, byte_in_range, lanes, n, n_bytes, T_OLD: tl.constexpr):
+    """Row t of the stacked deltas in float32, (B, 8): a rebuilt stored task, or a new delta."""
+    if t < T_OLD:
+        packed = tl.load(old_masks_ptr + t * n_bytes + byte_idx, mask=byte_in_range, other=0)  # (B,)
+        bit = (packed[:, None] >> lanes[None, :]) & 1  # (B, 8)
+        rescaler = tl.load(rescalers_ptr + t)  # float32(lambda_t)
+        row = tl.where(bit != 0, stored * rescaler, 0.0)
+    else:
+        row_start = tl.cast(n, tl.int64) * (t - T_OLD)  # int64: T * n may pass 2**31
+        row = tl.load(new_ptr + row_start + offs, mask=in_range, other=0.0).to(tl.float32)
+    return row
+
+
+@triton.jit
+def _pack_and_sum(t: tl.constexpr, mask, abs_unified, lanes, byte_idx, byte_in_range, pid, n_bytes,
+                  out_masks_ptr, masked_l1_ptr, T: tl.constexpr):
+    """Store task t's mask as bytes (bit b of byte j = element 8j+b) and its block sum of |M_t * u|."""
+    packed = tl.reduce(mask.to(tl.int32) << lanes[None, :], 1, tl.standard._sum_combine).to(tl.uint8)  # (B,)
+    tl.store(out_masks_ptr + t * n_bytes + byte_idx, packed, mask=byte_in_range)
+    masked = tl.where(mask, abs_unified, 0.0).to(tl.float64)  # (B, 8)
+    tl.store(masked_l1_ptr + pid * T + t, tl.reduce(masked, None, tl.standard._sum_combine))
+
+
+@triton.jit
+def _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
+                 out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
+                 T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """Elect over rows 0..T-1 (T_OLD rebuilt stored tasks, then new deltas) for one block."""
+    pid = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, 8)  # (8,)
+    byte_idx = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # (B,)
+    offs = byte_idx[:, None] * 8 + lanes[None, :]  # (B, 8) element indices
+    in_range = offs < n
+    byte_in_range = byte_idx < n_bytes
+    stored = tl.full((BLOCK // 8, 8), 0, tl.float32)
+    if T_OLD > 0:
+        stored = tl.load(unified_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+
+    # Phase 1: one read of every task. Sequential float32 sum, both signed maxima, sign bits, L1.
+    total = tl.full((BLOCK // 8, 8), 0, tl.float32)
+    largest_pos = tl.full((BLOCK // 8, 8), 0, tl.float32)
+    largest_neg = tl.full((BLOCK // 8, 8), 0, tl.float32)
+    pos_bits = tl.full((BLOCK // 8, 8), 0, tl.int32)
+    neg_bits = tl.full((BLOCK // 8, 8), 0, tl.int32)
+    for t in tl.static_range(T):
+        row = _task_row(t, stored, old_masks_ptr, rescalers_ptr, new_ptr, offs, in_range,
+                        byte_idx, byte_in_range, lanes, n, n_bytes, T_OLD)  # (B, 8)
+        if t == 0:
+            total = row  # the reference starts from row 0 itself, not from 0 + row 0
+        else:
+            total = total + row
+        largest_pos = tl.maximum(largest_pos, tl.where(row > 0, row, 0.0))
+        largest_neg = tl.maximum(largest_neg, tl.where(row < 0, -row, 0.0))
+        if t < _BIT_TASKS:
+            pos_bits = pos_bits | ((row > 0).to(tl.int32) << t)
+            neg_bits = neg_bits | ((row < 0).to(tl.int32) << t)
+        tl.store(delta_l1_ptr + pid * T + t, tl.reduce(tl.abs(row).to(tl.float64), None, tl.standard._sum_combine))
+
+    # Phase 2: the elected sign (an exact zero sum elects -1) picks magnitude and mask bits.
+    positive = total > 0
+    unified = tl.where(positive, 1.0, -1.0) * tl.where(positive, largest_pos, largest_neg)
+    unified = _round_to_stored(unified, ROUNDING)
+    tl.store(out_unified_ptr + offs, unified, mask=in_range)
+    agree_bits = tl.where(positive, pos_bits, neg_bits)
+
+    # Phase 3: strict masks (a zero never agrees), packed, and the masked L1 of the stored u.
+    abs_unified = tl.abs(unified)
+    for t in tl.static_range(T):
+        if t < _BIT_TASKS:
+            mask = ((agree_bits >> t) & 1) != 0
+        else:
+            row = _task_row(t, stored, old_masks_ptr, rescalers_ptr, new_ptr, offs, in_range,
+                            byte_idx, byte_in_range, lanes, n, n_bytes, T_OLD)
+            mask = tl.where(positive, row > 0, row < 0)
+        _pack_and_sum(t, mask, abs_unified, lanes, byte_idx, byte_in_range, pid, n_bytes,
+                      out_masks_ptr, masked_l1_ptr, T)
+
+
+@triton.jit
+def _elect_kernel(deltas_ptr, out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
+                  T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """elect + mask + bit-pack + L1 partial sums over deltas (T, n)."""
+    _unify_block(deltas_ptr, deltas_ptr, deltas_ptr, deltas_ptr, out_unified_ptr, out_masks_ptr,
+                 delta_l1_ptr, masked_l1_ptr, n, n_bytes, 0, T, ROUNDING, BLOCK)
+
+
+@triton.jit
+def _continual_kernel(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
+                      out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
+                      T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """Unpack + rebuild the T_OLD stored tasks, append T - T_OLD new deltas, elect, pack, L1."""
+    _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr, out_unified_ptr, out_masks_ptr,
+                 delta_l1_ptr, masked_l1_ptr, n, n_bytes, T_OLD, T, ROUNDING, BLOCK)
+
+
+def is_interpreted() -> bool:
+    """True when the kernels were created under TRITON_INTERPRET=1 (they run on CPU tensors)."""
+    return not isinstance(_elect_kernel, triton.runtime.JITFunction)
+
+
+def _compute_device(tensor: torch.Tensor) -> torch.device:
+    """CUDA when inputs are there or it is available; CPU only for the Triton interpreter."""
+    if tensor.is_cuda:
+        return tensor.device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if is_interpreted():
+        return torch.device("cpu")
+    raise RuntimeError("fusion/kernels/triton_kernels.py: the triton kernel needs CUDA "
+                       "(or TRITON_INTERPRET=1 to interpret it); use kernel='cpu' on this machine")
+
+
+def _rounding_of(unified_dtype: torch.dtype) -> int:
+    if unified_dtype not in _ROUNDING:
+        raise ValueError(f"fusion/kernels/triton_kernels.py: unified_dtype {unified_dtype} is not supported; "
+                         f"use one of {', '.join(str(d) for d in _ROUNDING)}")
+    return _ROUNDING[unified_dtype]
+
+
+def _check_floating(name: str, tensor: torch.Tensor, dims: int) -> None:
+    if tensor.dim() != dims or not tensor.is_floating_point():
+        raise ValueError(f"fusion/kernels/triton_kernels.py: {name} must be a {dims}-D floating-point tensor, "
+                         f"got shape {tuple(tensor.shape)} of {tensor.dtype}; pass the stacked chunk as floats")
+
+
+def _new_rows(new_deltas: torch.Tensor, n: int) -> torch.Tensor:
+    """New deltas as `(T_new, n)`; one task may come as a flat `(n,)`."""
+    rows = new_deltas.unsqueeze(0) if new_deltas.dim() == 1 else new_deltas
+    if rows.dim() != 2 or rows.shape[1] != n or not rows.is_floating_point():
+        raise ValueError(f"fusion/kernels/triton_kernels.py: new_deltas must be floats of shape (T_new, {n}) "
+                         f"to match unified, got {tuple(new_deltas.shape)} of {new_deltas.dtype}")
+    return rows
+
+
+def _check_stored(packed_masks: torch.Tensor, rescalers: torch.Tensor, n: int) -> None:
+    n_bytes = -(-n // 8)
+    if packed_masks.dim() != 2 or packed_masks.shape[1] != n_bytes or packed_masks.dtype != torch.uint8:
+        raise ValueError(f"fusion/kernels/triton_kernels.py: packed_masks must be uint8 of shape (T_old, {n_bytes}) "
+                         f"for {n} elements, got {tuple(packed_masks.shape)} of {packed_masks.dtype}")
+    if rescalers.numel() != packed_masks.shape[0]:
+        raise ValueError(f"fusion/kernels/triton_kernels.py: rescalers has {rescalers.numel()} entries but "
+                         f"packed_masks has {packed_masks.shape[0]} stored tasks; pass one rescaler per task")
+
+
+class TritonKernel:
+    """The two ConDU chunk operations as Triton kernels, with the reference's signatures and results.
+
+    `block` is the number of elements per program (a power of two, at least 8); `num_warps` the
+    warps per program on GPU.
+    """
+
+    name = "triton"
+
+    def __init__(self, *, block: int = DEFAULT_BLOCK, num_warps: int = 4) -> None:
+        if block < 8 or block & (block - 1):
+            raise ValueError(f"fusion/kernels/triton_kernels.py: block must be a power of two >= 8, got {block}")
+        self.block = block
+        self.num_warps = num_warps
+
+    def elect(self, deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
+        """Unify stacked deltas `(T, n)`, as `fusion.reference.elect`."""
+        if deltas.dim() != 2:
+            raise ValueError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
+        _check_floating("deltas", deltas, 2)
+        if deltas.shape[0] == 0:
+            raise ValueError("fusion/kernels/triton_kernels.py: elect needs at least one task; deltas has 0 rows")
+        rounding = _rounding_of(unified_dtype)
+        device = _compute_device(deltas)
+        rows = deltas.to(device).contiguous()  # (T, n)
+        t, n = rows.shape
+        out = self._outputs(t, n, device)
+        if n:
+            _elect_kernel[(out.programs,)](rows, out.unified, out.masks, out.delta_l1, out.masked_l1, n, out.n_bytes,
+                                           T=t, ROUNDING=rounding, BLOCK=self.block, **self._launch_options())
+        return out.result(deltas.device)
+
+    def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
+                  new_deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
+        """Rebuild the stored tasks and unify them with the new deltas, as `fusion.reference.continual_chunk`."""
+        _check_floating("unified", unified, 1)
+        n = unified.numel()
+        rows = _new_rows(new_deltas, n)  # (T_new, n)
+        _check_stored(packed_masks, rescalers, n)
+        t_old, t = packed_masks.shape[0], packed_masks.shape[0] + rows.shape[0]
+        if t == 0:
+            raise ValueError("fusion/kernels/triton_kernels.py: continual needs a stored or a new task; both are empty")
+        rounding = _rounding_of(unified_dtype)
+        home, device = unified.device, _compute_device(unified)
+        # float32(lambda_i), rounded once from float64 as the reference's `reconstruct` does.
+        rescalers32 = rescalers.reshape(-1).to(torch.float64).to(torch.float32).to(device)  # (T_old,)
+        unified, packed_masks = unified.to(device).contiguous(), packed_masks.to(device).contiguous()
+        rows = rows.to(device).contiguous()
+        out = self._outputs(t, n, device)
+        if n:
+            _continual_kernel[(out.programs,)](unified, packed_masks, rescalers32, rows, out.unified, out.masks,
+                                               out.delta_l1, out.masked_l1, n, out.n_bytes, T_OLD=t_old, T=t,
+                                               ROUNDING=rounding, BLOCK=self.block, **self._launch_options())
+        return out.result(home)
+
+    def _launch_options(self) -> dict:
+        # No FMA contraction: the rebuilt product must be rounded before it joins the election sum.
+        return {"num_warps": self.num_warps, "enable_fp_fusion": False}
+
+    def _outputs(self, t: int, n: int, device: torch.device) -> "_Outputs":
+        return _Outputs.allocate(t, n, self.block, device)
+
+    def __repr__(self) -> str:
+        return f"TritonKernel(block={self.block}, num_warps={self.num_warps})"
+
+
+class _Outputs:
+    """Output buffers of one launch: unified (n,), packed masks (T, n/8), per-program L1 partials (P, T)."""
+
+    def __init__(self, unified, masks, delta_l1, masked_l1, n_bytes):
+        self.unified, self.masks, self.delta_l1, self.masked_l1 = unified, masks, delta_l1, masked_l1
+        self.n_bytes, self.programs = n_bytes, delta_l1.shape[0]
+
+    @classmethod
+    def allocate(cls, t: int, n: int, block: int, device: torch.device) -> "_Outputs":
+        n_bytes, programs = -(-n // 8), -(-n // block)
+        partial = torch.empty((programs, t), dtype=torch.float64, device=device)  # (P, T)
+        return cls(torch.empty(n, dtype=torch.float32, device=device),
+                   torch.empty((t, n_bytes), dtype=torch.uint8, device=device), partial, torch.empty_like(partial), n_bytes)
+
+    def result(self, home: torch.device) -> ChunkResult:
+        """Sum the partials in float64 and bring everything back to the inputs' device."""
+        return ChunkResult(self.unified.to(home), self.masks.to(home),
+                           self.delta_l1.sum(dim=0).to(home), self.masked_l1.sum(dim=0).to(home))
+
+
+KERNEL = TritonKernel()
