@@ -268,36 +268,50 @@ class ContinualRun:
         return self.one_model_row(("magmax", method.scale, i),
                                   lambda: baselines.magmax(self.theta0, paths, scale=method.scale))
 
+    def routes(self, store, method: MethodConfig, i: int, routed: list[int]) -> dict[int, tuple]:
+        """Per routed task j: each test image's top-K experts among tasks 1..i+1, and their weights."""
+        protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]  # T x (C_t, D)
+        top_k = method.top_k or self.config.evaluation.top_k
+        return {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
+
+    def expert_pass(self, store, method: MethodConfig, i: int, t: int, routes: dict) -> tuple[float | None, dict]:
+        """Load expert t once: its own task's accuracy (with task identity) and its logits on the
+        test images of every routed task that selected it, and only on those."""
+        wanted = [j for j in routes if (routes[j][0] == t).any()]
+        if not wanted and method.agnostic:
+            return None, {}
+        key, build = ("condu", method.rescaler, i, t), (lambda: self.load_expert(store, t))
+        own = None if method.agnostic else self.eval_model(key, build, t)
+        self.runner.activate(key, build)
+        logits = {}
+        for j in wanted:
+            rows, _ = rows_selecting(routes[j][0], t)
+            logits[j], _ = self.runner.logits(self.test_set(j)[0], self.specs[j].class_names,
+                                              self.specs[j].templates, rows=rows)
+        return own, logits
+
     def condu_row(self, method: MethodConfig, i: int) -> list[float]:
         """Seen tasks with identity: their decoupled expert; the rest: theta0 + top-K routed experts."""
         store = self.open_store(method.rescaler)
-        protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]
-        top_k = method.top_k or self.config.evaluation.top_k
-        aggregate = method.aggregate or self.config.evaluation.aggregate
         routed = [j for j in range(len(self.specs)) if method.agnostic or j > i]
-        routes = {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
+        routes = self.routes(store, method, i, routed)
         acc, expert_logits = {}, {j: {} for j in routed}
         for t in range(i + 1):  # each expert is loaded once per step
-            wanted = [j for j in routed if (routes[j][0] == t).any()]
-            identity = not method.agnostic
-            if not wanted and not identity:
-                continue
-            key, build = ("condu", method.rescaler, i, t), (lambda t=t: self.load_expert(store, t))
-            if identity:
-                acc[t] = self.eval_model(key, build, t)
-            self.runner.activate(key, build)
-            for j in wanted:
-                rows, _ = rows_selecting(routes[j][0], t)
-                expert_logits[j][t], _ = self.runner.logits(self.test_set(j)[0], self.specs[j].class_names,
-                                                            self.specs[j].templates, rows=rows)
+            acc[t], logits = self.expert_pass(store, method, i, t, routes)
+            for j, values in logits.items():
+                expert_logits[j][t] = values
+        aggregate = method.aggregate or self.config.evaluation.aggregate
         for j in routed:
             logits0, _, labels = self.base_eval(j)
             acc[j] = accuracy(combine_routed(logits0, *routes[j], expert_logits[j], aggregate), labels)
-        if method.agnostic:  # how often a seen task's images pick that task's expert first
-            self.state["routing"].setdefault(method.name, []).append(
-                [100.0 * (routes[j][0][:, 0] == j).double().mean().item() if j <= i else None
-                 for j in range(len(self.specs))])
+        if method.agnostic:
+            self.state["routing"].setdefault(method.name, []).append(self.routing_hits(routes, i))
         return [acc[j] for j in range(len(self.specs))]
+
+    def routing_hits(self, routes: dict, i: int) -> list[float | None]:
+        """% of each seen task's test images whose first expert is that task's own (None: unseen)."""
+        return [100.0 * (routes[j][0][:, 0] == j).double().mean().item() if j <= i else None
+                for j in range(len(self.specs))]
 
     @staticmethod
     def load_expert(store, t: int) -> dict[str, torch.Tensor]:

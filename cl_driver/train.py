@@ -104,6 +104,38 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     return path
 
 
+def _training_parts(clip: Clip, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int):
+    """The logits module, AdamW, the schedule and a seeded shuffling loader for one task."""
+    params = select_trainable(clip.model, settings.train_part)
+    tokens = _class_tokens(clip, spec, settings)
+    fixed = _fixed_classifier(clip, tokens) if settings.train_part == "image" else None
+    module = ClassifierLogits(clip.model, tokens, fixed).train()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, settings.iterations)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                                         num_workers=settings.num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    return module, optimizer, loader, scheduler
+
+
+def _optimize(accelerator, module, optimizer, loader, scheduler, settings: TrainingConfig, bar) -> None:
+    """`settings.iterations` steps of cross-entropy with label smoothing."""
+    for pixels, labels in _batches(loader, settings.iterations):
+        loss = F.cross_entropy(module(pixels), labels, label_smoothing=settings.label_smoothing)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def _freeze(model) -> None:
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
 def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
              out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
     """Fine-tune from the weights `start` on `dataset` and write the result to `out` (safetensors)."""
@@ -112,29 +144,13 @@ def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset
     torch.manual_seed(seed)
     load_weights(clip.model, start)
     accelerator = Accelerator(cpu=clip.device.type == "cpu", mixed_precision=settings.mixed_precision)
-    params = select_trainable(clip.model, settings.train_part)
-    tokens = _class_tokens(clip, spec, settings)
-    fixed = _fixed_classifier(clip, tokens) if settings.train_part == "image" else None
-    module = ClassifierLogits(clip.model, tokens, fixed).train()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, settings.warmup_steps, settings.iterations)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=False,
-                                         num_workers=settings.num_workers,
-                                         generator=torch.Generator().manual_seed(seed))
-    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
-    bar = tqdm(total=settings.iterations, desc=f"train {spec.name}", disable=not progress or not accelerator.is_main_process,
-               leave=False)
-    for pixels, labels in _batches(loader, settings.iterations):
-        loss = F.cross_entropy(module(pixels), labels, label_smoothing=settings.label_smoothing)
-        accelerator.backward(loss)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-        bar.update(1), bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    clip.model.eval()
-    for param in clip.model.parameters():
-        param.requires_grad_(False)
+    parts = accelerator.prepare(*_training_parts(clip, spec, dataset, settings, seed))
+    show = progress and accelerator.is_main_process
+    with tqdm(total=settings.iterations, desc=f"train {spec.name}", disable=not show, leave=False) as bar:
+        _optimize(accelerator, *parts, settings, bar)
+    _freeze(clip.model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(state_dict_cpu(accelerator.unwrap_model(module).clip), out)
+        save_checkpoint(state_dict_cpu(accelerator.unwrap_model(parts[0]).clip), out)
     accelerator.wait_for_everyone()
     return Path(out)

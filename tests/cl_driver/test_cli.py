@@ -13,7 +13,8 @@ def test_run_then_report(tiny_model, tiny_data, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, tiny_model)))
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(config), "--methods", "zero_shot", "--out", str(out), "--no-progress"])
+    result = CliRunner().invoke(main, ["run", str(config), "--methods", "zero_shot", "--out", str(out), "--no-progress",
+                                   "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "| zero_shot |" in result.output and (out / "results.md").exists()
     (out / "heatmap-zero_shot.png").unlink()
