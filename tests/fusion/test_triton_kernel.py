@@ -112,3 +112,156 @@ def test_continual_matches_reference(state, block):
     moved = [x.to(DEVICE) for x in (unified, packed, rescalers, new)]
     result = kernel.continual(*moved, unified_dtype=unified_dtype)
     _assert_same(result, reference.continual_chunk(unified, packed, rescalers, new, unified_dtype=unified_dtype))
+
+
+@pytest.mark.parametrize("t_old, t_new", [(0, 40), (39, 1)])
+def test_tasks_beyond_the_sign_bit_registers(t_old, t_new):
+    """From task 32 on, signs do not fit the int32 bit registers and the rows are read again."""
+    t = t_old + t_new
+    assert t > tk.BIT_TASKS
+    gen = torch.Generator().manual_seed(t)
+    rows = torch.randint(-2, 3, (t, 21), generator=gen).float() * 0.25  # (T, n): many zeros and ties
+    if t_old == 0:
+        _assert_same(tk.TritonKernel(block=32).elect(rows.to(DEVICE)), reference.elect(rows))
+        return
+    state = reference.elect(rows[:t_old])
+    rescalers = torch.rand(t_old, generator=gen, dtype=torch.float64) + 0.5  # (T_old,)
+    args = (state.unified, state.packed_masks, rescalers, rows[t_old:])
+    result = tk.TritonKernel(block=32).continual(*[x.to(DEVICE) for x in args])
+    _assert_same(result, reference.continual_chunk(*args))
+
+
+def test_sign_tie_elects_minus_one_and_zeros_set_no_mask():
+    rows = torch.tensor([[0.5, 0.0, 0.0, 1.0], [-0.5, 0.0, -2.0, 0.0], [0.0, 0.0, 2.0, -1.0]])  # (3, 4)
+    result = tk.TritonKernel(block=8).elect(rows.to(DEVICE))
+    _assert_same(result, reference.elect(rows))
+    masks = reference.unpack_bits(result.packed_masks.cpu(), 4)  # (3, 4)
+    assert masks[:, 0].tolist() == [False, True, False]  # the tie at 0 elects -1: only the negative task
+    assert not masks[:, 1].any()  # an all-zero column sets no mask...
+    assert result.unified.cpu().view(torch.int32)[1] == torch.tensor(-0.0).view(torch.int32)  # ...and u = -0.0
+    assert masks[:, 2].tolist() == [False, True, False] and result.unified[2] == -2.0  # -2 + 2 = 0 elects -1
+    assert masks[:, 3].tolist() == [False, False, True] and result.unified[3] == -1.0
+
+
+def test_all_zero_deltas():
+    rows = torch.zeros((5, 19))
+    result = tk.TritonKernel(block=16).elect(rows.to(DEVICE), unified_dtype=torch.bfloat16)
+    _assert_same(result, reference.elect(rows, unified_dtype=torch.bfloat16))
+    assert not result.packed_masks.any() and not result.masked_l1.any() and not result.delta_l1.any()
+
+
+@pytest.mark.parametrize("unified_dtype", [torch.bfloat16, torch.float16])
+def test_unified_rounds_to_nearest_even(unified_dtype):
+    """Halfway cases of the store's dtype round to the even neighbour, as torch's `.to()` does."""
+    ulp = 2.0 ** (-7 if unified_dtype == torch.bfloat16 else -10)  # spacing just above 1.0
+    values = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 4, 3e-41, 65519.0])  # (6,)
+    rows = values.unsqueeze(0)  # (1, 6)
+    result = tk.TritonKernel(block=8).elect(rows.to(DEVICE), unified_dtype=unified_dtype)
+    expected = values.to(unified_dtype).float()
+    assert torch.equal(result.unified.cpu().view(torch.int32), expected.view(torch.int32))
+    _assert_same(result, reference.elect(rows, unified_dtype=unified_dtype))
+
+
+def test_empty_chunk_and_a_flat_new_delta():
+    empty = tk.KERNEL.elect(torch.zeros((3, 0), device=DEVICE))
+    assert empty.unified.shape == (0,) and empty.packed_masks.shape == (3, 0) and empty.delta_l1.tolist() == [0.0] * 3
+    state = reference.elect(torch.tensor([[1.0, -2.0, 3.0]]))
+    flat = torch.tensor([-1.0, 2.0, 0.5])  # (n,): one new task
+    args = (state.unified, state.packed_masks, torch.tensor([1.0], dtype=torch.float64))
+    _assert_same(tk.KERNEL.continual(*args, flat), reference.continual_chunk(*args, flat))
+
+
+def test_packed_masks_may_be_a_byte_slice():
+    """The store hands over a column slice of a wider packed table: not contiguous."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(-3, 4, (4, 48), generator=gen).float()  # (T, n)
+    state = reference.elect(rows)
+    lo, hi = 16, 40  # elements; bytes 2..5
+    packed = state.packed_masks[:, lo // 8:hi // 8]
+    assert not packed.is_contiguous()
+    args = (state.unified[lo:hi], packed, torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64), rows[:1, lo:hi])
+    _assert_same(tk.TritonKernel(block=16).continual(*args), reference.continual_chunk(*args))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_results_come_back_on_the_inputs_device(device):
+    rows = torch.tensor([[1.0, -1.0, 0.5], [0.5, 2.0, -0.5]], device=device)  # (2, 3)
+    result = tk.KERNEL.elect(rows)
+    assert {x.device.type for x in result} == {device}
+    again = tk.KERNEL.continual(result.unified, result.packed_masks, torch.ones(2, dtype=torch.float64), rows[:1])
+    assert {x.device.type for x in again} == {device}
+
+
+def test_bad_inputs_are_rejected_with_a_clear_message():
+    kernel = tk.KERNEL
+    with pytest.raises(ValueError, match="shape \\(T, n\\)"):
+        kernel.elect(torch.zeros(5))
+    with pytest.raises(ValueError, match="floating-point"):
+        kernel.elect(torch.zeros((2, 5), dtype=torch.int32))
+    with pytest.raises(ValueError, match="at least one task"):
+        kernel.elect(torch.zeros((0, 5)))
+    with pytest.raises(ValueError, match="unified_dtype"):
+        kernel.elect(torch.zeros((1, 5)), unified_dtype=torch.int8)
+    unified, packed, rescalers = torch.zeros(9), torch.zeros((2, 2), dtype=torch.uint8), torch.ones(2)
+    with pytest.raises(ValueError, match="packed_masks"):
+        kernel.continual(unified, packed[:, :1], rescalers, torch.zeros((1, 9)))
+    with pytest.raises(ValueError, match="rescalers"):
+        kernel.continual(unified, packed, rescalers[:1], torch.zeros((1, 9)))
+    with pytest.raises(ValueError, match="new_deltas"):
+        kernel.continual(unified, packed, rescalers, torch.zeros((1, 8)))
+    with pytest.raises(ValueError, match="both are empty"):
+        kernel.continual(unified, packed[:0], rescalers[:0], torch.zeros((0, 9)))
+    with pytest.raises(ValueError, match="power of two"):
+        tk.TritonKernel(block=24)
+
+
+def test_dispatch_loads_this_kernel():
+    kernel = get_kernel("triton")
+    assert kernel is tk.KERNEL and kernel.name == "triton"
+    if HAS_CUDA:
+        assert get_kernel(device="cuda") is tk.KERNEL
+
+
+# The conformance vectors (shared/vectors/condu-v1), through the triton kernel; the loading
+# follows tests/fusion/test_conformance.py.
+needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason=f"conformance vectors not found at {VECTORS}")
+MODES = ["model", "tensor-mean", "tensor"]
+
+
+def _vector_deltas():
+    base = load_file(VECTORS / "base.safetensors")
+    return [task_delta(base, load_file(VECTORS / f"task{i}.safetensors")) for i in range(1, 5)]
+
+
+def _expected_rescalers(mode: str, step: str, names: list[str]) -> torch.Tensor:
+    raw = json.loads((VECTORS / "expected" / "rescalers.json").read_text())[f"{mode}/{step}"]["rescalers"]
+    rows = [[r[name] for name in names] if isinstance(r, dict) else [r] * len(names) for r in raw]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _assert_rebuilds(state, mode: str, step: str, num_tasks: int) -> None:
+    for i in range(num_tasks):
+        expected = load_file(VECTORS / "expected" / f"{mode}_{step}_task{i + 1}.safetensors")
+        rebuilt = state.decouple(i)
+        assert set(rebuilt) == set(expected)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(rebuilt[name], tensor, rtol=1e-6, atol=1e-7, msg=f"task {i + 1} {name}")
+    torch.testing.assert_close(state.rescalers, _expected_rescalers(mode, step, state.names), rtol=1e-6, atol=1e-9)
+
+
+@needs_vectors
+@pytest.mark.parametrize("mode", MODES)
+def test_conformance_oneshot(mode):
+    state = unify(_vector_deltas()[:3], mode=mode, kernel="triton", chunk=40)
+    unified = load_file(VECTORS / "expected" / f"{mode}_oneshot123_unified.safetensors")
+    for name, tensor in unified.items():
+        torch.testing.assert_close(state.unified[name].reshape(tensor.shape), tensor, rtol=0, atol=0)
+    _assert_rebuilds(state, mode, "oneshot123", 3)
+
+
+@needs_vectors
+@pytest.mark.parametrize("mode", MODES)
+def test_conformance_continual_step(mode):
+    deltas_ = _vector_deltas()
+    state = add(unify(deltas_[:3], mode=mode, kernel="triton"), deltas_[3], kernel="triton", chunk=24)
+    _assert_rebuilds(state, mode, "add4", 4)
