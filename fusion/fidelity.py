@@ -52,14 +52,13 @@ if njit is not None:
         a = e = d = z = c = 0.0
         for j in range(u.shape[0]):
             uj, oj = np.float64(u[j]), np.float64(o[j])
+            on = np.float64((packed[j >> 3] >> (j & 7)) & 1)  # 1.0 or 0.0: no branch on random bits
+            diff = uj - oj
+            a += on * (uj * uj)
+            e += on * (uj * diff)
+            d += on * (diff * diff)
+            z += (1.0 - on) * (oj * oj)
             c += oj * oj
-            if (packed[j >> 3] >> (j & 7)) & 1:
-                diff = uj - oj
-                a += uj * uj
-                e += uj * diff
-                d += diff * diff
-            else:
-                z += oj * oj
         out[0], out[1], out[2], out[3], out[4] = a, e, d, z, c
 
 

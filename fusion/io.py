@@ -168,13 +168,7 @@ class SafetensorsFile:
         info = self.entries[name]
         hi = info.numel if hi is None else hi
         assert 0 <= lo <= hi <= info.numel, f"slice [{lo}, {hi}) outside tensor {name!r} of {info.numel}"
-        size = _itemsize(info.dtype)
-        if hi == lo:
-            return torch.empty(0, dtype=info.dtype)
-        data = os.pread(self._file(), (hi - lo) * size, self.data_start + info.begin + lo * size)
-        if len(data) != (hi - lo) * size:
-            raise ValueError(f"{self.path}: tensor {name!r} is truncated; the file is incomplete")
-        return torch.frombuffer(bytearray(data), dtype=info.dtype)
+        return self._read_into(info, lo, torch.empty(hi - lo, dtype=info.dtype))
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, in its shape and stored dtype."""
@@ -187,13 +181,19 @@ class SafetensorsFile:
         """
         info = self.entries[name]
         assert out.is_contiguous() and out.numel() == hi - lo, "out must be contiguous with hi - lo elements"
-        if out.dtype != info.dtype or hi == lo:
+        if out.dtype != info.dtype:
             return out.copy_(self.read_flat(name, lo, hi))
-        size = _itemsize(info.dtype)
+        return self._read_into(info, lo, out)
+
+    def _read_into(self, info: TensorInfo, lo: int, out: torch.Tensor) -> torch.Tensor:
+        """One preadv of the slice's bytes straight into `out`'s memory."""
+        nbytes = out.numel() * _itemsize(info.dtype)
+        if nbytes == 0:
+            return out
         view = memoryview(out.view(torch.uint8).numpy())
-        got = os.preadv(self._file(), [view], self.data_start + info.begin + lo * size)
-        if got != (hi - lo) * size:
-            raise ValueError(f"{self.path}: tensor {name!r} is truncated; the file is incomplete")
+        got = os.preadv(self._file(), [view], self.data_start + info.begin + lo * _itemsize(info.dtype))
+        if got != nbytes:
+            raise ValueError(f"{self.path}: tensor {info.name!r} is truncated; the file is incomplete")
         return out
 
 
@@ -358,7 +358,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, tensors: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                 *, metadata: Mapping[str, str] | None = None):
+                 *, metadata: Mapping[str, str] | None = None, checksum: bool = True):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
         header, self.data_size = _header(tensors, metadata)
@@ -368,7 +368,7 @@ class SafetensorsWriter:
             end = offset + int(torch.Size(shape).numel()) * _itemsize(dtype)
             self._ranges[name] = (offset, end, dtype)
             offset = end
-        self._digest = hashlib.sha256(header)
+        self._digest = hashlib.sha256(header) if checksum else None  # the store needs it, a model output not
         self._file = open(self.tmp, "wb")
         self._file.write(header)
         self._pos = 0
@@ -382,7 +382,8 @@ class SafetensorsWriter:
         data = _as_bytes(chunk)
         assert begin <= self._pos and self._pos + data.nbytes <= end, f"{name}: chunk out of header order"
         self._file.write(data)
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
         self._pos += data.nbytes
 
     def finish(self) -> Path:
@@ -391,7 +392,7 @@ class SafetensorsWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        self.sha256 = self._digest.hexdigest()
+        self.sha256 = self._digest.hexdigest() if self._digest is not None else None
         return self.path
 
     def abort(self) -> None:
@@ -408,13 +409,14 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, tensors: Sequence[tuple[str, torch.dtype, Sequence[int]]], *,
-                 single: str, shard_name, max_shard_size: int, metadata: Mapping[str, str] | None = None):
+                 single: str, shard_name, max_shard_size: int, metadata: Mapping[str, str] | None = None,
+                 checksum: bool = True):
         self.folder = Path(folder)
         groups = _split_shards(tensors, max_shard_size)
         names = [single] if len(groups) == 1 else [shard_name(k + 1, len(groups)) for k in range(len(groups))]
         self.shards = list(zip(names, groups))
         self.weight_map = {t[0]: name for name, group in self.shards for t in group}
-        self.metadata = metadata
+        self.metadata, self.checksum = metadata, checksum
         self.total_size = sum(int(torch.Size(s).numel()) * _itemsize(d) for _, d, s in tensors)
         self._current = -1
         self._writer: SafetensorsWriter | None = None
@@ -426,7 +428,7 @@ class ShardedWriter:
                 self._writer.finish()
             self._current += 1
             name, group = self.shards[self._current]
-            self._writer = SafetensorsWriter(self.folder / name, group, metadata=self.metadata)
+            self._writer = SafetensorsWriter(self.folder / name, group, metadata=self.metadata, checksum=self.checksum)
             self.finished[name] = self._writer
 
     def write(self, name: str, chunk: torch.Tensor) -> None:

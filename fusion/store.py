@@ -53,7 +53,8 @@ from .io import (
 from .fidelity import NUM_SUMS, chunk_sums_fast
 from .fidelity import finish as finish_fidelity
 from .kernels import get_kernel
-from .reference import ChunkResult, reconstruct, unpack_bits
+from .rebuild import rebuild_flat_fast
+from .reference import ChunkResult
 from .rescale import check_mode, compute_rescalers
 
 __all__ = ["Store", "TaskRecord", "StoreLockedError", "DEFAULT_SHARD_SIZE", "parse_dtype"]
@@ -291,10 +292,10 @@ class _Generation:
         r = self.tasks[task]["rescaler"]
         return float(r[name] if isinstance(r, dict) else r)
 
-    def rebuilt(self, task: int, name: str, lo: int, hi: int) -> torch.Tensor:
-        """lambda * M * u on [lo, hi), float32: `(hi - lo,)`."""
-        mask = unpack_bits(self.packed(task, name, lo, hi)[None], hi - lo)[0]
-        return reconstruct(self.unified_flat(name, lo, hi), mask, self.rescaler(task, name))
+    def weights(self, task: int, name: str, lo: int, hi: int, base: torch.Tensor) -> torch.Tensor:
+        """theta0 + lambda * M * u on [lo, hi), float32: `(hi - lo,)`; `base` is theta0 there."""
+        return rebuild_flat_fast(base, self.unified_flat(name, lo, hi), self.packed(task, name, lo, hi),
+                                 self.rescaler(task, name))
 
     def private(self, task: int) -> SafetensorsFile | None:
         rel = self.tasks[task]["private"]["file"]
@@ -894,7 +895,7 @@ class _Decoupler:
             yield from self._copied(self.base, self.base.info(name))
         else:
             for lo, hi in chunk_ranges(self.base.info(name).numel, self.chunk):
-                theta = self.base.read_flat(name, lo, hi).float() + self.gen.rebuilt(self.index, name, lo, hi)  # (n,)
+                theta = self.gen.weights(self.index, name, lo, hi, self.base.read_flat(name, lo, hi))  # (n,)
                 yield theta.to(self._out(self.fused[name].dtype))
 
     def _copied(self, source, info: TensorInfo) -> Iterator[torch.Tensor]:
@@ -916,7 +917,7 @@ class _Decoupler:
 
 def _decouple_file(dec: _Decoupler, out: Path, progress: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsWriter(out, dec.layout, metadata={"format": "pt"})
+    writer = SafetensorsWriter(out, dec.layout, metadata={"format": "pt"}, checksum=False)
     try:
         dec.write_all(writer.write, progress)
         writer.finish()
@@ -933,7 +934,7 @@ def _decouple_folder(dec: _Decoupler, out: Path, progress: bool, max_shard_size:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    writer = ShardedWriter(tmp, dec.layout, single=HF_WEIGHTS, max_shard_size=max_shard_size, metadata={"format": "pt"},
+    writer = ShardedWriter(tmp, dec.layout, single=HF_WEIGHTS, max_shard_size=max_shard_size, metadata={"format": "pt"}, checksum=False,
                            shard_name=lambda k, n: f"model-{k:05d}-of-{n:05d}.safetensors")
     try:
         dec.write_all(writer.write, progress)
