@@ -65,29 +65,32 @@ _NO_TABLE = np.zeros(1, dtype=np.float32)
 @njit(**_SUM)
 def _abs_sum(rows, t, lo, m):
     """float64 sum of |rows[t, lo:lo+m]|."""
+    row = rows[t, lo : lo + m]  # a contiguous view: plain indices vectorize, offsets did not
     acc = 0.0
     for j in range(m):
-        acc += np.float64(abs(rows[t, lo + j]))
+        acc += np.float64(abs(row[j]))
     return acc
 
 
 @njit(**_SUM)
 def _masked_sum(masks, t, magnitude, m):
     """float64 sum of magnitude[j] over the j where masks[t, j] is set."""
+    mask = masks[t, :m]
     acc = 0.0
     for j in range(m):
-        acc += np.float64(magnitude[j]) if masks[t, j] else 0.0
+        acc += np.float64(magnitude[j]) if mask[j] else 0.0
     return acc
 
 
 @njit(**_JIT)
 def _elect_sign(rows, lo, m, sign):
     """sign[:m] = +1 where the sequential float32 sum over tasks is > 0, else -1."""
-    for j in range(m):
-        sign[j] = rows[0, lo + j]
+    total = sign[:m]
+    total[:] = rows[0, lo : lo + m]
     for t in range(1, rows.shape[0]):  # task order, one rounding per task: the reference's sum
+        row = rows[t, lo : lo + m]
         for j in range(m):
-            sign[j] += rows[t, lo + j]
+            total[j] += row[j]
     for j in range(m):
         sign[j] = np.float32(1.0) if sign[j] > 0 else np.float32(-1.0)
 
@@ -95,13 +98,13 @@ def _elect_sign(rows, lo, m, sign):
 @njit(**_JIT)
 def _masks_and_magnitude(rows, lo, m, sign, masks, magnitude):
     """masks[t, j] = rows[t, j] agrees strictly with sign[j]; magnitude = max agreeing |value|."""
-    for j in range(m):
-        magnitude[j] = 0.0
+    magnitude[:m] = 0.0
     for t in range(rows.shape[0]):
+        row, mask = rows[t, lo : lo + m], masks[t, :m]
         for j in range(m):
-            x = rows[t, lo + j]
+            x = row[j]
             agree = x * sign[j] > 0  # sign is +-1: the product is exact
-            masks[t, j] = agree
+            mask[j] = agree
             a = abs(x) if agree else np.float32(0.0)
             magnitude[j] = a if a > magnitude[j] else magnitude[j]
 
@@ -111,16 +114,17 @@ def _pack_masks(masks, m, packed, byte_lo):
     """Byte masks (T, m) -> bits: element 8k+b at bit b of byte k (numpy little-endian)."""
     full = m // 8
     for t in range(masks.shape[0]):
+        mask, out = masks[t], packed[t, byte_lo : byte_lo + (m + 7) // 8]
         for k in range(full):
             byte = 0
             for b in range(8):
-                byte |= np.int32(masks[t, 8 * k + b]) << b
-            packed[t, byte_lo + k] = byte
+                byte |= np.int32(mask[8 * k + b]) << b
+            out[k] = byte
         if m % 8:  # the last, partial byte of the chunk: missing elements are 0 bits
             byte = 0
             for b in range(m % 8):
-                byte |= np.int32(masks[t, 8 * full + b]) << b
-            packed[t, byte_lo + full] = byte
+                byte |= np.int32(mask[8 * full + b]) << b
+            out[full] = byte
 
 
 @njit(**_JIT)
@@ -148,15 +152,15 @@ def _stage_impl(src, table, lo, m, stage, row0):
 
         def decode(src, table, lo, m, stage, row0):
             for t in range(src.shape[0]):
+                codes, row = src[t, lo : lo + m], stage[row0 + t]
                 for j in range(m):
-                    stage[row0 + t, j] = table[src[t, lo + j]]
+                    row[j] = table[codes[j]]
 
         return decode
 
     def copy(src, table, lo, m, stage, row0):
         for t in range(src.shape[0]):
-            for j in range(m):
-                stage[row0 + t, j] = src[t, lo + j]
+            stage[row0 + t, :m] = src[t, lo : lo + m]
 
     return copy
 
@@ -192,14 +196,12 @@ def _rows_at_impl(src, table, lo, m, stage):
 @njit(**_JIT)
 def _rebuild_block(unified, packed, lam, lo, m, stage):
     """stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i."""
-    byte_lo = lo // 8
+    u = unified[lo : lo + m]
     for i in range(packed.shape[0]):
-        for k in range((m + 7) // 8):
-            byte = packed[i, byte_lo + k]
-            for b in range(min(8, m - 8 * k)):
-                j = 8 * k + b
-                scaled = unified[lo + j] * lam[i]
-                stage[i, j] = scaled if (byte >> b) & 1 else np.float32(0.0)
+        bits, row, scale = packed[i, lo // 8 : (lo + m + 7) // 8], stage[i], lam[i]
+        for j in range(m):
+            scaled = u[j] * scale
+            row[j] = scaled if (bits[j >> 3] >> (j & 7)) & 1 else np.float32(0.0)
 
 
 def _new_scratch(num_tasks, block):
@@ -253,11 +255,12 @@ def _masked_l1_pass(unified, packed, block, masked_l1):
     for b in prange(num_blocks):
         lo = b * block
         m = min(block, n - lo)
+        u = unified[lo : lo + m]
         for t in range(num_tasks):
+            bits = packed[t, lo // 8 : (lo + m + 7) // 8]
             acc = 0.0
             for j in range(m):
-                bit = (packed[t, (lo + j) >> 3] >> ((lo + j) & 7)) & 1
-                acc += np.float64(abs(unified[lo + j])) if bit else 0.0
+                acc += np.float64(abs(u[j])) if (bits[j >> 3] >> (j & 7)) & 1 else 0.0
             masked_l1[b, t] = acc
 
 
