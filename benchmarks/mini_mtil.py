@@ -1,0 +1,250 @@
+"""mini-MTIL: run the built-in continual-learning benchmark end to end and record its results.
+
+    python benchmarks/mini_mtil.py                       # the full config (cl_driver/configs/mini_mtil.yaml)
+    python benchmarks/mini_mtil.py --config mini_mtil_quick --name mini_mtil_quick
+
+It runs `condu-cl run CONFIG --out RUN` in a child process (the path a user takes), timing its
+wall clock and CPU, then writes to benchmarks/results/:
+    NAME.json, NAME.md           the Transfer / Average / Last table of every method, the checks of
+                                 issue 5's claims (each with its numbers), per-task zero-shot against
+                                 chance, reconstruction fidelity per task (own step and last step),
+                                 the store size against T separate models, and the timings
+    NAME-heatmap-METHOD.png      the accuracy matrix of every method
+The run folder keeps checkpoints and stores; a run interrupted midway resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONTINUAL_BASELINES = ("sequential", "task_arithmetic", "magmax")
+
+
+# --- running ------------------------------------------------------------------------------------
+
+def run_driver(config: str, run_dir: Path, *, threads: int = 1, methods: str | None = None) -> dict:
+    """`condu-cl run` in a child process; returns its wall and CPU seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "cl_driver.cli", "run", config, "--out", str(run_dir), "--no-progress"]
+    if methods:
+        cmd += ["--methods", methods]
+    before, began = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": time.perf_counter() - began,
+            "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "threads": threads, "command": " ".join(["condu-cl"] + cmd[3:])}
+
+
+# --- the checks of issue 5 ----------------------------------------------------------------------
+
+def chance_levels(tasks: list[str]) -> dict[str, float]:
+    from cl_driver.mini.tasks import get_task
+    return {t: 100.0 / len(get_task(t).class_names) for t in tasks}
+
+
+def condu_methods(results: dict, *, agnostic: bool) -> list[str]:
+    return [n for n, m in results["methods"].items() if m["kind"] == "condu" and bool(m.get("agnostic")) == agnostic]
+
+
+def best_by(names: list[str], summary: dict, metric: str) -> str | None:
+    return max(names, key=lambda n: summary[n][metric]) if names else None
+
+
+def check_claims(results: dict) -> list[dict]:
+    """Each claim of issue 5 with the numbers behind it and whether it holds in this run."""
+    s, tasks = results["summary"], results["tasks"]
+    chance = chance_levels(tasks)
+    zero_shot = dict(zip(tasks, results["matrices"]["zero_shot"][-1])) if "zero_shot" in s else {}
+    claims = []
+
+    def claim(text, holds, numbers):
+        claims.append({"claim": text, "holds": bool(holds), "numbers": numbers})
+
+    if zero_shot and "individual" in s:
+        above = [t for t in tasks if zero_shot[t] >= 1.5 * chance[t]]
+        claim("zero-shot >= 1.5x chance on at least half of the tasks", len(above) * 2 >= len(tasks),
+              f"{len(above)} of {len(tasks)} tasks: {', '.join(above) or 'none'}")
+        claim("zero-shot well below the fine-tuned accuracy (individual Last - zero-shot >= 20 points)",
+              s["individual"]["last"] - s["zero_shot"]["last"] >= 20,
+              f"zero-shot {s['zero_shot']['last']:.1f} vs individual {s['individual']['last']:.1f}")
+    if "sequential" in s and "individual" in s:
+        gap = s["individual"]["last"] - s["sequential"]["last"]
+        claim("sequential fine-tuning forgets: its Last is clearly (>= 5 points) below the individual experts'",
+              gap >= 5, f"sequential {s['sequential']['last']:.1f} vs individual {s['individual']['last']:.1f} ({gap:+.1f})")
+    condu = condu_methods(results, agnostic=False)
+    baselines = [b for b in CONTINUAL_BASELINES if b in s]
+    if condu and baselines:
+        for metric in ("average", "last"):
+            best = best_by(condu, s, metric)
+            top = max(baselines, key=lambda b: s[b][metric])
+            claim(f"ConDU's {metric.title()} is above every continual baseline's (best mode: {best})",
+                  all(s[best][metric] > s[b][metric] for b in baselines),
+                  f"{best} {s[best][metric]:.1f} vs best baseline {top} {s[top][metric]:.1f}; "
+                  + ", ".join(f"{n} {s[n][metric]:.1f}" for n in condu))
+    if condu and "individual" in s:
+        best = best_by(condu, s, "last")
+        gap = s["individual"]["last"] - s[best]["last"]
+        claim("ConDU's Last is within 5 points of the individual experts' (best rescaler mode)", gap <= 5,
+              f"{best} {s[best]['last']:.1f} vs individual {s['individual']['last']:.1f} ({-gap:+.1f}); "
+              + ", ".join(f"{n} {s[n]['last']:.1f}" for n in condu))
+    if condu and "zero_shot" in s:
+        best = best_by(condu, s, "transfer")
+        claim("ConDU's Transfer is at least zero-shot's Transfer minus 1", s[best]["transfer"] >= s["zero_shot"]["transfer"] - 1,
+              f"{best} {s[best]['transfer']:.1f} vs zero-shot {s['zero_shot']['transfer']:.1f}")
+    agnostic = condu_methods(results, agnostic=True)
+    if agnostic and baselines:
+        best = best_by(agnostic, s, "last")
+        claim("task-agnostic ConDU's Average and Last are above every continual baseline's",
+              all(s[best][m] > s[b][m] for b in baselines for m in ("average", "last")),
+              f"{best} {s[best]['average']:.1f} / {s[best]['last']:.1f} vs "
+              + ", ".join(f"{b} {s[b]['average']:.1f} / {s[b]['last']:.1f}" for b in baselines))
+    claim("per-task reconstruction fidelity is reported (own step and last step)", bool(results.get("fidelity")),
+          ", ".join(results.get("fidelity", {})) or "no ConDU store")
+    return claims
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def fmt(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.1f}"
+
+
+def summary_table(results: dict) -> str:
+    lines = ["| method | Transfer | Average | Last |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {fmt(v['transfer'])} | {fmt(v['average'])} | {fmt(v['last'])} |" for n, v in results["summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def zero_shot_table(results: dict) -> str:
+    tasks, chance = results["tasks"], chance_levels(results["tasks"])
+    zs = results["matrices"].get("zero_shot", [[float("nan")] * len(tasks)])[-1]
+    ind = results["matrices"].get("individual")
+    lines = ["| task | chance % | zero-shot % | x chance | individual expert % |", "|---|---:|---:|---:|---:|"]
+    for j, t in enumerate(tasks):
+        expert = fmt(ind[-1][j]) if ind else "n/a"
+        lines.append(f"| {t} | {chance[t]:.1f} | {fmt(zs[j])} | {zs[j] / chance[t]:.2f}x | {expert} |")
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_table(results: dict) -> str:
+    lines = ["| rescaler | task | cosine, own step | rel. error, own step | cosine, last step | rel. error, last step |",
+             "|---|---|---:|---:|---:|---:|"]
+    for rescaler, rows in results.get("fidelity", {}).items():
+        for r in rows:
+            own, end = r["own_step"], r["last_step"]
+            lines.append(f"| {rescaler} | {r['task']} | {own['cosine']:.4f} | {own['rel_l2']:.4f} | "
+                         f"{end['cosine']:.4f} | {end['rel_l2']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def storage_table(results: dict) -> str:
+    """ConDU keeps theta0 once plus the store; T separate models are T full checkpoints (and
+    theta0 too, for zero-shot on unseen tasks)."""
+    lines = ["| rescaler | tasks | theta0 MB | unified MB | triggers MB | prototypes MB | store MB | "
+             "theta0 + store MB | T separate models MB | separate / store |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mb = 1 / 2**20
+    for rescaler, st in results.get("stores", {}).items():
+        lines.append(f"| {rescaler} | {st['tasks']} | {st['base_bytes'] * mb:.2f} | {st['unified'] * mb:.2f} | "
+                     f"{st['triggers'] * mb:.2f} | {st['prototypes'] * mb:.3f} | {st['total'] * mb:.2f} | "
+                     f"{(st['total'] + st['base_bytes']) * mb:.2f} | {st['separate_checkpoints_bytes'] * mb:.2f} | "
+                     f"{st['savings']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_table(claims: list[dict]) -> str:
+    lines = ["| claim (issue 5) | holds | numbers |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {'yes' if c['holds'] else '**no**'} | {c['numbers']} |" for c in claims]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(record: dict) -> str:
+    r, t = record["results"], record["timing"]
+    heatmaps = "\n".join(f"- {n}: [{p}]({p})" for n, p in record["heatmaps"].items())
+    return f"""# mini-MTIL results: {record['name']}
+
+Config: `{record['config']}` ({len(r['tasks'])} tasks: {', '.join(r['tasks'])}); model: the shipped mini CLIP
+({record['model']}). Command: `{record['command']}`
+
+Time: {t['wall_s'] / 60:.1f} min wall clock, {t['cpu_s'] / 60:.1f} min of CPU ({t['threads']} torch thread) on
+{record['machine']}. The wall clock counts other jobs sharing the machine; CPU time is the run's own work.
+
+## Transfer / Average / Last (%)
+
+{summary_table(r)}
+## What the results show, claim by claim
+
+{claims_table(record['claims'])}
+## Zero-shot of the shipped CLIP against chance and the individual experts (last row)
+
+{zero_shot_table(r)}
+## Reconstruction fidelity of each task's rebuilt delta
+
+Cosine and relative L2 error of the reconstruction against the task's own fine-tuned delta,
+right after the task's own step and after the last step.
+
+{fidelity_table(r)}
+## Storage: the ConDU store against T separate models
+
+{storage_table(r)}
+## Accuracy matrices
+
+{heatmaps}
+"""
+
+
+def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: dict) -> dict:
+    """Read the run's results.json, check the claims and write NAME.json, NAME.md and the heat maps."""
+    from cl_driver.config import load_config
+
+    results = json.loads((run_dir / "results.json").read_text())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    heatmaps = {}
+    for method in results["matrices"]:
+        src = run_dir / f"heatmap-{method}.png"
+        if src.exists():
+            dst = results_dir / f"{name}-heatmap-{method}.png"
+            shutil.copyfile(src, dst)
+            heatmaps[method] = dst.name
+    cfg = load_config(config)
+    record = {
+        "name": name, "config": os.path.relpath(cfg.path, ROOT), "model": os.path.relpath(cfg.model, ROOT),
+        "command": f"python benchmarks/mini_mtil.py --config {config} --name {name}",
+        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), Python {platform.python_version()}",
+        "timing": timing, "claims": check_claims(results), "heatmaps": heatmaps, "results": results,
+    }
+    (results_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (results_dir / f"{name}.md").write_text(markdown(record))
+    return record
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="mini_mtil", help="a YAML path or a shipped config name")
+    p.add_argument("--name", default="mini_mtil", help="file stem of the results")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/NAME)")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the run (1 is fastest on a busy CPU)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
+    args = p.parse_args(argv)
+    run_dir = args.run_dir or ROOT / "runs" / args.name
+    timing = run_driver(args.config, run_dir, threads=args.threads, methods=args.methods)
+    record = collect(args.config, run_dir, args.results_dir, args.name, timing)
+    print(summary_table(record["results"]) + "\n" + claims_table(record["claims"]))
+    return record
+
+
+if __name__ == "__main__":
+    main()
