@@ -47,7 +47,8 @@ except ImportError:  # numba missing: the readable version does the same work
 
 if njit is not None:
 
-    @njit(cache=True, nogil=True)
+    # The sums may be reordered (vectorised); they are compared with the reference to a tolerance.
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
     def _sums(u, packed, o, out):  # pragma: no cover - compiled
         a = e = d = z = c = 0.0
         for j in range(u.shape[0]):

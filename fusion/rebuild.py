@@ -1,9 +1,14 @@
-"""Decouple one chunk of a task's weights: theta = theta0 + lambda * M * u, in float32.
+"""The store's elementwise chunk work, both ways between weights and deltas, in float32.
 
-`rebuild_flat` is the readable rule (fusion.reference.reconstruct, then the base added);
-`rebuild_flat_fast` does the same in one pass over the chunk, reading the packed mask bits in
-place (numba), and is tested bit for bit against it. Both round like the reference: the product
-`u * float32(lambda)` once, then the sum with theta0 once.
+- decouple: theta = theta0 + lambda * M * u. `rebuild_flat` is the readable rule
+  (fusion.reference.reconstruct, then the base added); `rebuild_flat_fast` does the same in one
+  pass over the chunk, reading the packed mask bits in place (numba). Both round like the
+  reference: the product `u * float32(lambda)` once, then the sum with theta0 once.
+- a new task's delta: `subtract_` computes theta - theta0 in place.
+
+The fast versions run on one thread, without torch's intra-op thread pool: these passes are
+memory-bound, and on a busy machine a thread barrier per call costs more than the work.
+They are tested bit for bit against the torch versions.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from .reference import reconstruct, unpack_bits
 
-__all__ = ["rebuild_flat", "rebuild_flat_fast"]
+__all__ = ["rebuild_flat", "rebuild_flat_fast", "subtract_"]
 
 
 def rebuild_flat(base: torch.Tensor, unified: torch.Tensor, packed: torch.Tensor, rescaler: float) -> torch.Tensor:
@@ -39,6 +44,20 @@ if njit is not None:
                 scaled = u[lo + k] * lam
                 # `base + 0` (not a copy) where the mask is off: -0.0 + 0.0 is +0.0, as in the reference
                 out[lo + k] = base[lo + k] + (scaled if (bits >> k) & 1 else zero)
+
+
+    @njit(cache=True, nogil=True)
+    def _subtract(out, base):  # pragma: no cover - compiled
+        for j in range(out.shape[0]):
+            out[j] -= base[j]
+
+
+def subtract_(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """out -= base, in place, for contiguous float32 (n,) tensors: a new task's delta."""
+    if njit is None or out.dtype != torch.float32 or base.dtype != torch.float32:
+        return out.sub_(base)
+    _subtract(out.numpy(), base.contiguous().numpy())
+    return out
 
 
 def rebuild_flat_fast(base: torch.Tensor, unified: torch.Tensor, packed: torch.Tensor, rescaler: float) -> torch.Tensor:

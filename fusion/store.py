@@ -53,7 +53,7 @@ from .io import (
 from .fidelity import NUM_SUMS, chunk_sums_fast
 from .fidelity import finish as finish_fidelity
 from .kernels import get_kernel
-from .rebuild import rebuild_flat_fast
+from .rebuild import rebuild_flat_fast, subtract_
 from .reference import ChunkResult
 from .rescale import check_mode, compute_rescalers
 
@@ -432,7 +432,7 @@ class _PassIO:
             if name in task.zero:
                 row.zero_()
             else:
-                task.checkpoint.read_flat_into(name, lo, hi, row).sub_(self.base_flat(name, lo, hi))
+                subtract_(task.checkpoint.read_flat_into(name, lo, hi, row), self.base_flat(name, lo, hi))
         self.fresh = rows
         return rows
 
