@@ -62,7 +62,7 @@ def _task_row(t: tl.constexpr, stored, old_masks_ptr, rescalers_ptr, new_ptr, of
               byte_idx, byte_in_range, lanes, n, n_bytes, T_OLD: tl.constexpr):
     """Row t of the stacked deltas in float32, (B, 8): a rebuilt stored task, or a new delta."""
     if t < T_OLD:
-        packed = tl.load(old_masks_ptr + t * n_bytes + byte_idx, mask=byte_in_range, other=0)  # (B,)
+        packed = tl.load(old_masks_ptr + tl.cast(n_bytes, tl.int64) * t + byte_idx, mask=byte_in_range, other=0)  # (B,)
         bit = (packed[:, None] >> lanes[None, :]) & 1  # (B, 8)
         rescaler = tl.load(rescalers_ptr + t)  # float32(lambda_t)
         row = tl.where(bit != 0, stored * rescaler, 0.0)
@@ -77,7 +77,7 @@ def _pack_and_sum(t: tl.constexpr, mask, abs_unified, lanes, byte_idx, byte_in_r
                   out_masks_ptr, masked_l1_ptr, T: tl.constexpr):
     """Store task t's mask as bytes (bit b of byte j = element 8j+b) and its block sum of |M_t * u|."""
     packed = tl.reduce(mask.to(tl.int32) << lanes[None, :], 1, tl.standard._sum_combine).to(tl.uint8)  # (B,)
-    tl.store(out_masks_ptr + t * n_bytes + byte_idx, packed, mask=byte_in_range)
+    tl.store(out_masks_ptr + tl.cast(n_bytes, tl.int64) * t + byte_idx, packed, mask=byte_in_range)
     masked = tl.where(mask, abs_unified, 0.0).to(tl.float64)  # (B, 8)
     tl.store(masked_l1_ptr + pid * T + t, tl.reduce(masked, None, tl.standard._sum_combine))
 

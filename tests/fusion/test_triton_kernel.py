@@ -12,6 +12,7 @@ The interpreter is slow (tens of ms per task and block), hence the small sizes a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -265,3 +266,32 @@ def test_conformance_continual_step(mode):
     deltas_ = _vector_deltas()
     state = add(unify(deltas_[:3], mode=mode, kernel="triton"), deltas_[3], kernel="triton", chunk=24)
     _assert_rebuilds(state, mode, "add4", 4)
+
+
+def test_gpu_benchmark_script_reports_a_wrong_kernel(tmp_path, monkeypatch):
+    """benchmarks/gpu_kernels.py at a tiny size: with an elect that flips one mask bit, the elect
+    checks fail, the continual checks pass, the results are written and the exit code is 1."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_under_test", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+
+    class FlipsABit:
+        name, block, num_warps = "triton", tk.KERNEL.block, tk.KERNEL.num_warps
+        continual = staticmethod(tk.KERNEL.continual)
+
+        @staticmethod
+        def elect(deltas, *, unified_dtype=torch.float32):
+            result = tk.KERNEL.elect(deltas, unified_dtype=unified_dtype)
+            result.packed_masks[0, 0] ^= 1
+            return result
+
+    monkeypatch.setattr(gpu, "KERNEL", FlipsABit())
+    code = gpu.main(["--quick", "--numel", "1024", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 1
+    report = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    outcomes = {(c["kernel"], c["ok"]) for c in report["checks"]}
+    assert outcomes == {("elect", False), ("continual", True)}
+    assert [r["tasks"] for r in report["throughput"]] == [2, 8, 16]
+    assert all(r["gbps"]["elect"] > 0 and r["gbps"]["copy"] > 0 for r in report["throughput"])
+    assert "masks differ" in (tmp_path / "gpu_kernels.md").read_text()
