@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -147,14 +148,19 @@ def _read_manifest(store_dir: Path) -> dict:
     return manifest
 
 
+# Names a writer of this store gives its files (a temporary one adds `.tmp-<pid>`). Cleanup
+# touches nothing else, so a user's files in the store folder are never removed.
+_OWNED = re.compile(r"(unified-g\d{6}(-\d{5}-of-\d{5})?\.safetensors|triggers/t\d{4,}-g\d{6}\.safetensors"
+                    r"|private/t\d{4,}\.safetensors|prototypes/t\d{4,}-g\d{6}\.safetensors)(\.tmp-\d+)?"
+                    r"|condu\.json\.tmp-\d+")
+
+
 def _owned_files(store_dir: Path) -> Iterator[Path]:
     """Files a writer of this store may have created (never anything a user put there)."""
-    for p in store_dir.iterdir():
-        if p.is_file() and (p.name.startswith("unified-") or p.name.startswith(MANIFEST + ".tmp-")):
-            yield p
-    for sub in SUBDIRS:
-        if (store_dir / sub).is_dir():
-            yield from (p for p in (store_dir / sub).iterdir() if p.is_file())
+    for folder in (store_dir, *(store_dir / sub for sub in SUBDIRS)):
+        if folder.is_dir():
+            yield from (p for p in folder.iterdir()
+                        if p.is_file() and _OWNED.fullmatch(p.relative_to(store_dir).as_posix()))
 
 
 def _cleanup(store_dir: Path, manifest: dict | None) -> None:
@@ -457,7 +463,8 @@ class _PassIO:
         for j, source in enumerate(self.inp.sources):
             if source is not None:
                 src, zero = source
-                originals[j] = torch.zeros(hi - lo) if name in zero else src.read_flat(name, lo, hi).float() - self.base_flat(name, lo, hi)
+                originals[j] = (torch.zeros(hi - lo) if name in zero
+                                else subtract_(src.read_flat(name, lo, hi).float(), self.base_flat(name, lo, hi)))
         return originals
 
 

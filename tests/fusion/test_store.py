@@ -270,6 +270,14 @@ def test_bad_unify_creates_no_store(tmp_path, case):
     with pytest.raises(ValueError, match=message):
         Store.unify(tmp_path / "empty", base_path, [paths[0], path], **OPTS)
     assert snapshot(tmp_path / "empty") == {}
+    # a folder with a user's files in it, even under names the store uses for its subfolders
+    (tmp_path / "busy" / "private").mkdir(parents=True)
+    (tmp_path / "busy" / "private" / "mine.safetensors").write_bytes(b"user data")
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    before = snapshot(tmp_path / "busy")
+    with pytest.raises(ValueError, match=message):
+        Store.unify(tmp_path / "busy", base_path, [paths[0], path], **OPTS)
+    assert snapshot(tmp_path / "busy") == before
 
 
 def test_other_errors_change_nothing(tmp_path, two_task_store):
