@@ -105,22 +105,25 @@ def hf_disk_split(source: dict, split: str) -> Split:
     return Split(labels, lambda i: data[i][image_col].convert("RGB"))
 
 
-def builtin_split(source: dict, split: str, *, image_size: int, seed: int = 0) -> Split:
-    images, labels = _builtin(source["task"]).render(split, image_size=image_size, seed=seed)
+def builtin_split(source: dict, split: str, *, image_size: int, seed: int = 0, n: int | None = None) -> Split:
+    """A built-in task's split, rendered at the model's image size (only `n` images when given)."""
+    images, labels = _builtin(source["task"]).render(split, n, image_size=image_size, seed=seed)
     return Split(list(map(int, labels)), lambda i: images[i].convert("RGB"))
 
 
 def load_split(spec: TaskSpec, split: str, *, image_size: int = 224, seed: int = 0, limit: int | None = None) -> Split:
-    """The `train` or `test` split of a task, capped to a seeded subset of `limit` images."""
+    """The `train` or `test` split of a task, capped to a seeded subset of `limit` images
+    (and of the task's own max_train / max_test: the smaller cap wins)."""
     kind = spec.source["kind"]
+    own = spec.max_train if split == "train" else spec.max_test
+    limit = min((cap for cap in (limit, own) if cap), default=None)
+    if kind == "builtin":  # rendering is the cost: draw only the images asked for
+        return builtin_split(spec.source, split, image_size=image_size, seed=seed, n=limit)
     if kind == "folder":
         root = spec.source.get(split) or Path(spec.source["path"]) / split
         full = folder_split(root, spec.class_names)
     elif kind == "hf_disk":
         full = hf_disk_split(spec.source, split)
-    else:
-        full = builtin_split(spec.source, split, image_size=image_size, seed=seed)
-    limit = limit or (spec.max_train if split == "train" else spec.max_test)
     return subset(full, limit, seed=seed)
 
 
