@@ -1,0 +1,79 @@
+"""A reduced mini-MTIL (2 tasks, a few steps, the shipped mini CLIP) through the driver's loop
+and the benchmark's collection of results."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "cl_driver" / "assets" / "mini-clip"
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="mini CLIP weights not shipped")
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("mini_mtil_benchmark", ROOT / "benchmarks" / "mini_mtil.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reduced_config(path: Path) -> Path:
+    config = {
+        "model": str(SHIPPED), "device": "cpu", "image_size": 32,
+        "training": {"iterations": 3, "batch_size": 16, "lr": 1e-4, "warmup_steps": 1, "seed": 0},
+        "evaluation": {"batch_size": 64, "top_k": 1, "cache_size": 3, "max_test": 16},
+        "methods": ["zero_shot", "sequential", {"kind": "task_arithmetic", "alpha": 0.3}, {"kind": "magmax", "scale": 1.0},
+                    "individual", {"kind": "condu", "rescaler": "model"}, {"kind": "condu", "rescaler": "tensor"},
+                    {"kind": "condu", "rescaler": "model", "agnostic": True}],
+        "tasks": [{"name": t, "source": {"kind": "builtin", "task": t}, "max_train": 48} for t in ("shapes", "colors")],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_reduced_benchmark_runs_and_reports_every_claim(tmp_path, one_thread):
+    from cl_driver.config import load_config
+    from cl_driver.loop import run
+
+    bench = load_benchmark()
+    config = reduced_config(tmp_path / "mini.yaml")
+    run(load_config(config), tmp_path / "run", progress=False)
+    record = bench.collect(str(config), tmp_path / "run", tmp_path / "results", "mini",
+                           {"wall_s": 0.0, "cpu_s": 0.0, "threads": 1, "command": "test"})
+
+    saved = json.loads((tmp_path / "results" / "mini.json").read_text())
+    methods = {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu-model", "condu-tensor",
+               "condu-model-agnostic"}
+    assert set(saved["results"]["summary"]) == methods
+    assert all(len(row) == 2 for m in methods for row in saved["results"]["matrices"][m])
+    assert {"model", "tensor"} <= set(saved["results"]["fidelity"])
+    assert all(isinstance(c["holds"], bool) and c["numbers"] for c in record["claims"])
+    assert len(record["claims"]) >= 7
+    markdown = (tmp_path / "results" / "mini.md").read_text()
+    assert "| condu-model |" in markdown and "separate / store" in markdown
+    assert all((tmp_path / "results" / f"mini-heatmap-{m}.png").exists() for m in methods)
+
+
+def test_shipped_configs_name_the_shipped_model_and_every_method():
+    from cl_driver.config import load_config
+    from cl_driver.mini.tasks import BUILTIN_TASKS
+
+    full, quick = load_config("mini_mtil"), load_config("mini_mtil_quick")
+    assert Path(full.model) == SHIPPED.resolve() == Path(quick.model)
+    assert [t.name for t in full.tasks] == list(BUILTIN_TASKS)
+    kinds = {m.kind for m in quick.methods}
+    assert kinds == {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu"}
+    assert {m.rescaler for m in quick.methods if m.kind == "condu"} == {"model", "tensor-mean", "tensor"}
+    assert any(m.agnostic for m in full.methods) and any(m.agnostic for m in quick.methods)
