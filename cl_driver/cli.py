@@ -1,6 +1,6 @@
 """`condu-cl`: continual learning of CLIP with ConDU, from a YAML config.
 
-    condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR]
+    condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR] [--aggregate mean|weighted] [--top-k K]
     condu-cl report DIR
     condu-cl prepare mtil --root DOWNLOADS --out DATA [--download]
     condu-cl prepare datasets SOURCE --out DATA/TASK [--image-column image] [--label-column label]
@@ -47,13 +47,17 @@ def main() -> None:
 @click.option("--stop-after", type=int, help="stop after this many tasks (resume later with the same command)")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-def run(config, methods, out, data_root, stop_after, progress, threads):
+@click.option("--aggregate", type=click.Choice(["mean", "weighted"]),
+              help="routed logits: plain mean (the official rule) or weighted by prototype similarity")
+@click.option("--top-k", type=click.IntRange(min=1), help="experts routed to besides theta0")
+def run(config, methods, out, data_root, stop_after, progress, threads, aggregate, top_k):
     """Run (or resume) the continual loop of CONFIG (a YAML file, or a shipped name such as mtil)."""
     from .loop import run as run_loop
 
     _set_threads(threads)
     try:
         cfg = load_config(config, data_root=data_root).select_methods(_names(methods))
+        cfg = cfg.with_evaluation(aggregate=aggregate, top_k=top_k)
         out = out or str(Path("runs") / Path(config).stem)
         results = run_loop(cfg, out, progress=progress, stop_after=stop_after)
     except ValueError as err:

@@ -138,6 +138,11 @@ class RunConfig:
         overrides = {k: getattr(task, k) for k in ("lr", "iterations") if getattr(task, k) is not None}
         return replace(self.training, **overrides)
 
+    def with_evaluation(self, **overrides) -> "RunConfig":
+        """Override evaluation settings (None keeps the config's value)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, evaluation=replace(self.evaluation, **given)) if given else self
+
     def select_methods(self, names: list[str] | None) -> "RunConfig":
         """Keep only the named methods (in the config's order)."""
         if not names:

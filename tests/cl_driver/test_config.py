@@ -79,3 +79,9 @@ def test_the_shipped_mtil_spec():
     assert lrs["aircraft"] == lrs["mnist"] == 5e-5 and lrs["dtd"] == 1e-5
     assert (cfg.training.iterations, cfg.training.batch_size, cfg.training.warmup_steps) == (1000, 64, 100)
     assert cfg.model == "openai/clip-vit-base-patch16"
+
+
+def test_command_line_overrides_of_the_evaluation():
+    cfg = parse_config(base()).with_evaluation(aggregate="weighted", top_k=None)
+    assert (cfg.evaluation.aggregate, cfg.evaluation.top_k) == ("weighted", 4)
+    assert parse_config(base()).with_evaluation(top_k=None) == parse_config(base())
