@@ -6,7 +6,8 @@ config, tokenizer, image processor) and record its figures.
 Reproducible from the seed: the model initialisation, every batch of pairs (`captions.make_batch`
 with a generator seeded by (seed, step)) and the evaluation splits are seeded. `--max-minutes`
 stops early, cleanly: the schedule is the one of `--steps`, the weights of the last step are
-saved and evaluated, and PRETRAIN.json records how many steps ran.
+saved and evaluated, and PRETRAIN.json records how many steps ran, with the command that replays
+exactly those steps (`--stop-after`), on one thread and the same torch version.
 """
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ def record_markdown(r: dict) -> str:
 
 Command: `{r['command']}`
 
+Replay exactly these steps: `{r.get('reproduce', r['command'])}`
+
 - parameters: {r['parameters']:,} ({r['config_summary']})
 - steps: {r['steps_done']} of {r['steps_scheduled']} scheduled, batch {r['batch_size']} ({r['pairs_seen']:,} generated pairs)
 - wall time: {r['minutes']:.1f} min on {r['machine']} ({r['threads']} thread(s), shared machine)
@@ -171,6 +174,15 @@ Command: `{r['command']}`
 """
 
 
+def replay_command(args, steps_done: int) -> str:
+    """The command that replays exactly the steps this run made, with no time limit."""
+    return (f"python -m cl_driver.mini.pretrain --out {args.out} --seed {args.seed} --steps {args.steps} "
+            f"--stop-after {steps_done} --batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} "
+            f"--weight-decay {args.weight_decay} --image-size {args.image_size} --patch-size {args.patch_size} "
+            f"--vision-width {args.vision_width} --vision-layers {args.vision_layers} --text-width {args.text_width} "
+            f"--text-layers {args.text_layers} --threads 1")
+
+
 # --- the command -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -179,6 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=5000, help="scheduled steps (the cosine schedule's length)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much training time")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (replays a run a time limit cut short)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=250)
@@ -219,6 +233,8 @@ def main(argv=None) -> dict:
         if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
             print(f"time limit reached after {step} steps", flush=True)
             break
+        if args.stop_after is not None and step >= args.stop_after:
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps)
         images, texts = captions.make_batch(np.random.default_rng([args.seed, step]), args.batch_size, args.image_size)
@@ -248,6 +264,7 @@ def main(argv=None) -> dict:
     zs = zero_shot_table(model, tokenizer, n=args.eval_images, image_size=args.image_size)
     record = {
         "command": "python -m cl_driver.mini.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+        "reproduce": replay_command(args, step),
         "seed": args.seed, "steps_scheduled": args.steps, "steps_done": step, "batch_size": args.batch_size,
         "pairs_seen": step * args.batch_size, "minutes": minutes, "threads": args.threads,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
