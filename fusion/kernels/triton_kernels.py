@@ -29,13 +29,15 @@ Device contract: inputs may be CPU or CUDA tensors. They are computed on CUDA wh
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import ChunkResult
 
-__all__ = ["KERNEL", "TritonKernel", "DEFAULT_BLOCK", "BIT_TASKS"]
+__all__ = ["KERNEL", "TritonKernel", "DEFAULT_BLOCK", "BIT_TASKS", "is_interpreted"]
 
 DEFAULT_BLOCK = 1024  # elements per program: 8 per thread at 4 warps, 32 KiB of fp32 input per task
 BIT_TASKS = 32  # tasks whose signs fit the int32 bit registers; later tasks are read twice
@@ -171,6 +173,11 @@ def _compute_device(tensor: torch.Tensor) -> torch.device:
                        "(or TRITON_INTERPRET=1 to interpret it); use kernel='cpu' on this machine")
 
 
+def _on(device: torch.device):
+    """Launch on the inputs' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _rounding_of(unified_dtype: torch.dtype) -> int:
     if unified_dtype not in _ROUNDING:
         raise ValueError(f"fusion/kernels/triton_kernels.py: unified_dtype {unified_dtype} is not supported; "
@@ -184,6 +191,14 @@ def _check_floating(name: str, tensor: torch.Tensor, dims: int) -> None:
                          f"got shape {tuple(tensor.shape)} of {tensor.dtype}; pass the stacked chunk as floats")
 
 
+def _check_deltas(deltas: torch.Tensor) -> None:
+    if deltas.dim() != 2:
+        raise ValueError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
+    _check_floating("deltas", deltas, 2)
+    if deltas.shape[0] == 0:
+        raise ValueError("fusion/kernels/triton_kernels.py: elect needs at least one task; deltas has 0 rows")
+
+
 def _new_rows(new_deltas: torch.Tensor, n: int) -> torch.Tensor:
     """New deltas as `(T_new, n)`; one task may come as a flat `(n,)`."""
     rows = new_deltas.unsqueeze(0) if new_deltas.dim() == 1 else new_deltas
@@ -193,7 +208,7 @@ def _new_rows(new_deltas: torch.Tensor, n: int) -> torch.Tensor:
     return rows
 
 
-def _check_stored(packed_masks: torch.Tensor, rescalers: torch.Tensor, n: int) -> None:
+def _check_stored(packed_masks: torch.Tensor, rescalers: torch.Tensor, n: int, t_new: int) -> None:
     n_bytes = -(-n // 8)
     if packed_masks.dim() != 2 or packed_masks.shape[1] != n_bytes or packed_masks.dtype != torch.uint8:
         raise ValueError(f"fusion/kernels/triton_kernels.py: packed_masks must be uint8 of shape (T_old, {n_bytes}) "
@@ -201,6 +216,8 @@ def _check_stored(packed_masks: torch.Tensor, rescalers: torch.Tensor, n: int) -
     if rescalers.numel() != packed_masks.shape[0]:
         raise ValueError(f"fusion/kernels/triton_kernels.py: rescalers has {rescalers.numel()} entries but "
                          f"packed_masks has {packed_masks.shape[0]} stored tasks; pass one rescaler per task")
+    if packed_masks.shape[0] + t_new == 0:
+        raise ValueError("fusion/kernels/triton_kernels.py: continual needs a stored or a new task; both are empty")
 
 
 class TritonKernel:
@@ -220,19 +237,11 @@ class TritonKernel:
 
     def elect(self, deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
         """Unify stacked deltas `(T, n)`, as `fusion.reference.elect`."""
-        if deltas.dim() != 2:
-            raise ValueError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
-        _check_floating("deltas", deltas, 2)
-        if deltas.shape[0] == 0:
-            raise ValueError("fusion/kernels/triton_kernels.py: elect needs at least one task; deltas has 0 rows")
-        rounding = _rounding_of(unified_dtype)
-        device = _compute_device(deltas)
+        _check_deltas(deltas)
+        rounding, device = _rounding_of(unified_dtype), _compute_device(deltas)
         rows = deltas.to(device).contiguous()  # (T, n)
-        t, n = rows.shape
-        out = self._outputs(t, n, device)
-        if n:
-            _elect_kernel[(out.programs,)](rows, out.unified, out.masks, out.delta_l1, out.masked_l1, n, out.n_bytes,
-                                           T=t, ROUNDING=rounding, BLOCK=self.block, **self._launch_options())
+        out = _Outputs.allocate(*rows.shape, self.block, device)
+        self._launch(_elect_kernel, out, rows, T=rows.shape[0], ROUNDING=rounding)
         return out.result(deltas.device)
 
     def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
@@ -241,29 +250,23 @@ class TritonKernel:
         _check_floating("unified", unified, 1)
         n = unified.numel()
         rows = _new_rows(new_deltas, n)  # (T_new, n)
-        _check_stored(packed_masks, rescalers, n)
-        t_old, t = packed_masks.shape[0], packed_masks.shape[0] + rows.shape[0]
-        if t == 0:
-            raise ValueError("fusion/kernels/triton_kernels.py: continual needs a stored or a new task; both are empty")
-        rounding = _rounding_of(unified_dtype)
-        home, device = unified.device, _compute_device(unified)
+        _check_stored(packed_masks, rescalers, n, rows.shape[0])
+        rounding, device = _rounding_of(unified_dtype), _compute_device(unified)
         # float32(lambda_i), rounded once from float64 as the reference's `reconstruct` does.
         rescalers32 = rescalers.reshape(-1).to(torch.float64).to(torch.float32).to(device)  # (T_old,)
-        unified, packed_masks = unified.to(device).contiguous(), packed_masks.to(device).contiguous()
-        rows = rows.to(device).contiguous()
-        out = self._outputs(t, n, device)
-        if n:
-            _continual_kernel[(out.programs,)](unified, packed_masks, rescalers32, rows, out.unified, out.masks,
-                                               out.delta_l1, out.masked_l1, n, out.n_bytes, T_OLD=t_old, T=t,
-                                               ROUNDING=rounding, BLOCK=self.block, **self._launch_options())
-        return out.result(home)
+        inputs = [x.to(device).contiguous() for x in (unified, packed_masks)] + [rescalers32, rows.to(device).contiguous()]
+        t_old = packed_masks.shape[0]
+        out = _Outputs.allocate(t_old + rows.shape[0], n, self.block, device)
+        self._launch(_continual_kernel, out, *inputs, T_OLD=t_old, T=t_old + rows.shape[0], ROUNDING=rounding)
+        return out.result(unified.device)
 
-    def _launch_options(self) -> dict:
-        # No FMA contraction: the rebuilt product must be rounded before it joins the election sum.
-        return {"num_warps": self.num_warps, "enable_fp_fusion": False}
-
-    def _outputs(self, t: int, n: int, device: torch.device) -> "_Outputs":
-        return _Outputs.allocate(t, n, self.block, device)
+    def _launch(self, kernel, out: "_Outputs", *inputs: torch.Tensor, **constants: int) -> None:
+        if out.programs == 0:  # an empty chunk: nothing to launch
+            return
+        with _on(out.unified.device):
+            # enable_fp_fusion=False: the rebuilt product is rounded before it joins the election sum.
+            kernel[(out.programs,)](*inputs, out.unified, out.masks, out.delta_l1, out.masked_l1, out.n, out.n_bytes,
+                                    BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False, **constants)
 
     def __repr__(self) -> str:
         return f"TritonKernel(block={self.block}, num_warps={self.num_warps})"
@@ -272,16 +275,15 @@ class TritonKernel:
 class _Outputs:
     """Output buffers of one launch: unified (n,), packed masks (T, n/8), per-program L1 partials (P, T)."""
 
-    def __init__(self, unified, masks, delta_l1, masked_l1, n_bytes):
+    def __init__(self, unified, masks, delta_l1, masked_l1):
         self.unified, self.masks, self.delta_l1, self.masked_l1 = unified, masks, delta_l1, masked_l1
-        self.n_bytes, self.programs = n_bytes, delta_l1.shape[0]
+        self.n, self.n_bytes, self.programs = unified.numel(), masks.shape[1], delta_l1.shape[0]
 
     @classmethod
     def allocate(cls, t: int, n: int, block: int, device: torch.device) -> "_Outputs":
-        n_bytes, programs = -(-n // 8), -(-n // block)
-        partial = torch.empty((programs, t), dtype=torch.float64, device=device)  # (P, T)
-        return cls(torch.empty(n, dtype=torch.float32, device=device),
-                   torch.empty((t, n_bytes), dtype=torch.uint8, device=device), partial, torch.empty_like(partial), n_bytes)
+        partial = torch.empty((-(-n // block), t), dtype=torch.float64, device=device)  # (P, T)
+        masks = torch.empty((t, -(-n // 8)), dtype=torch.uint8, device=device)  # (T, n/8)
+        return cls(torch.empty(n, dtype=torch.float32, device=device), masks, partial, torch.empty_like(partial))
 
     def result(self, home: torch.device) -> ChunkResult:
         """Sum the partials in float64 and bring everything back to the inputs' device."""
