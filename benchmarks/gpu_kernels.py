@@ -1,10 +1,11 @@
 """GPU check and throughput of the Triton kernels (fusion/kernels/triton_kernels.py).
 
-On a CUDA machine (H100/H200; about 1-2 minutes, Triton compilation included):
+On a CUDA machine (H100/H200, a CUDA build of torch, triton and the project's other
+dependencies; under 3 minutes, Triton compilation included), from the repository root:
 
     python benchmarks/gpu_kernels.py --out benchmarks/results
 
-Here, without a GPU (Triton interpreter, tiny sizes, a few minutes):
+Without a GPU (the Triton interpreter on CPU, tiny sizes, under a minute):
 
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --quick --out /tmp/gpu_kernels
 
@@ -27,6 +28,9 @@ Writes <out>/gpu_kernels.json and <out>/gpu_kernels.md; exits 1 if any check fai
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -36,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS_DIR, machine_info, markdown_table, write_results  # noqa: E402
 from fusion import reference  # noqa: E402
 from fusion.kernels import triton_kernels  # noqa: E402
 from fusion.kernels.triton_kernels import KERNEL, TritonKernel  # noqa: E402
 
 M = 1 << 20
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (T_old, T_new, n, delta dtype, unified dtype) of the checks; T_old = None checks elect on T_new rows.
@@ -208,7 +212,31 @@ def sweep_blocks(t: int, n: int, device: torch.device, configs, *, repeats: int,
     return rows
 
 
-# ---- report -------------------------------------------------------------------------------------
+# ---- report (torch and the standard library only: the GPU machine may lack the benchmark extras) ---
+
+
+def markdown_table(headers, rows) -> str:
+    """A GitHub markdown table; floats with 3 significant digits."""
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def write_results(data: dict, text: str, out_dir: str) -> list[Path]:
+    """<out_dir>/gpu_kernels.json and .md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_kernels.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "gpu_kernels.md").write_text(text.rstrip() + "\n")
+    return [out / "gpu_kernels.json", out / "gpu_kernels.md"]
+
+
+def machine_info() -> dict:
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def device_info(device: torch.device) -> dict:
@@ -280,18 +308,18 @@ def main(argv=None) -> int:
         data["checks"].append(c)
         print(f"check {c['kernel']:9s} T_old={c['t_old']} T_new={c['t_new']} n={c['numel']} {c['dtype']}->{c['unified_dtype']}: "
               + ("ok" if c["ok"] else "FAILED " + "; ".join(c["problems"])) + f" ({c['first_call_s']:.1f} s)", flush=True)
-    write_results("gpu_kernels", data, markdown(data), out_dir=args.out)  # the checks survive a later crash
+    write_results(data, markdown(data), args.out)  # the checks survive a later crash
     for t in (2, 8, 16):
         data["throughput"].append(measure(t, numel, device, repeats=repeats, warmup=warmup))
         g = data["throughput"][-1]["gbps"]
         print(f"T={t:2d} n={numel}: elect {g['elect']:.1f} GB/s, continual {g['continual']:.1f} GB/s, copy {g['copy']:.1f} GB/s, "
               f"naive elect {g['naive_elect']:.1f} GB/s, naive continual {g['naive_continual']:.1f} GB/s", flush=True)
-        write_results("gpu_kernels", data, markdown(data), out_dir=args.out)
+        write_results(data, markdown(data), args.out)
     configs = [(256, 2), (1024, 4)] if args.quick else [(512, 4), (1024, 4), (2048, 8), (4096, 8)]
     data["sweep"] = sweep_blocks(8, numel, device, configs, repeats=repeats, warmup=warmup)
     text = markdown(data)
     print(text)
-    for path in write_results("gpu_kernels", data, text, out_dir=args.out):
+    for path in write_results(data, text, args.out):
         print(f"wrote {path}")
     failed = [c for c in data["checks"] if not c["ok"]]
     if failed:
