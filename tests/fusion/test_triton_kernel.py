@@ -115,6 +115,19 @@ def test_continual_matches_reference(state, block):
     _assert_same(result, reference.continual_chunk(unified, packed, rescalers, new, unified_dtype=unified_dtype))
 
 
+@pytest.mark.parametrize("dtype, unified_dtype", list(zip(FLOAT_DTYPES, (torch.bfloat16, torch.float32, torch.float16))))
+def test_sixteen_tasks_in_every_input_dtype(dtype, unified_dtype):
+    """The largest task count of the property tests, every input dtype, whatever the draw."""
+    gen = torch.Generator().manual_seed(16)
+    rows = (torch.randint(-4, 5, (16, 77), generator=gen) * (1 + torch.rand(77, generator=gen))).to(dtype)  # (16, n)
+    result = tk.TritonKernel(block=32).elect(rows.to(DEVICE), unified_dtype=unified_dtype)
+    _assert_same(result, reference.elect(rows, unified_dtype=unified_dtype))
+    state = reference.elect(rows[:15], unified_dtype=unified_dtype)
+    args = (state.unified, state.packed_masks, torch.linspace(0.25, 2.0, 15, dtype=torch.float64), rows[15:])
+    result = tk.TritonKernel(block=32).continual(*[x.to(DEVICE) for x in args], unified_dtype=unified_dtype)
+    _assert_same(result, reference.continual_chunk(*args, unified_dtype=unified_dtype))
+
+
 @pytest.mark.parametrize("t_old, t_new", [(0, 40), (39, 1)])
 def test_tasks_beyond_the_sign_bit_registers(t_old, t_new):
     """From task 32 on, signs do not fit the int32 bit registers and the rows are read again."""
