@@ -6,7 +6,7 @@ reloaded) with the variable set, and the variable is restored right after: other
 see the environment they started with. Triton itself is imported first, as the environment has
 it (a triton imported under the variable breaks once it is unset). With CUDA the same tests run
 compiled, on the GPU.
-The interpreter is slow (tens of ms per task and block), hence the small sizes and example counts.
+The interpreter is slow (milliseconds per task and block), hence the small sizes and example counts.
 """
 
 from __future__ import annotations
