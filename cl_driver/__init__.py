@@ -2,7 +2,10 @@
 
 Modules: `config` (the run YAML), `models` (CLIP, text classifiers), `data` (task specs and
 sources), `train` (one fine-tune from theta0), `prototypes`, `inference` (routed experts),
-`baselines`, `loop` (the continual loop, resumable), `metrics`, `cli` (`condu-cl`).
-"""
+`baselines`, `loop` (the continual loop, resumable), `metrics`, `prepare` (datasets to image
+folders), `cli` (`condu-cl`), `mini` (the built-in benchmark).
 
-__all__ = ["config"]
+    from cl_driver.config import load_config
+    from cl_driver.loop import run
+    results = run(load_config("mini_mtil_quick"), "runs/quick")
+"""
