@@ -30,6 +30,10 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _missing_package(err: ImportError, package: str, hint: str) -> None:
+    _fail(ValueError(f"this command needs `{package}` ({err}); {hint}"))
+
+
 def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -130,7 +134,9 @@ def prepare_mtil(root, out, config_name, tasks, download, test_fraction, seed):
             counts = prepare_torchvision(name, specs[name].class_names, root, out, download=download,
                                          test_fraction=test_fraction, seed=seed)
             click.echo(f"{name}: {sum(counts['train'])} train, {sum(counts['test'])} test images")
-    except (ValueError, ImportError) as err:
+    except ImportError as err:
+        _missing_package(err, "torchvision", "install the torchvision build that matches your torch")
+    except ValueError as err:
         _fail(err)
 
 
@@ -154,7 +160,9 @@ def prepare_hf(source, out, class_names, image_column, label_column, train_split
         counts = prepare_datasets(data, [n for n in names if n.strip()], out, image_column=image_column,
                                   label_column=label_column, splits={"train": train_split, "test": test_split})
         click.echo(f"{out}: {sum(counts['train'])} train, {sum(counts['test'])} test images")
-    except (ValueError, ImportError) as err:
+    except ImportError as err:
+        _missing_package(err, "datasets", "pip install datasets")
+    except ValueError as err:
         _fail(err)
 
 

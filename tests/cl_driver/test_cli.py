@@ -38,3 +38,13 @@ def test_module_entry_point_shows_the_commands():
     assert done.returncode == 0
     for command in ("run", "report", "prepare", "demo"):
         assert command in done.stdout
+
+
+def test_prepare_without_torchvision_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it raises ImportError
+    result = CliRunner().invoke(main, ["prepare", "mtil", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+                                       "--tasks", "mnist"])
+    assert result.exit_code == 1 and "needs `torchvision`" in result.output
+    unknown = CliRunner().invoke(main, ["prepare", "mtil", "--root", str(tmp_path), "--out", str(tmp_path),
+                                        "--tasks", "imagenet"])
+    assert unknown.exit_code == 1 and "no task 'imagenet'" in unknown.output
