@@ -20,10 +20,9 @@ import sys
 import click
 
 from . import __version__
-from .engine import DEFAULT_CHUNK
 from .kernels import KERNELS
 from .rescale import RESCALER_MODES
-from .store import Store
+from .store import PASS_ELEMENTS, Store
 
 DEFAULT_STORE = "./condu-store"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -112,7 +111,8 @@ def main():
               help="A base tensor a checkpoint lacks: an error, or an unchanged tensor.")
 @click.option("--name", "names", multiple=True, help="Task names, one per checkpoint (default: their names).")
 @click.option("--kernel", type=click.Choice(KERNELS), default=None, help="Fusion kernel (default: fastest).")
-@click.option("--chunk", type=int, default=DEFAULT_CHUNK, show_default=True, help="Elements per chunk and task.")
+@click.option("--chunk", type=int, default=None,
+              help=f"Elements per chunk and task (default: {PASS_ELEMENTS:,} shared by the tasks).")
 @_quiet_option
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True))
 @_one_line_errors

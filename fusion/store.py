@@ -514,7 +514,7 @@ class Store:
     def __init__(self, store_dir: str | os.PathLike, *, kernel: str | None = None, chunk: int | None = None):
         self.path = Path(store_dir)
         self.kernel = kernel
-        self.chunk = chunk or DEFAULT_CHUNK
+        self.chunk = chunk  # None: sized by the task count (`_chunk_for`)
         self._manifest = _read_manifest(self.path)
 
     # -- construction ------------------------------------------------------------------------
@@ -549,7 +549,7 @@ class Store:
                 if (store_dir / MANIFEST).exists():
                     raise ValueError(f"{store_dir}: already holds a ConDU store; use add to add a task")
                 _create(store_dir, Path(base), [Path(c) for c in checkpoints], names, rescaler, parse_dtype(dtype),
-                        missing, _resolve_kernel(kernel), chunk or DEFAULT_CHUNK, progress, max_shard_size)
+                        missing, _resolve_kernel(kernel), chunk, progress, max_shard_size)
         except BaseException:
             if not (store_dir / MANIFEST).exists():
                 _remove_empty_store(store_dir, created, had_lock)
@@ -625,7 +625,7 @@ class Store:
         gen, base = _Generation(self.path, manifest), _open_base(manifest)
         private = gen.private(index)
         try:
-            yield _Decoupler(gen, base, private, index, dtype, self.chunk)
+            yield _Decoupler(gen, base, private, index, dtype, self.chunk or DEFAULT_CHUNK)
         finally:
             gen.close()
             base.close()
@@ -743,7 +743,7 @@ def _remove_empty_store(store_dir: Path, created: bool, had_lock: bool) -> None:
 
 
 def _create(store_dir: Path, base_path: Path, paths: list[Path], names, mode: str, dtype, missing: str, kernel,
-            chunk: int, progress: bool, max_shard_size: int) -> None:
+            chunk: int | None, progress: bool, max_shard_size: int) -> None:
     """Plan and check everything, then run the first generation's pass and commit it."""
     _cleanup(store_dir, None)
     base = open_checkpoint(base_path)
@@ -766,13 +766,24 @@ def _create(store_dir: Path, base_path: Path, paths: list[Path], names, mode: st
     _next_generation(store_dir, manifest, base, fused, [], new, kernel, chunk, progress, mode=mode)
 
 
+# Elements of one chunk over all tasks: a pass holds a few arrays of this many float32 values
+# (16 MiB each), whatever the task count, so its peak memory does not grow with T.
+PASS_ELEMENTS = 4 * DEFAULT_CHUNK
+
+
+def _chunk_for(num_tasks: int) -> int:
+    """Elements per chunk and task: PASS_ELEMENTS shared by the tasks, a multiple of 8, >= 64Ki."""
+    return max(1 << 16, PASS_ELEMENTS // max(num_tasks, 1) // 8 * 8)
+
+
 def _next_generation(store_dir: Path, manifest: dict, base: Checkpoint, fused: list[_Fused], keep: list[int],
-                     new: list[_NewTask], kernel, chunk: int, progress: bool, *, mode: str | None = None) -> dict:
+                     new: list[_NewTask], kernel, chunk: int | None, progress: bool, *, mode: str | None = None) -> dict:
     """Run one pass (carry `keep`, add `new`), write generation g+1 and commit it; return its manifest.
 
     On any failure the files this call wrote are removed; whatever manifest is on disk then
     (the old one, or the new one if the failure came after the swap) stays whole.
     """
+    chunk = chunk or _chunk_for(len(keep) + len(new))
     for sub in SUBDIRS[:2]:
         (store_dir / sub).mkdir(exist_ok=True)
     old = _Generation(store_dir, manifest) if manifest["tasks"] else None

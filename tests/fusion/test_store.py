@@ -477,3 +477,12 @@ def test_fast_subtract_equals_torch(rows):
     theta, base = rows[0] * 3 + 1, rows[1]
     expected = theta - base
     assert torch.equal(subtract_(theta.clone(), base).view(torch.int32), expected.view(torch.int32))
+
+
+def test_default_chunk_shares_one_budget_between_the_tasks():
+    from fusion.store import PASS_ELEMENTS, _chunk_for
+
+    for t in (1, 2, 3, 8, 16, 33):
+        chunk = _chunk_for(t)
+        assert chunk % 8 == 0 and chunk * t <= PASS_ELEMENTS
+    assert _chunk_for(10_000) == 1 << 16  # never tiny
