@@ -42,6 +42,7 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
       aggregate: mean            # mean (the official rule) | weighted (by prototype similarity)
       cache_size: 4              # decoupled experts kept in memory (LRU)
       max_test: null             # cap on test images per task, for every task
+      pixel_cache: false         # keep large test sets as uint8 pixels on disk (run/pixels/), decoded once
     methods:                     # a name, or a mapping with `kind` and options
       - zero_shot
       - sequential               # each task starts from the previous model
@@ -95,6 +96,7 @@ class EvaluationConfig:
     aggregate: str = "mean"
     cache_size: int = 4
     max_test: int | None = None
+    pixel_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,12 @@ def _number(where, fieldname, value, kind, *, minimum=None, optional=False):
     return number
 
 
+def _flag(where, fieldname, value) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, fieldname, f"expected true or false, got {value!r}")
+    return value
+
+
 def _choice(where, fieldname, value, choices):
     if value not in choices:
         raise _fail(where, fieldname, f"{value!r} is not one of {', '.join(choices)}")
@@ -233,6 +241,7 @@ def parse_evaluation(where: str, data: Any) -> EvaluationConfig:
         aggregate=_choice(where, "evaluation.aggregate", data.get("aggregate", d.aggregate), AGGREGATES),
         cache_size=_number(where, "evaluation.cache_size", data.get("cache_size", d.cache_size), int, minimum=1),
         max_test=_number(where, "evaluation.max_test", data.get("max_test"), int, minimum=1, optional=True),
+        pixel_cache=_flag(where, "evaluation.pixel_cache", data.get("pixel_cache", False)),
     )
 
 
@@ -306,7 +315,7 @@ def parse_method(where: str, index: int, data: Any) -> MethodConfig:
         alpha=_number(where, f"{prefix}.alpha", data.get("alpha", d.alpha), float),
         scale=_number(where, f"{prefix}.scale", data.get("scale", d.scale), float),
         rescaler=_choice(where, f"{prefix}.rescaler", data.get("rescaler", d.rescaler), RESCALERS),
-        agnostic=bool(data.get("agnostic", False)),
+        agnostic=_flag(where, f"{prefix}.agnostic", data.get("agnostic", False)),
         top_k=_number(where, f"{prefix}.top_k", data.get("top_k"), int, minimum=1, optional=True),
         aggregate=None if data.get("aggregate") is None else _choice(where, f"{prefix}.aggregate",
                                                                       data["aggregate"], AGGREGATES),

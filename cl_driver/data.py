@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .config import TaskConfig
@@ -162,8 +163,64 @@ def pixel_tensor(split: Split, processor, *, batch_size: int = 256) -> torch.Ten
     return torch.cat(chunks)
 
 
-def as_dataset(split: Split, processor, side: int) -> torch.utils.data.Dataset:
-    """A TensorDataset when the pixels are small enough to keep, else a streaming dataset."""
+class _RawPixels(PixelDataset):
+    """(3, H, W) uint8 pixels after resize and crop, before rescale and normalization."""
+
+    def __getitem__(self, i: int):
+        pixels = self.processor(images=[self.split.load(i)], return_tensors="pt", do_rescale=False,
+                                do_normalize=False)["pixel_values"][0]
+        return pixels.round().clamp(0, 255).to(torch.uint8), self.split.labels[i]
+
+
+def write_pixel_cache(split: Split, processor, path: Path, side: int, *, num_workers: int = 0) -> None:
+    """Decode, resize and crop every image once into a uint8 (N, 3, side, side) file."""
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, side, side))
+    loader = torch.utils.data.DataLoader(_RawPixels(split, processor), batch_size=64, num_workers=num_workers)
+    start = 0
+    for batch, _ in loader:
+        pixels[start:start + len(batch)] = batch.numpy()
+        start += len(batch)
+    pixels.flush()
+    del pixels
+    os.replace(tmp, path)
+
+
+class CachedPixels(torch.utils.data.Dataset):
+    """A split read from its uint8 pixel cache (a .npy file), rescaled and normalized on the fly.
+
+    Resize and crop of the slow (PIL) and fast (torchvision) CLIP processors both give uint8
+    images, so the cache is exact; the normalization matches the processor's to float rounding.
+    """
+
+    def __init__(self, path: Path, labels: Sequence[int], processor):
+        self.path, self.labels = path, list(labels)
+        self.pixels = None  # opened lazily: memory maps do not travel to DataLoader workers
+        scale = processor.rescale_factor if processor.do_rescale else 1.0
+        mean = processor.image_mean if processor.do_normalize else [0.0, 0.0, 0.0]
+        std = processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0]
+        self.scale, self.mean, self.std = scale, torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        if self.pixels is None:
+            self.pixels = np.load(self.path, mmap_mode="r")
+        raw = torch.from_numpy(np.array(self.pixels[i]))  # (3, H, W) uint8
+        return (raw.float() * self.scale - self.mean) / self.std, self.labels[i]
+
+
+def as_dataset(split: Split, processor, side: int, *, cache: str | os.PathLike | None = None,
+               num_workers: int = 0) -> torch.utils.data.Dataset:
+    """A TensorDataset when the pixels are small enough to keep; else one read from a uint8
+    pixel cache at `cache` (written on first use), or else one that decodes every time."""
     if len(split) * 3 * side * side * 4 <= MATERIALIZE_BYTES:
         return torch.utils.data.TensorDataset(pixel_tensor(split, processor), torch.tensor(split.labels))
+    if cache is not None:
+        cache = Path(cache)
+        if not cache.exists():
+            write_pixel_cache(split, processor, cache, side, num_workers=num_workers)
+        return CachedPixels(cache, split.labels, processor)
     return PixelDataset(split, processor)

@@ -163,7 +163,10 @@ class ContinualRun:
         if j not in self._tests:
             split = load_split(self.specs[j], "test", image_size=self.side, seed=self.config.training.seed,
                                limit=self.config.evaluation.max_test)
-            self._tests[j] = (as_dataset(split, self.clip.processor, self.side), torch.tensor(split.labels))
+            cache = self.root / "pixels" / f"{self.specs[j].name}-test-{len(split)}-{self.side}.npy"
+            dataset = as_dataset(split, self.clip.processor, self.side, num_workers=self.config.training.num_workers,
+                                 cache=cache if self.config.evaluation.pixel_cache else None)
+            self._tests[j] = (dataset, torch.tensor(split.labels))
         return self._tests[j]
 
     def train_set(self, i: int):

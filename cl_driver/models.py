@@ -53,8 +53,8 @@ def load_clip(name_or_path: str | os.PathLike, *, device: str | torch.device = "
 
 def image_size(processor) -> int:
     """The side of the square crop the processor makes (CLIP's default is 224)."""
-    crop = getattr(processor, "crop_size", None) or {}
-    size = crop.get("height") if isinstance(crop, dict) else None
+    crop = getattr(processor, "crop_size", None)
+    size = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)  # dict or SizeDict
     return int(size or 224)
 
 

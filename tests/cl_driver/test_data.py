@@ -76,3 +76,34 @@ def test_builtin_source_uses_the_task_own_names_and_templates():
     assert len(split) == 6 and split.load(0).size == (SIDE, SIDE)
     with pytest.raises(ValueError, match="no builtin task"):
         resolve_task(TaskConfig("x", {"kind": "builtin", "task": "no-such-task"}))
+
+
+def test_pixel_cache_gives_the_processor_pixels(tmp_path, tiny_model, monkeypatch):
+    from transformers import AutoImageProcessor
+
+    import cl_driver.data as data
+
+    write_task_folder(tmp_path, "colors", n_train=3, n_test=1)
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    split = folder_split(tmp_path / "colors" / "train", TASKS["colors"])
+    monkeypatch.setattr(data, "MATERIALIZE_BYTES", 0)  # as if the split were too large to keep
+    cache = tmp_path / "pixels" / "colors.npy"
+    cached = as_dataset(split, processor, SIDE, cache=cache)
+    streamed = as_dataset(split, processor, SIDE)
+    assert isinstance(cached, data.CachedPixels) and isinstance(streamed, data.PixelDataset)
+    assert cache.stat().st_size >= len(split) * 3 * SIDE * SIDE
+    for i in range(len(split)):
+        (a, la), (b, lb) = cached[i], streamed[i]
+        assert la == lb and torch.allclose(a, b, atol=1e-6)
+    loader = torch.utils.data.DataLoader(cached, batch_size=4, num_workers=1)  # workers open their own map
+    assert sum(len(x) for x, _ in loader) == len(split)
+    assert len(as_dataset(split, processor, SIDE, cache=cache)) == len(split)  # reused, not rewritten
+
+
+def test_image_size_comes_from_the_processor_crop(tiny_model):
+    from transformers import AutoImageProcessor
+
+    from cl_driver.models import image_size
+
+    assert image_size(AutoImageProcessor.from_pretrained(tiny_model)) == SIDE
+    assert image_size(type("P", (), {"crop_size": {"height": 48, "width": 48}})()) == 48

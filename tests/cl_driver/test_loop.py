@@ -165,3 +165,14 @@ def test_a_run_folder_refuses_another_config(tiny_model, tiny_data, full_run, tm
     other = parse_config(tiny_config_dict(tiny_data, tiny_model, methods=["zero_shot"]), where="tiny.yaml")
     with pytest.raises(ValueError, match="another config"):
         run(other, out, progress=False)
+
+
+def test_pixel_cache_leaves_the_matrix_unchanged(tiny_model, tiny_data, full_run, tmp_path, monkeypatch):
+    import cl_driver.data as data
+
+    monkeypatch.setattr(data, "MATERIALIZE_BYTES", 0)  # every test set goes through the cache
+    raw = tiny_config_dict(tiny_data, tiny_model, methods=["zero_shot"])
+    raw["evaluation"]["pixel_cache"] = True
+    results = run(parse_config(raw, where="tiny.yaml"), tmp_path / "run", progress=False)
+    assert results["matrices"]["zero_shot"] == full_run[1]["matrices"]["zero_shot"]
+    assert len(list((tmp_path / "run" / "pixels").glob("*-test-*.npy"))) == T
