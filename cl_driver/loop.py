@@ -6,6 +6,7 @@ Run folder layout::
     checkpoints/individual/NN-task.safetensors   fine-tuned from theta0 (individual, task arithmetic, ConDU)
     checkpoints/sequential/NN-task.safetensors   fine-tuned from the previous one (sequential, MagMax)
     stores/<rescaler>/                  one ConDU store per rescaler mode in the config
+    pixels/<task>-test-N-side.npy       uint8 test pixels, when evaluation.pixel_cache is on
     state.json                          after each task, written atomically: the resume point
     results.json, results.md, heatmap-<method>.png   when the run is complete
 
