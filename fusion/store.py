@@ -298,10 +298,13 @@ class _Generation:
         r = self.tasks[task]["rescaler"]
         return float(r[name] if isinstance(r, dict) else r)
 
-    def weights(self, task: int, name: str, lo: int, hi: int, base: torch.Tensor) -> torch.Tensor:
-        """theta0 + lambda * M * u on [lo, hi), float32: `(hi - lo,)`; `base` is theta0 there."""
-        return rebuild_flat_fast(base, self.unified_flat(name, lo, hi), self.packed(task, name, lo, hi),
-                                 self.rescaler(task, name))
+    def weights(self, task: int, name: str, lo: int, hi: int, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """theta0 + lambda * M * u on [lo, hi) into float32 `out` (hi - lo,); `base` is theta0 there.
+
+        `out` also receives u first: one buffer, no allocation of the chunk's size.
+        """
+        unified = self.unified[self.weight_map[name]].read_flat_into(name, lo, hi, out)
+        return rebuild_flat_fast(base, unified, self.packed(task, name, lo, hi), self.rescaler(task, name), out=out)
 
     def private(self, task: int) -> SafetensorsFile | None:
         rel = self.tasks[task]["private"]["file"]
@@ -603,7 +606,11 @@ class Store:
         out = {}
         with self._decoupler(task, parse_dtype(dtype)) as dec:
             for name, dt, shape in dec.layout:
-                out[name] = torch.cat(list(dec.chunks(name)) or [torch.empty(0, dtype=dt)]).reshape(shape)
+                flat, pos = torch.empty(int(torch.Size(shape).numel()), dtype=dt), 0
+                for piece in dec.chunks(name):  # pieces reuse one buffer: copy each out at once
+                    flat[pos : pos + piece.numel()] = piece
+                    pos += piece.numel()
+                out[name] = flat.reshape(shape)
         return out
 
     def load_prototypes(self, task: int | str) -> dict[str, torch.Tensor] | None:
@@ -893,6 +900,7 @@ class _Decoupler:
                  dtype: torch.dtype | None, chunk: int):
         self.gen, self.base, self.private, self.index, self.dtype, self.chunk = gen, base, private, index, dtype, chunk
         self.fused = {t.name: t for t in gen.fused}
+        self.buffers: dict[int, torch.Tensor] = {}
         own = private.entries if private else {}
         # Output order: the base's tensors (a private one replaces its base namesake), then new ones.
         sources = [own.get(n) or base.info(n) for n in base.keys()] + [i for n, i in own.items() if n not in base]
@@ -913,8 +921,15 @@ class _Decoupler:
             yield from self._copied(self.base, self.base.info(name))
         else:
             for lo, hi in chunk_ranges(self.base.info(name).numel, self.chunk):
-                theta = self.gen.weights(self.index, name, lo, hi, self.base.read_flat(name, lo, hi))  # (n,)
-                yield theta.to(self._out(self.fused[name].dtype))
+                base = self.base.read_flat_into(name, lo, hi, self._buffer(0, hi - lo, self.base.info(name).dtype))
+                theta = self.gen.weights(self.index, name, lo, hi, base, self._buffer(1, hi - lo, torch.float32))
+                yield theta.to(self._out(self.fused[name].dtype))  # (n,), valid until the next chunk
+
+    def _buffer(self, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused (n,) buffer: chunks come one at a time, so two buffers serve them all."""
+        if slot not in self.buffers or self.buffers[slot].dtype != dtype or self.buffers[slot].numel() < n:
+            self.buffers[slot] = torch.empty(self.chunk, dtype=dtype)
+        return self.buffers[slot][:n]
 
     def _copied(self, source, info: TensorInfo) -> Iterator[torch.Tensor]:
         for lo, hi in chunk_ranges(info.numel, self.chunk):

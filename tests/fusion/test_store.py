@@ -470,6 +470,9 @@ def test_fast_rebuild_equals_the_reference_bit_for_bit(rows, lam, dtype):
     fast, reference = rebuild_flat_fast(base, unified, packed, lam), rebuild_flat(base, unified, packed, lam)
     assert fast.dtype == reference.dtype == torch.float32
     assert torch.equal(fast.view(torch.int32), reference.view(torch.int32))
+    in_place = unified.float().clone()  # the store reads u into the output buffer first
+    rebuild_flat_fast(base, in_place, packed, lam, out=in_place)
+    assert torch.equal(in_place.view(torch.int32), reference.view(torch.int32))
 
 
 @given(rows=delta_rows(num_tasks=2, length=st.integers(0, 70)))
