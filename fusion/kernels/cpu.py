@@ -14,18 +14,22 @@ pass (deterministic, independent of the thread count). No temporaries of the chu
 made for float32 inputs; the store's dtype rounding of u (fp16/bf16) is done by torch on the
 (n,) unified delta, then the masked L1 is taken in a second pass over u and the packed bits.
 
-Options measured before choosing (elect, T = 8, 16M-element float32 deltas, median of 3, on the
-shared 2-core development machine under a load of ~10, so only the ordering is firm):
-    torch copy of the same bytes (roofline)        1.5-3.0 GB/s
-    numba, this file                               0.44-0.60 GB/s   (1.5 GB/s when the machine was quiet)
-    torch.compile(reference.elect) on 1M chunks    0.02 GB/s, 68 s warm-up, needs a C++ compiler
-    chunked torch, preallocated buffers, in place  0.01 GB/s (a dozen ops per 64K block; the
-                                                   sequential sum and the bit packing dominate)
-    reference on 1M chunks                         0.03 GB/s
-A C++ extension would run the same loops as numba's LLVM code but needs a compiler on every
-user's machine and a minute to build (torch.utils.cpp_extension); numba ships as wheels, compiles
-these functions in ~15 s once and caches them (`cache=True`), so it was chosen.
-`python benchmarks/kernels.py` measures the chosen path against the naive code and a copy.
+Options measured before choosing (elect, T = 8, 16M-element float32 deltas per task, median of
+3 to 7, on the shared 2-core development machine at a load average of 8 to 11, so only the order
+of magnitude is firm; `python benchmarks/kernels.py` gives the figures of record):
+    torch copy of the same bytes (the roofline)      1.9 GB/s
+    numba, this file                                 0.85-1.3 GB/s  (a first version indexing with
+                                                     offsets, rows[t, lo + j], did not vectorize:
+                                                     0.4-0.6 GB/s; contiguous row views fixed it)
+    chunked torch, 64K blocks, preallocated buffers  0.01 GB/s: ~15 torch ops per block, each an
+      and in-place ops                               OpenMP region, which a busy machine starves
+    torch.compile(reference.elect) on 1M chunks      0.02 GB/s after a 68 s warm-up; bit-equal, but
+                                                     it needs a C++ compiler at run time
+    the reference on 1M chunks                       0.02-0.03 GB/s
+A small C++ extension would run the same loops as numba's LLVM code, but it needs a compiler on
+every user's machine and a minute to build (torch.utils.cpp_extension) or a wheel per platform.
+numba installs from PyPI as wheels, compiles these functions once in ~15 s and caches the machine
+code next to this file (`cache=True`), so later processes start in about a second. Chosen: numba.
 """
 
 from __future__ import annotations
@@ -171,10 +175,9 @@ def _new_stage(src, block):
 
 @overload(_new_stage, jit_options=_JIT)
 def _new_stage_impl(src, block):
-    rows = 0 if src.dtype == numba.types.float32 else None
-    if rows == 0:
+    if src.dtype == numba.types.float32:
         return lambda src, block: np.empty((0, block), dtype=np.float32)
-    return lambda src, block: np.empty((src.shape[0], block), dtype=np.float32)
+    return lambda src, block: np.empty((src.shape[0], block), dtype=np.float32)  # (T, block)
 
 
 def _rows_at(src, table, lo, m, stage):
@@ -204,14 +207,13 @@ def _rebuild_block(unified, packed, lam, lo, m, stage):
             row[j] = scaled if (bits[j >> 3] >> (j & 7)) & 1 else np.float32(0.0)
 
 
+@njit(**_JIT)
 def _new_scratch(num_tasks, block):
+    """One thread's buffers: signs (block,), magnitudes (block,), byte masks (T, block)."""
     sign = np.empty(block, dtype=np.float32)
     magnitude = np.empty(block, dtype=np.float32)
     masks = np.empty((num_tasks, block), dtype=np.uint8)
     return sign, magnitude, masks
-
-
-_new_scratch = njit(**_JIT)(_new_scratch)
 
 
 # ---- parallel drivers: blocks spread over threads, scratch per thread ---------------------------
@@ -288,7 +290,8 @@ class CpuKernel:
     def elect(self, deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
         """Same as fusion.reference.elect: stacked deltas (T, n) -> ChunkResult."""
         if deltas.dim() != 2 or deltas.shape[0] == 0:
-            raise ValueError(f"elect expects stacked deltas of shape (T, n) with T >= 1, got {tuple(deltas.shape)}")
+            raise ValueError(f"cpu kernel: elect expects stacked deltas (T, n) with T >= 1, got "
+                             f"{tuple(deltas.shape)}; stack one flattened chunk per task as rows")
         src, table = _as_numpy_rows(deltas)  # (T, n)
         outputs, with_masked = self._outputs(deltas.shape[0], deltas.shape[1], unified_dtype)
         _elect_pass(src, table, self.block, self._runs(deltas.shape[1]), *outputs, with_masked)
@@ -301,15 +304,16 @@ class CpuKernel:
         num_old = packed_masks.shape[0]
         new_deltas = new_deltas.reshape(-1, n)  # (T_new, n)
         if num_old + new_deltas.shape[0] == 0:
-            raise ValueError("continual step: no stored and no new tasks to unify")
+            raise ValueError("cpu kernel: continual step with no stored and no new task; pass at least one")
         if packed_masks.shape != (num_old, -(-n // 8)):
-            raise ValueError(f"continual step: packed masks {tuple(packed_masks.shape)} do not fit {n} elements")
+            raise ValueError(f"cpu kernel: packed masks {tuple(packed_masks.shape)} do not fit {n} elements; "
+                             f"expected ({num_old}, {-(-n // 8)}), one byte per 8 elements per stored task")
         stored_u = unified.float().contiguous().reshape(-1).numpy()  # (n,)
         lam = rescalers.double().float().contiguous().numpy()  # (T_old,), float32(lambda) as the reference
         src, table = _as_numpy_rows(new_deltas)
         outputs, with_masked = self._outputs(num_old + new_deltas.shape[0], n, unified_dtype)
-        _continual_pass(stored_u, packed_masks.contiguous().numpy(), lam, src, table, self.block, self._runs(n), *outputs,
-                        with_masked)
+        stored_packed = packed_masks.contiguous().numpy()  # (T_old, n/8)
+        _continual_pass(stored_u, stored_packed, lam, src, table, self.block, self._runs(n), *outputs, with_masked)
         return self._finish(outputs, unified_dtype, with_masked)
 
     def _runs(self, n: int) -> int:

@@ -126,7 +126,7 @@ def test_bad_inputs_are_refused():
         KERNEL.elect(torch.zeros(0, 4))
     with pytest.raises(ValueError, match="packed masks"):
         KERNEL.continual(torch.zeros(16), torch.zeros((2, 1), dtype=torch.uint8), torch.ones(2), torch.zeros(1, 16))
-    with pytest.raises(ValueError, match="no stored and no new"):
+    with pytest.raises(ValueError, match="no stored and no new task"):
         KERNEL.continual(torch.zeros(16), torch.zeros((0, 2), dtype=torch.uint8), torch.ones(0), torch.zeros(0, 16))
 
 
