@@ -3,8 +3,9 @@
     python benchmarks/mini_mtil.py                       # the full config (cl_driver/configs/mini_mtil.yaml)
     python benchmarks/mini_mtil.py --config mini_mtil_quick --name mini_mtil_quick
 
-It runs `condu-cl run CONFIG --out RUN` in a child process (the path a user takes), timing its
-wall clock and CPU, then writes to benchmarks/results/:
+It runs `condu-cl run CONFIG --out RUN` in child processes (the path a user takes): by default
+two side by side, one per group of methods that share no checkpoints, merged afterwards. It times
+their wall clock and CPU, then writes to benchmarks/results/:
     NAME.json, NAME.md           the Transfer / Average / Last table of every method, the checks of
                                  issue 5's claims (each with its numbers), per-task zero-shot against
                                  chance, reconstruction fidelity per task (own step and last step),
@@ -33,18 +34,68 @@ CONTINUAL_BASELINES = ("sequential", "task_arithmetic", "magmax")
 
 # --- running ------------------------------------------------------------------------------------
 
-def run_driver(config: str, run_dir: Path, *, threads: int = 1, methods: str | None = None) -> dict:
-    """`condu-cl run` in a child process; returns its wall and CPU seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def driver_command(config: str, run_dir: Path, methods: list[str] | None) -> list[str]:
     cmd = [sys.executable, "-m", "cl_driver.cli", "run", config, "--out", str(run_dir), "--no-progress"]
-    if methods:
-        cmd += ["--methods", methods]
+    return cmd + (["--methods", ",".join(methods)] if methods else [])
+
+
+def method_groups(config: str, methods: list[str] | None, parallel: bool) -> list[list[str] | None]:
+    """One group, or two that share no checkpoints: the methods built on sequential fine-tuning
+    (sequential, MagMax; with zero-shot) and those built on fine-tunes from theta0. Each method's
+    numbers do not depend on which others run beside it, so the split only saves time."""
+    if not parallel:
+        return [methods]
+    from cl_driver.config import load_config
+
+    chosen = [m for m in load_config(config).methods if not methods or m.name in methods]
+    on_sequential = [m.name for m in chosen if m.kind in ("sequential", "magmax", "zero_shot")]
+    on_theta0 = [m.name for m in chosen if m.name not in on_sequential]
+    return [g for g in (on_theta0, on_sequential) if g] or [methods]
+
+
+def run_driver(config: str, run_dir: Path, *, threads: int = 1, methods: list[str] | None = None,
+               parallel: bool = True) -> tuple[dict, list[Path]]:
+    """`condu-cl run` in child processes (one per method group, side by side); returns the wall
+    and CPU seconds and the run folders."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    groups = method_groups(config, methods, parallel)
+    dirs = [run_dir] if len(groups) == 1 else [run_dir / f"part-{k + 1}" for k in range(len(groups))]
+    commands = [driver_command(config, d, g) for d, g in zip(dirs, groups)]
     before, began = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    children = [subprocess.Popen(cmd, cwd=ROOT, env=env) for cmd in commands]
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(f"condu-cl run failed (exit codes {codes}); rerun the same command to resume")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": time.perf_counter() - began,
-            "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "threads": threads, "command": " ".join(["condu-cl"] + cmd[3:])}
+    timing = {"wall_s": time.perf_counter() - began,
+              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+              "threads": threads, "processes": len(commands),
+              "commands": [" ".join(["condu-cl"] + cmd[3:]) for cmd in commands]}
+    return timing, dirs
+
+
+def merge_results(parts: list[dict], method_order: list[str]) -> dict:
+    """One results dict from runs of disjoint method groups over the same tasks."""
+    merged = dict(parts[0])
+    for key in ("methods", "matrices", "summary", "routing_top1", "seconds"):
+        merged[key] = {}
+        for part in parts:
+            merged[key].update(part.get(key) or {})
+    for key in ("fidelity", "stores", "cost"):
+        merged[key] = next((p[key] for p in parts if p.get(key)), {})
+    for key in ("methods", "matrices", "summary"):
+        merged[key] = {m: merged[key][m] for m in method_order if m in merged[key]}
+    return merged
+
+
+def combine_runs(dirs: list[Path], run_dir: Path, method_order: list[str]) -> None:
+    """Write run_dir/results.json (+ the driver's markdown and heat maps) from the parts."""
+    if dirs == [run_dir]:
+        return
+    from cl_driver.loop import write_outputs
+
+    parts = [json.loads((d / "results.json").read_text()) for d in dirs]
+    write_outputs(merge_results(parts, method_order), run_dir)
 
 
 # --- the checks of issue 5 ----------------------------------------------------------------------
@@ -178,8 +229,11 @@ def markdown(record: dict) -> str:
 Config: `{record['config']}` ({len(r['tasks'])} tasks: {', '.join(r['tasks'])}); model: the shipped mini CLIP
 ({record['model']}). Command: `{record['command']}`
 
-Time: {t['wall_s'] / 60:.1f} min wall clock, {t['cpu_s'] / 60:.1f} min of CPU ({t['threads']} torch thread) on
-{record['machine']}. The wall clock counts other jobs sharing the machine; CPU time is the run's own work.
+Driver runs: {'; '.join(f"`{c}`" for c in record.get('driver_commands', [])) or 'n/a'}
+
+Time: {t['wall_s'] / 60:.1f} min wall clock, {t['cpu_s'] / 60:.1f} min of CPU ({t.get('processes', 1)} process(es) of
+{t['threads']} torch thread) on {record['machine']}. The wall clock counts other jobs sharing the machine;
+CPU time is the run's own work.
 
 ## Transfer / Average / Last (%)
 
@@ -222,6 +276,7 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
     record = {
         "name": name, "config": os.path.relpath(cfg.path, ROOT), "model": os.path.relpath(cfg.model, ROOT),
         "command": f"python benchmarks/mini_mtil.py --config {config} --name {name}",
+        "driver_commands": timing.get("commands", []),
         "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), Python {platform.python_version()}",
         "timing": timing, "claims": check_claims(results), "heatmaps": heatmaps, "results": results,
     }
@@ -238,9 +293,15 @@ def main(argv=None) -> dict:
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the run (1 is fastest on a busy CPU)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the two method groups that share no checkpoints side by side (2 cores)")
     args = p.parse_args(argv)
+    from cl_driver.config import load_config
+
     run_dir = args.run_dir or ROOT / "runs" / args.name
-    timing = run_driver(args.config, run_dir, threads=args.threads, methods=args.methods)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    timing, dirs = run_driver(args.config, run_dir, threads=args.threads, methods=methods, parallel=args.parallel)
+    combine_runs(dirs, run_dir, [m.name for m in load_config(args.config).methods])
     record = collect(args.config, run_dir, args.results_dir, args.name, timing)
     print(summary_table(record["results"]) + "\n" + claims_table(record["claims"]))
     return record

@@ -77,3 +77,15 @@ def test_shipped_configs_name_the_shipped_model_and_every_method():
     assert kinds == {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu"}
     assert {m.rescaler for m in quick.methods if m.kind == "condu"} == {"model", "tensor-mean", "tensor"}
     assert any(m.agnostic for m in full.methods) and any(m.agnostic for m in quick.methods)
+
+
+def test_merging_method_groups_keeps_the_config_order():
+    bench = load_benchmark()
+    part_a = {"tasks": ["a", "b"], "methods": {"condu-model": {"kind": "condu"}}, "matrices": {"condu-model": [[1]]},
+              "summary": {"condu-model": {"last": 1}}, "fidelity": {"model": []}, "stores": {"model": {}},
+              "seconds": {"x": 1}}
+    part_b = {"tasks": ["a", "b"], "methods": {"zero_shot": {"kind": "zero_shot"}}, "matrices": {"zero_shot": [[2]]},
+              "summary": {"zero_shot": {"last": 2}}, "fidelity": {}, "stores": {}, "seconds": {"y": 2}}
+    merged = bench.merge_results([part_a, part_b], ["zero_shot", "condu-model"])
+    assert list(merged["matrices"]) == list(merged["summary"]) == ["zero_shot", "condu-model"]
+    assert merged["fidelity"] == {"model": []} and merged["seconds"] == {"x": 1, "y": 2}
