@@ -591,6 +591,22 @@ def decouple_section(res: dict) -> list[str]:
             f"and {fmt_x(res['decouple_vs_load_save'])} of safetensors load+save speed."]
 
 
+def targets_section(res: dict) -> list[str]:
+    """One line per figure of the issue: measured, target, met or not."""
+    verdict, storage = res["memory_verdict"], res["storage"]
+    worst_peak = max((v["max_peak_rss"] for v in verdict.values()), default=None)
+    flat = all(v["flat"] for v in verdict.values()) if verdict else None
+    yes = {True: "yes", False: "NO", None: "-"}
+    rows = [[f"unify T = {res['unify_speed']['tasks']}, store vs official-style", fmt_x(res["speedup"]),
+             f">= {TARGET_SPEEDUP:.0f}x", yes[None if res["speedup"] is None else res["speedup"] >= TARGET_SPEEDUP]],
+            ["peak RSS of unify and add, every T", fmt_bytes(worst_peak), "<= 1 GiB, flat in T",
+             yes[None if worst_peak is None else worst_peak <= TARGET_PEAK and flat]],
+            ["store size, every T and dtype", f"{sum(r['within_bound'] for r in storage)}/{len(storage)} within",
+             "(1 + T/32) x fp32 + 1%", yes[all(r["within_bound"] for r in storage)]],
+            ["decouple one task vs plain copy", fmt_x(res["decouple_vs_copy"]), "a large fraction", "-"]]
+    return ["## Figures against the targets", ""] + table(["figure", "measured", "target", "met"], rows)
+
+
 def markdown(res: dict) -> str:
     cfg, wl = res["config"], res["workload"]
     check = res.get("equality") or {}
@@ -603,7 +619,7 @@ def markdown(res: dict) -> str:
              f"Same answer: unified delta bit-equal to the official-style one: {check.get('unified_bit_equal', '-')}; "
              f"task 1 rebuilt by both, largest difference relative to the weights: "
              f"{check.get('task1_max_rel_error', '-')}.", ""]
-    for section in (speed_section, memory_section, storage_section, decouple_section):
+    for section in (targets_section, speed_section, memory_section, storage_section, decouple_section):
         lines += section(res) + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
@@ -622,7 +638,6 @@ def plot(res: dict, path: Path) -> None:
             label = f"{'store' if side == 'store' else 'official-style'} {op}" + (" (T-1 -> T)" if op == "add" else "")
             ax.plot(*zip(*pts), style, label=label)
     ax.axhline(TARGET_PEAK / GiB, color="grey", linestyle=":", label="1 GiB target")
-    ax.set_xscale("log", base=2)
     ticks = sorted({r["tasks"] for r in res["memory"]} | {r["add"]["tasks"] for r in res["memory"]})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("tasks T")
@@ -666,6 +681,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads in every measured process "
                    "(default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help="1M parameters, T = 2, 4, one run each, one thread")
+    p.add_argument("--from-json", help="measure nothing: write the md and png again from a saved json")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -764,6 +780,11 @@ def preload_libraries() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        write_results(res, Path(args.results_dir))
+        print(markdown(res))
+        return 0
     preload_libraries()
     THREADS[0] = args.threads or THREADS[0]
     # This process stays on one thread, so no OpenMP pool exists when it forks the measured ones.
