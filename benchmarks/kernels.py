@@ -279,10 +279,9 @@ def notes(data: dict) -> list[str]:
         out.append("- What bounds the kernel: it reads the deltas from memory once, then sweeps each "
                    "L2-resident block five times (sequential election sum, masks and magnitudes, bit packing, "
                    "and two float64 L1 reductions at half the float32 SIMD width). That in-cache work is "
-                   "compute, not bandwidth, and on this machine it takes a large share of the time next to "
-                   "the memory read (a T x 16K block that stays in L2 runs at roughly 1.5x the speed of a "
-                   "64M one). The float64 L1 sums and the bit-exact sequential sum are the price of equality "
-                   "with the reference; the copy needs neither.")
+                   "compute, not bandwidth, and it adds to the memory read; on 2 busy cores the threads also "
+                   "wait on each other at the end of every call. The float64 L1 sums and the bit-exact "
+                   "sequential sum are the price of equality with the reference; the copy needs neither.")
     reduced = [f"T = {r['tasks']}: n = {r['naive_numel'] // M}M" for r in records if r["naive_numel"] < r["numel"]]
     if reduced:
         out.append("- The naive code ran on fewer elements than the kernel (" + "; ".join(reduced) + "), to keep "
