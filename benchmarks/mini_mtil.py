@@ -256,10 +256,11 @@ right after the task's own step and after the last step.
 ## Accuracy matrices
 
 {heatmaps}
-"""
+{record.get('notes', '')}"""
 
 
-def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: dict) -> dict:
+def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: dict, *,
+            notes: str | None = None) -> dict:
     """Read the run's results.json, check the claims and write NAME.json, NAME.md and the heat maps."""
     from cl_driver.config import load_config
 
@@ -280,6 +281,8 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
         "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), Python {platform.python_version()}",
         "timing": timing, "claims": check_claims(results), "heatmaps": heatmaps, "results": results,
     }
+    if notes:
+        record["notes"] = "\n## Notes\n\n" + notes.strip() + "\n"
     (results_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     (results_dir / f"{name}.md").write_text(markdown(record))
     return record
@@ -292,6 +295,8 @@ def main(argv=None) -> dict:
     p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/NAME)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the run (1 is fastest on a busy CPU)")
+    p.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to include")
+    p.add_argument("--collect-only", action="store_true", help="rewrite the results of a finished run")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="run the two method groups that share no checkpoints side by side (2 cores)")
@@ -300,9 +305,14 @@ def main(argv=None) -> dict:
 
     run_dir = args.run_dir or ROOT / "runs" / args.name
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    timing, dirs = run_driver(args.config, run_dir, threads=args.threads, methods=methods, parallel=args.parallel)
-    combine_runs(dirs, run_dir, [m.name for m in load_config(args.config).methods])
-    record = collect(args.config, run_dir, args.results_dir, args.name, timing)
+    saved = args.results_dir / f"{args.name}.json"
+    if args.collect_only and saved.exists():
+        timing = json.loads(saved.read_text())["timing"]
+    else:
+        timing, dirs = run_driver(args.config, run_dir, threads=args.threads, methods=methods, parallel=args.parallel)
+        combine_runs(dirs, run_dir, [m.name for m in load_config(args.config).methods])
+    notes = args.notes.read_text() if args.notes and args.notes.exists() else None
+    record = collect(args.config, run_dir, args.results_dir, args.name, timing, notes=notes)
     print(summary_table(record["results"]) + "\n" + claims_table(record["claims"]))
     return record
 
