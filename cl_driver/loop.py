@@ -16,7 +16,6 @@ are reused, and a step whose store update already landed is not added twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -70,20 +69,6 @@ def needs(config: RunConfig) -> dict:
         "sequential": bool(kinds & {"sequential", "magmax"}),
         "rescalers": sorted({m.rescaler for m in config.methods if m.kind == "condu"}),
     }
-
-
-@contextlib.contextmanager
-def keep_torch_threads():
-    """Restore torch's thread count after a call that may change it.
-
-    The fusion kernels' parallel loops can reset the process-wide OpenMP thread count, and
-    torch shares it; on a busy CPU more threads than asked for slow small models down a lot.
-    """
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def store_sizes(info: dict) -> dict:
@@ -221,16 +206,15 @@ class ContinualRun:
         for rescaler in self.plan["rescalers"]:
             began = time.perf_counter()
             path = self.store_dir(rescaler)
-            with keep_torch_threads():
-                if not (path / "condu.json").exists():
-                    store = Store.unify(path, self.base_path, [ckpt], names=[name], rescaler=rescaler,
-                                        kernel=self.config.fusion_kernel)
-                else:
-                    store = Store.open(path, kernel=self.config.fusion_kernel)
-                    if name not in [t.name for t in store.tasks]:
-                        store.add(ckpt, name=name)
-                if not store.task(name).has_prototypes:
-                    store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
+            if not (path / "condu.json").exists():
+                store = Store.unify(path, self.base_path, [ckpt], names=[name], rescaler=rescaler,
+                                    kernel=self.config.fusion_kernel)
+            else:
+                store = Store.open(path, kernel=self.config.fusion_kernel)
+                if name not in [t.name for t in store.tasks]:
+                    store.add(ckpt, name=name)
+            if not store.task(name).has_prototypes:
+                store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
             self.state["seconds"][f"store/{rescaler}/{i + 1}"] = time.perf_counter() - began
             self.state["fidelity"].setdefault(rescaler, []).append(fidelity_of(store))
             self.state["stores"][rescaler] = store_sizes(store.info())
@@ -320,8 +304,7 @@ class ContinualRun:
     @staticmethod
     def load_expert(store, t: int) -> dict[str, torch.Tensor]:
         """Task t's (0-based) full model as the store decouples it."""
-        with keep_torch_threads():
-            return store.load_task(t + 1)
+        return store.load_task(t + 1)
 
     def row(self, method: MethodConfig, i: int) -> list[float]:
         if method.kind == "zero_shot":

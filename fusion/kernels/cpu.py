@@ -34,6 +34,8 @@ code next to this file (`cache=True`), so later processes start in about a secon
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 import torch
@@ -277,6 +279,24 @@ def _as_numpy_rows(tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return tensor.float().contiguous().numpy(), _NO_TABLE
 
 
+def _keeps_torch_threads(method):
+    """Restore torch's thread count after a numba parallel region.
+
+    numba's OpenMP layer and torch share libgomp's process-wide thread count; a parallel region
+    can raise it behind torch's back, and a busy CPU then slows every later torch op.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 class CpuKernel:
     """Fused, block-chunked elect and continual step on CPU threads (numba)."""
 
@@ -287,6 +307,7 @@ class CpuKernel:
             raise ValueError(f"cpu kernel: block must be a positive multiple of 8, got {block}")
         self.block = block
 
+    @_keeps_torch_threads
     def elect(self, deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
         """Same as fusion.reference.elect: stacked deltas (T, n) -> ChunkResult."""
         if deltas.dim() != 2 or deltas.shape[0] == 0:
@@ -297,6 +318,7 @@ class CpuKernel:
         _elect_pass(src, table, self.block, self._runs(deltas.shape[1]), *outputs, with_masked)
         return self._finish(outputs, unified_dtype, with_masked)
 
+    @_keeps_torch_threads
     def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
                   new_deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
         """Same as fusion.reference.continual_chunk: rebuild the stored tasks, unify them with the new."""

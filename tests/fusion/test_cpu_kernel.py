@@ -147,3 +147,16 @@ def test_unify_and_add_through_the_engine(deltas_list, chunk):
             assert torch.equal(cpu.unified[name].view(torch.int32), ref.unified[name].view(torch.int32))
             assert torch.equal(cpu.masks[name], ref.masks[name])
         torch.testing.assert_close(cpu.rescalers, ref.rescalers, rtol=1e-12, atol=0)
+
+
+def test_kernel_leaves_torch_thread_count_alone():
+    # numba's OpenMP regions share libgomp's thread count with torch; the kernel restores it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        deltas = torch.randn(4, 50_000)
+        result = KERNEL.elect(deltas)
+        KERNEL.continual(result.unified, result.packed_masks, torch.ones(4), deltas[:1])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
