@@ -14,13 +14,14 @@ from hypothesis import given
 
 import fusion
 from fusion import Store, StoreLockedError
+from fusion.testing.vectors import requires_vectors, vectors_dir
 from fusion.fidelity import chunk_sums, chunk_sums_fast, finish
 from fusion.rebuild import rebuild_flat, rebuild_flat_fast, subtract_
 from fusion.reference import pack_bits
 from fusion.testing.strategies import deltas as delta_rows
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "condu-v1"
+VECTORS = vectors_dir()
 MODES = ["model", "tensor-mean", "tensor"]
 OPTS = dict(kernel="reference", chunk=16)  # small chunks: tensors span several chunks
 
@@ -65,7 +66,7 @@ def _assert_matches_state(store, state, names):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not VECTORS.is_dir(), reason="conformance vectors not found")
+@requires_vectors()
 @pytest.mark.parametrize("mode", MODES)
 def test_conformance_vectors_through_the_store(tmp_path, mode):
     base = load_file(VECTORS / "base.safetensors")

@@ -21,17 +21,16 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-from safetensors.torch import load_file
 
-from fusion import add, get_kernel, reference, task_delta, unify
+from fusion import add, get_kernel, reference, unify
 from fusion.testing.strategies import FLOAT_DTYPES, deltas
+from fusion.testing.vectors import MODES, assert_rebuilds_match, assert_unified_matches, requires_vectors, vector_deltas
 
 triton = pytest.importorskip("triton")  # before the variable is set: see the module docstring
 
 MODULE = "fusion.kernels.triton_kernels"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "condu-v1"
 UNIFIED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKS = (8, 16, 32, 64)
 
@@ -236,49 +235,21 @@ def test_dispatch_loads_this_kernel():
         assert get_kernel(device="cuda") is tk.KERNEL
 
 
-# The conformance vectors (shared/vectors/condu-v1), through the triton kernel; the loading
-# follows tests/fusion/test_conformance.py.
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason=f"conformance vectors not found at {VECTORS}")
-MODES = ["model", "tensor-mean", "tensor"]
-
-
-def _vector_deltas():
-    base = load_file(VECTORS / "base.safetensors")
-    return [task_delta(base, load_file(VECTORS / f"task{i}.safetensors")) for i in range(1, 5)]
-
-
-def _expected_rescalers(mode: str, step: str, names: list[str]) -> torch.Tensor:
-    raw = json.loads((VECTORS / "expected" / "rescalers.json").read_text())[f"{mode}/{step}"]["rescalers"]
-    rows = [[r[name] for name in names] if isinstance(r, dict) else [r] * len(names) for r in raw]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def _assert_rebuilds(state, mode: str, step: str, num_tasks: int) -> None:
-    for i in range(num_tasks):
-        expected = load_file(VECTORS / "expected" / f"{mode}_{step}_task{i + 1}.safetensors")
-        rebuilt = state.decouple(i)
-        assert set(rebuilt) == set(expected)
-        for name, tensor in expected.items():
-            torch.testing.assert_close(rebuilt[name], tensor, rtol=1e-6, atol=1e-7, msg=f"task {i + 1} {name}")
-    torch.testing.assert_close(state.rescalers, _expected_rescalers(mode, step, state.names), rtol=1e-6, atol=1e-9)
-
-
-@needs_vectors
+# The conformance vectors (shared/vectors/condu-v1), through the triton kernel.
+@requires_vectors()
 @pytest.mark.parametrize("mode", MODES)
 def test_conformance_oneshot(mode):
-    state = unify(_vector_deltas()[:3], mode=mode, kernel="triton", chunk=40)
-    unified = load_file(VECTORS / "expected" / f"{mode}_oneshot123_unified.safetensors")
-    for name, tensor in unified.items():
-        torch.testing.assert_close(state.unified[name].reshape(tensor.shape), tensor, rtol=0, atol=0)
-    _assert_rebuilds(state, mode, "oneshot123", 3)
+    state = unify(vector_deltas()[:3], mode=mode, kernel="triton", chunk=40)
+    assert_unified_matches(state, mode)
+    assert_rebuilds_match(state, mode, "oneshot123")
 
 
-@needs_vectors
+@requires_vectors()
 @pytest.mark.parametrize("mode", MODES)
 def test_conformance_continual_step(mode):
-    deltas_ = _vector_deltas()
+    deltas_ = vector_deltas()
     state = add(unify(deltas_[:3], mode=mode, kernel="triton"), deltas_[3], kernel="triton", chunk=24)
-    _assert_rebuilds(state, mode, "add4", 4)
+    assert_rebuilds_match(state, mode, "add4")
 
 
 def test_gpu_benchmark_script_reports_a_wrong_kernel(tmp_path, monkeypatch):
