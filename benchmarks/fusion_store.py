@@ -545,12 +545,18 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def run_times(side: dict) -> str:
+    return ", ".join(f"{r['seconds']:.2f}" for r in side.get("runs", []) if "seconds" in r) or "-"
+
+
 def speed_section(res: dict) -> list[str]:
     u = res["unify_speed"]
     rows = [[f"unify, T = {u['tasks']}", side_cell(u["store"], "seconds", fmt_s),
              side_cell(u["official"], "seconds", fmt_s), fmt_x(res["speedup"]), f">= {TARGET_SPEEDUP:.0f}x"]]
     return ["## Unify speed (read, fuse, write, fsync)", ""] + table(
-        ["operation", "store", "official-style", "speed-up", "target"], rows)
+        ["operation", "store", "official-style", "speed-up", "target"], rows) + [
+        "", f"Every run, in order (s): store {run_times(u['store'])}; official-style {run_times(u['official'])}. "
+            "The speed-up is the ratio of the medians."]
 
 
 def memory_section(res: dict) -> list[str]:
@@ -588,7 +594,10 @@ def decouple_section(res: dict) -> list[str]:
             for name in ("decouple", "copy", "load_save")]
     return ["## Decouple one task to a safetensors file (synced)", ""] + table(["operation", "time", "peak RSS"], rows) + [
         "", f"Decouple runs at {fmt_x(res['decouple_vs_copy'])} of plain copy speed "
-            f"and {fmt_x(res['decouple_vs_load_save'])} of safetensors load+save speed."]
+            f"and {fmt_x(res['decouple_vs_load_save'])} of safetensors load+save speed. "
+            "What bounds it: a copy reads one checkpoint and writes one; decouple reads two "
+            "checkpoint-sized inputs (the base and the unified delta) plus the task's mask bits, "
+            "computes theta0 + lambda * M * u, and writes one."]
 
 
 def targets_section(res: dict) -> list[str]:
