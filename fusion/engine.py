@@ -51,6 +51,13 @@ def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield lo, min(lo + chunk, numel)
 
 
+def _check_representable(spec: TensorSpec, unified: torch.Tensor) -> None:
+    """A unified delta beyond its storage dtype's range would rebuild as inf/NaN: refuse it."""
+    if not torch.isfinite(unified).all():
+        raise ValueError(f"tensor {spec.name!r}: its unified delta overflows {str(spec.unified_dtype).removeprefix('torch.')}; "
+                         "store it in float32 (dtype=torch.float32, or --dtype float32)")
+
+
 def fuse_pass(
     specs: Sequence[TensorSpec],
     *,
@@ -83,7 +90,8 @@ def fuse_pass(
             assert result.delta_l1.shape == (num_tasks,), "task count of the pass changed mid-way"
             delta_l1[:, k] += result.delta_l1
             masked_l1[:, k] += result.masked_l1
-            emit(spec.name, lo, hi, result)
+            emit(spec.name, lo, hi, result)  # the sink checks its inputs first: it names their files
+            _check_representable(spec, result.unified)
             if progress is not None:
                 progress(hi - lo)
     return L1Tables(delta_l1, masked_l1)

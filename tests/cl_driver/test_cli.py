@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from cl_driver.cli import main
 
-from conftest import tiny_config_dict
+from tests.cl_driver.helpers import tiny_config_dict
 
 
 def test_run_then_report(tiny_model, tiny_data, tmp_path):

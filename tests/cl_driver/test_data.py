@@ -8,7 +8,7 @@ from PIL import Image
 from cl_driver.config import TaskConfig
 from cl_driver.data import as_dataset, folder_split, load_split, resolve_task, subset
 
-from conftest import SIDE, TASKS, TEMPLATES, write_task_folder
+from tests.cl_driver.helpers import SIDE, TASKS, TEMPLATES, write_task_folder
 
 
 def test_folder_split_maps_folders_to_class_names(tmp_path):

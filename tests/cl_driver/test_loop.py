@@ -14,7 +14,7 @@ from cl_driver.models import clip_logits, load_clip, load_weights, text_classifi
 from cl_driver.prototypes import compute_prototypes, dataset_features, routing_weights
 from fusion import Store
 
-from conftest import TASKS, tiny_config_dict
+from tests.cl_driver.helpers import TASKS, tiny_config_dict
 
 T = len(TASKS)
 

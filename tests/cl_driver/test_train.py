@@ -7,7 +7,7 @@ from cl_driver.data import TaskSpec, as_dataset, folder_split
 from cl_driver.models import load_clip, state_dict_cpu
 from cl_driver.train import cosine_with_warmup, finetune, select_trainable
 
-from conftest import SIDE, TASKS, TEMPLATES, write_task_folder
+from tests.cl_driver.helpers import SIDE, TASKS, TEMPLATES, write_task_folder
 
 
 def test_cosine_schedule_with_warmup():

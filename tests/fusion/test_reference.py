@@ -280,3 +280,11 @@ def test_add_rejects_bad_keep_indices():
     for keep in ([2], [-1], [0, 0]):
         with pytest.raises(ValueError, match="distinct task indices from 0 to 1"):
             add(state, (), keep=keep, kernel="reference")
+
+
+def test_a_unified_delta_that_overflows_its_dtype_is_refused():
+    # 1e5 is beyond float16's range (65504): stored as inf it would rebuild as inf or NaN.
+    deltas = [{"w": torch.tensor([1e5, 1.0])}]
+    with pytest.raises(ValueError, match=r"'w'.*overflows float16.*float32"):
+        unify(deltas, dtypes={"w": torch.float16}, kernel="reference")
+    assert unify(deltas, dtypes={"w": torch.float32}, kernel="reference").unified["w"][0] == 1e5
