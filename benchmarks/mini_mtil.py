@@ -277,7 +277,7 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
     record = {
         "name": name, "config": os.path.relpath(cfg.path, ROOT), "model": os.path.relpath(cfg.model, ROOT),
         "command": f"python benchmarks/mini_mtil.py --config {config} --name {name}",
-        "driver_commands": timing.get("commands", []),
+        "driver_commands": [c.replace(str(ROOT) + os.sep, "") for c in timing.get("commands", [])],
         "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), Python {platform.python_version()}",
         "timing": timing, "claims": check_claims(results), "heatmaps": heatmaps, "results": results,
     }
