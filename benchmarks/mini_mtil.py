@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cl_driver.loop import fidelity_table  # noqa: E402  (after the path: runs from a checkout)
+
 CONTINUAL_BASELINES = ("sequential", "task_arithmetic", "magmax")
 
 
@@ -189,17 +191,6 @@ def zero_shot_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fidelity_table(results: dict) -> str:
-    lines = ["| rescaler | task | cosine, own step | rel. error, own step | cosine, last step | rel. error, last step |",
-             "|---|---|---:|---:|---:|---:|"]
-    for rescaler, rows in results.get("fidelity", {}).items():
-        for r in rows:
-            own, end = r["own_step"], r["last_step"]
-            lines.append(f"| {rescaler} | {r['task']} | {own['cosine']:.4f} | {own['rel_l2']:.4f} | "
-                         f"{end['cosine']:.4f} | {end['rel_l2']:.4f} |")
-    return "\n".join(lines) + "\n"
-
-
 def storage_table(results: dict) -> str:
     """ConDU keeps theta0 once plus the store; T separate models are T full checkpoints (and
     theta0 too, for zero-shot on unseen tasks)."""
@@ -249,7 +240,7 @@ CPU time is the run's own work.
 Cosine and relative L2 error of the reconstruction against the task's own fine-tuned delta,
 right after the task's own step and after the last step.
 
-{fidelity_table(r)}
+{fidelity_table(r.get("fidelity", {}))}
 ## Storage: the ConDU store against T separate models
 
 {storage_table(r)}
