@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -337,8 +338,8 @@ class _Stats:
     def count(self, packed: torch.Tensor) -> None:
         self.bits += _popcount(packed)  # (T,)
 
-    def measure(self, task: int, k: int, unified: torch.Tensor, packed: torch.Tensor, original: torch.Tensor) -> None:
-        self.sums[task, k] += chunk_sums_fast(unified, packed, original)
+    def add(self, task: int, k: int, sums: torch.Tensor) -> None:
+        self.sums[task, k] += sums  # (NUM_SUMS,) of one chunk, from fusion.fidelity.chunk_sums_fast
 
     def fidelity(self, task: int, rescalers: torch.Tensor) -> tuple[float, float | None]:
         """cosine and relative L2 of lambda * M * u against the original delta."""
@@ -418,6 +419,11 @@ def _check_finite(new: list[_NewTask], name: str, delta_l1: torch.Tensor) -> Non
                              "fix or re-export the checkpoint")
 
 
+# Threads that read new checkpoints' chunks side by side: the copies out of the page cache, not
+# the fusion, bound a store pass on a small machine.
+_READER_THREADS = min(4, os.cpu_count() or 1)
+
+
 class _PassIO:
     """The callbacks of fuse_pass: read checkpoints and the old generation lazily, write the sink."""
 
@@ -428,6 +434,7 @@ class _PassIO:
         largest = max((t.numel for t in inp.fused), default=0)
         self.buffer = torch.empty(len(inp.new) * min(inp.chunk, largest))  # new deltas, reused every chunk
         self.base_key, self.base, self.fresh = None, None, None
+        self.readers = ThreadPoolExecutor(max_workers=_READER_THREADS, thread_name_prefix="condu-read")
 
     def base_flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """theta0 on [lo, hi) in float32, read once per chunk: `(n,)`."""
@@ -437,11 +444,17 @@ class _PassIO:
 
     def new_deltas(self, name: str, lo: int, hi: int) -> torch.Tensor:
         rows = self.buffer[: len(self.inp.new) * (hi - lo)].view(len(self.inp.new), hi - lo)  # (T_new, n)
-        for task, row in zip(self.inp.new, rows):
+        base = self.base_flat(name, lo, hi)  # read before the readers share it
+
+        def load(task: _NewTask, row: torch.Tensor) -> None:
             if name in task.zero:
                 row.zero_()
             else:
-                subtract_(task.checkpoint.read_flat_into(name, lo, hi, row), self.base_flat(name, lo, hi))
+                subtract_(task.checkpoint.read_flat_into(name, lo, hi, row), base)
+
+        # Each task reads its own file into its own row; preadv and numpy release the GIL, so the
+        # page-cache copies of different tasks run on different cores.
+        list(self.readers.map(load, self.inp.new, rows))
         self.fresh = rows
         return rows
 
@@ -457,8 +470,14 @@ class _PassIO:
         _check_finite(self.inp.new, name, result.delta_l1[self.t_old:])
         self.sink.write(name, result, spec.unified_dtype)
         self.stats.count(result.packed_masks)
-        for i, original in self._originals(name, lo, hi).items():
-            self.stats.measure(i, k, result.unified, result.packed_masks[i], original)
+        originals = list(self._originals(name, lo, hi).items())
+        unified, masks = result.unified.contiguous(), result.packed_masks
+
+        def sums(item: tuple[int, torch.Tensor]) -> torch.Tensor:
+            return chunk_sums_fast(unified, masks[item[0]], item[1])
+
+        for (i, _), chunk_sums in zip(originals, self.readers.map(sums, originals)):  # numba, no GIL
+            self.stats.add(i, k, chunk_sums)
 
     def _originals(self, name: str, lo: int, hi: int) -> dict[int, torch.Tensor]:
         """Original deltas on [lo, hi) of the tasks whose fine-tune is at hand, by row of the pass."""
@@ -482,6 +501,7 @@ def _run_pass(inp: _PassInput, sink: _Sink, progress: bool) -> tuple[torch.Tenso
                            stored=None if inp.old is None else io.stored, kernel=inp.kernel, chunk=inp.chunk,
                            progress=bar.update if bar else None)
     finally:
+        io.readers.shutdown()
         if bar:
             bar.close()
     numels = torch.tensor([t.numel for t in inp.fused])
