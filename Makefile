@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 export TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo test bench
 install: .venv/.installed
 
 # torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
@@ -18,9 +18,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
-
-test-slow: install
-	$(PY) -m pytest -q -m slow
 
 bench: install
 	$(PY) benchmarks/kernels.py
