@@ -9,7 +9,7 @@ from .fuse import FusedDeltas, add, apply_delta, is_fusable, remove, task_delta,
 from .kernels import KERNELS, get_kernel
 from .reference import ChunkResult, pack_bits, unpack_bits
 from .rescale import RESCALER_MODES, compute_rescalers
-from .store import Store, StoreLockedError, TaskRecord
+# store: being rewritten
 from . import io
 
 __version__ = "0.1.0"

@@ -1,31 +1,34 @@
 """`condu-fuse`: the ConDU store from the command line, a thin layer over `fusion.Store`.
 
-    condu-fuse unify --base BASE [--store DIR] [--rescaler model|tensor-mean|tensor] CKPT...
-    condu-fuse add [--store DIR] CKPT [--name NAME]
-    condu-fuse decouple --task N|NAME [--store DIR] -o OUT
-    condu-fuse remove --task N|NAME [--store DIR]
-    condu-fuse info [--store DIR] [--json]
-    condu-fuse verify [--store DIR]
+    condu-fuse unify --base BASE CKPT...          a store from one-shot unify (default ./condu-store)
+    condu-fuse add CKPT [--name NAME]             the continual step
+    condu-fuse decouple --task N|NAME [-o OUT]    a task's full model (default: ./<name>/)
+    condu-fuse remove --task N|NAME               drop a task; the others keep their numbers
+    condu-fuse info [--json]                      tasks, rescalers, fidelity, sizes
+    condu-fuse verify [--json]                    read everything, check every block, per task
+    condu-fuse set-base PATH                      point the store at a moved base (same content)
+    condu-fuse repair                             restore condu.json from its backup
+    condu-fuse migrate                            a version 1 store to version 2
 
 Each command parses, makes one library call and prints. Errors print one line on stderr,
-`condu-fuse: error: ...`, and exit with status 1.
+`condu-fuse: error: ...`, and exit with status 1. The library is imported inside the commands,
+so `condu-fuse --help` starts at once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 
 import click
 
-from . import __version__
-from .kernels import KERNELS
-from .rescale import RESCALER_MODES
-from .store import PASS_ELEMENTS, Store
+from .constants import KERNELS, MISSING_MODES, RESCALER_MODES
 
 DEFAULT_STORE = "./condu-store"
 DTYPES = ("float32", "float16", "bfloat16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
 def _fail(message: str) -> None:
@@ -34,7 +37,7 @@ def _fail(message: str) -> None:
 
 
 def _one_line_errors(command):
-    """Turn the library's ValueError/OSError into one clear line on stderr and exit status 1."""
+    """The library's ValueError/OSError as one clear line on stderr and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -55,6 +58,26 @@ def _quiet_option(command):
     return click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars.")(command)
 
 
+def _task_option(command):
+    return click.option("--task", required=True, help="Task number or name (see `condu-fuse info`).")(command)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `5GB`, `500MiB`, `2G` or a plain number (decimal units are powers of 1000)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size; use e.g. 5GB, 500MiB or 1000000")
+    number, unit = float(match[1]), (match[2] or "B").upper()
+    power = "BKMGT".index(unit[0])
+    return int(number * (1024 if "I" in unit else 1000) ** power)
+
+
+def _open(store: str):
+    from .store import Store
+
+    return Store.open(store)
+
+
 def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
@@ -70,95 +93,104 @@ def _rescaler_text(rescaler) -> str:
     return f"{rescaler:.4f}"
 
 
-def _fidelity_text(fidelity: dict) -> tuple[str, str]:
-    rel = fidelity.get("rel_l2")
-    return f"{fidelity['cosine']:.4f}", "-" if rel is None else f"{rel:.4f}"
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_info(info: dict) -> str:
     """The readable table `condu-fuse info` prints."""
-    lines = [f"store       {info['store']}  (generation {info['generation']})",
-             f"base        {info['base']['path']}",
-             f"rescaler    {info['rescaler']}    fused: {info['tensors']} tensors, {info['fused_parameters']:,} parameters",
+    base = info["base"]
+    lines = [f"store       {info['store']}  (generation {info['generation']}, format v{info['version']})",
+             f"base        {base['path']}" + (f"  ({base['hub']})" if base.get("hub") else ""),
+             f"rescaler    {info['rescaler']}    fused: {info['tensors']} tensors, {info['fused_parameters']:,} "
+             f"parameters, unified delta in {', '.join(info['unified_dtypes'])}",
              "",
-             f"{'#':>3}  {'name':<24} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} {'at gen':>6}  private"]
+             f"{'#':>3}  {'name':<24} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} {'at gen':>6}  kept with it"]
     for t in info["tasks"]:
-        cosine, rel = _fidelity_text(t["fidelity"])
-        private = ", ".join(t["private"]) or "-"
-        lines.append(f"{t['index']:>3}  {t['name']:<24} {_rescaler_text(t['rescaler']):<26} {t['mask_density']:>8.3f} "
-                     f"{cosine:>8} {rel:>8} {t['fidelity']['generation']:>6}  {private}")
+        kept = [*(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
+                *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"])]
+        lines.append(f"{t['number']:>3}  {t['name']:<24} {_rescaler_text(t['rescaler']):<26} {t['mask_density']:>8.3f} "
+                     f"{_number(t['fidelity']['cosine']):>8} {_number(t['fidelity']['rel_l2']):>8} "
+                     f"{t['fidelity']['generation']:>6}  {', '.join(kept) or '-'}")
     sizes = info["sizes"]
     lines += ["",
               f"size        {_size(sizes['total'])}: unified {_size(sizes['unified'])}, triggers {_size(sizes['triggers'])}, "
-              f"private {_size(sizes['private'])}, prototypes {_size(sizes['prototypes'])}",
+              f"private {_size(sizes['private'])}, files {_size(sizes['files'])}, attachments {_size(sizes['attachments'])}",
               f"vs {len(info['tasks'])} separate checkpoints: {_size(info['separate_checkpoints_bytes'])}"
               + (f"  ({info['savings']:.2f}x smaller)" if info["savings"] else "")]
     return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version=__version__, message="condu-fuse %(version)s")
+@click.version_option(package_name="condu", message="condu-fuse %(version)s")
 def main():
     """ConDU model fusion: one unified delta plus a bit mask and a rescaler per task."""
 
 
 @main.command()
-@click.option("--base", required=True, type=click.Path(exists=True), help="The pre-trained checkpoint (file or folder).")
+@click.option("--base", required=True, help="The pre-trained checkpoint (a .safetensors file or a model folder).")
 @_store_option
 @click.option("--rescaler", type=click.Choice(RESCALER_MODES), default="model", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Unified delta dtype (default: the base's).")
-@click.option("--missing", type=click.Choice(["error", "zero"]), default="error", show_default=True,
+@click.option("--missing", type=click.Choice(MISSING_MODES), default="error", show_default=True,
               help="A base tensor a checkpoint lacks: an error, or an unchanged tensor.")
 @click.option("--name", "names", multiple=True, help="Task names, one per checkpoint (default: their names).")
 @click.option("--kernel", type=click.Choice(KERNELS), default=None, help="Fusion kernel (default: fastest).")
-@click.option("--chunk", type=int, default=None,
-              help=f"Elements per chunk and task (default: {PASS_ELEMENTS:,} shared by the tasks).")
+@click.option("--chunk", type=click.IntRange(min=8), default=None,
+              help="Elements per chunk and task (default: 4Mi shared by the tasks).")
 @_quiet_option
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("checkpoints", nargs=-1, required=True)
 @_one_line_errors
 def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, quiet, checkpoints):
     """Create a store from BASE and one or more checkpoints (one-shot unify)."""
+    from .store import Store
+
     result = Store.unify(store, base, checkpoints, names=list(names) or None, rescaler=rescaler, dtype=dtype,
                          missing=missing, kernel=kernel, chunk=chunk, progress=not quiet)
-    click.echo(f"unified {len(result.tasks)} task(s) into {store}")
+    tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
+    click.echo(f"unified {len(result.tasks)} task(s) into {store}: {tasks}")
 
 
 @main.command()
 @_store_option
 @click.option("--name", default=None, help="Task name (default: the checkpoint's name).")
+@click.option("--missing", type=click.Choice(MISSING_MODES), default=None,
+              help="A base tensor the checkpoint lacks (default: the store's setting).")
 @_quiet_option
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint")
 @_one_line_errors
-def add(store, name, quiet, checkpoint):
+def add(store, name, missing, quiet, checkpoint):
     """Add CHECKPOINT as a new task: the ConDU continual step."""
-    record = Store.open(store).add(checkpoint, name=name, progress=not quiet)
-    click.echo(f"added task {record.index} ({record.name}) to {store}")
+    record = _open(store).add(checkpoint, name=name, missing=missing, progress=not quiet)
+    zero = f"; {len(record.zero_filled)} tensor(s) it lacks counted as unchanged" if record.zero_filled else ""
+    click.echo(f"added task {record.number} ({record.name}) to {store}{zero}")
 
 
 @main.command()
-@click.option("--task", required=True, help="Task number (from 1) or name.")
+@_task_option
 @_store_option
-@click.option("-o", "--out", required=True, type=click.Path(), help="OUT.safetensors, or a model folder.")
+@click.option("-o", "--out", default=None, help="OUT.safetensors, or a model folder (default: ./<task name>/).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Output dtype (default: the base's).")
+@click.option("--force/--no-force", default=False, help="Replace an existing output (never the store, base or sources).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MiB.")
 @_quiet_option
 @_one_line_errors
-def decouple(task, store, out, dtype, quiet):
+def decouple(task, store, out, dtype, force, max_shard_size, quiet):
     """Rebuild one task's full model."""
-    path = Store.open(store).decouple(task, out, dtype=dtype, progress=not quiet)
+    path = _open(store).decouple(task, out, dtype=dtype, force=force, progress=not quiet,
+                                 max_shard_size=parse_size(max_shard_size))
     click.echo(f"wrote {path}")
 
 
 @main.command()
-@click.option("--task", required=True, help="Task number (from 1) or name.")
+@_task_option
 @_store_option
 @_quiet_option
 @_one_line_errors
 def remove(task, store, quiet):
-    """Drop a task and re-unify the others."""
-    opened = Store.open(store)
-    name = opened.task(task).name
-    opened.remove(task, progress=not quiet)
-    click.echo(f"removed task {name} from {store}")
+    """Drop a task and re-unify the others; they keep their numbers."""
+    gone = _open(store).remove(task, progress=not quiet)
+    click.echo(f"removed task {gone.number} ({gone.name}) from {store}")
 
 
 @main.command()
@@ -167,21 +199,61 @@ def remove(task, store, quiet):
 @_one_line_errors
 def info(store, as_json):
     """Tasks, rescalers, mask density, fidelity, sizes and savings."""
-    report = Store.open(store).info()
+    report = _open(store).info()
     click.echo(json.dumps(report, indent=2) if as_json else format_info(report))
 
 
 @main.command()
 @_store_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_one_line_errors
-def verify(store):
-    """Check every file's sha256 and the manifest's consistency."""
-    problems = Store.open(store).verify()
-    for problem in problems:
-        click.echo(problem)
-    if problems:
-        _fail(f"{len(problems)} problem(s) in {store}")
-    click.echo(f"{store}: ok")
+def verify(store, as_json):
+    """Read every file and the base, check every block; say what is whole, per task."""
+    health = _open(store).verify()
+    if as_json:
+        click.echo(json.dumps({"ok": health.ok, "shared": health.shared,
+                               "tasks": [{"number": t.number, "name": t.name, "problems": p} for t, p in health.tasks]},
+                              indent=2))
+    else:
+        for problem in health.shared:
+            click.echo(f"every task: {problem}")
+        for task, problems in health.tasks:
+            state = "whole" if health.whole(task) else "DAMAGED" if problems else "lost with the shared damage"
+            click.echo(f"task {task.number} ({task.name}): {state}" + "".join(f"\n    {p}" for p in problems))
+    if not health.ok:
+        _fail(f"{len(health.problems)} problem(s) in {store}")
+    if not as_json:
+        click.echo(f"{store}: ok")
+
+
+@main.command("set-base")
+@click.argument("path")
+@_store_option
+@_one_line_errors
+def set_base(path, store):
+    """Point the store at its base in a new place; accepted only if the content is the same."""
+    _open(store).set_base(path)
+    click.echo(f"{store}: base is now {path}")
+
+
+@main.command()
+@_store_option
+@_one_line_errors
+def repair(store):
+    """Restore condu.json from condu.backup.json when only the main copy is damaged."""
+    from .store import Store
+
+    click.echo(Store.repair(store))
+
+
+@main.command()
+@_store_option
+@_one_line_errors
+def migrate(store):
+    """Rewrite a version 1 store as version 2 (checked first, in place)."""
+    from .store.migrate import migrate as run
+
+    click.echo(run(store))
 
 
 if __name__ == "__main__":

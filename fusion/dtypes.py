@@ -106,7 +106,7 @@ def from_float32(x: np.ndarray, dtype: DType, *, out: np.ndarray | None = None) 
         return _float32_to_bf16(x, out)
     with np.errstate(over="ignore"):  # beyond float16's range is inf, as in torch; callers check
         if out is None:
-            return x.astype(dtype.storage)
+            return x.astype(dtype.storage, copy=False)  # float32 to float32 is the array itself
         np.copyto(out, x, casting="unsafe")
     return out
 

@@ -1,9 +1,10 @@
 """Tiny checkpoints on disk for store and I/O tests: a base, fine-tunes of it, in every layout.
 
-Layouts: `file` (one .safetensors), `folder` (a Hugging Face folder with model.safetensors and
-a config.json), `sharded` (model-0000k-of-0000n.safetensors plus model.safetensors.index.json).
-Values are small integers times 2**-6 so deltas are exact in every float dtype and hold exact
-zeros and sign ties.
+Layouts: `file` (one .safetensors), `folder` (a Hugging Face folder with model.safetensors, a
+config.json and a tokenizer_config.json), `sharded` (model-0000k-of-0000n.safetensors plus
+model.safetensors.index.json). Values are small integers times 2**-6, so deltas are exact in
+every float dtype and hold exact zeros and sign ties. Arrays are numpy float32 (int64 for the
+`position_ids` buffer); `write_checkpoint` stores float tensors in any dtype, bfloat16 included.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
+
+from ..dtypes import DType, dtype_of, from_float32, parse_dtype
+from ..io import SafetensorsWriter
 
 __all__ = ["SHAPES", "tiny_base", "tiny_finetune", "write_checkpoint", "snapshot"]
 
@@ -23,53 +26,63 @@ SHAPES = {"embed.weight": (12, 8), "layer.0.weight": (8, 8), "layer.0.bias": (8,
           "head.weight": (3, 8)}
 
 
-def tiny_base(*, seed: int = 0, dtype: torch.dtype = torch.float32, shapes: Mapping[str, tuple] = SHAPES,
-              buffers: bool = True) -> dict[str, torch.Tensor]:
-    """A base state dict: float tensors of `shapes` and an int64 `position_ids` buffer."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {name: (torch.randint(-64, 65, shape, generator=gen).float() / 64).to(dtype) for name, shape in shapes.items()}
+def tiny_base(*, seed: int = 0, shapes: Mapping[str, tuple] = SHAPES, buffers: bool = True) -> dict[str, np.ndarray]:
+    """A base state dict: float32 tensors of `shapes` and an int64 `position_ids` buffer."""
+    rng = np.random.default_rng(seed)
+    tensors = {name: (rng.integers(-64, 65, shape) / 64).astype(np.float32) for name, shape in shapes.items()}
     if buffers:
-        tensors["position_ids"] = torch.arange(6)
+        tensors["position_ids"] = np.arange(6, dtype=np.int64)
     return tensors
 
 
-def tiny_finetune(base: Mapping[str, torch.Tensor], *, seed: int, dtype: torch.dtype | None = None,
-                  zero_fraction: float = 0.3) -> dict[str, torch.Tensor]:
+def tiny_finetune(base: Mapping[str, np.ndarray], *, seed: int, zero_fraction: float = 0.3) -> dict[str, np.ndarray]:
     """base + a sparse delta of small multiples of 2**-6 on every float tensor; buffers copied."""
-    gen = torch.Generator().manual_seed(1000 + seed)
+    rng = np.random.default_rng(1000 + seed)
     out = {}
     for name, t in base.items():
-        if not t.is_floating_point():
-            out[name] = t.clone()
+        if t.dtype.kind != "f":
+            out[name] = t.copy()
             continue
-        delta = torch.randint(-8, 9, t.shape, generator=gen).float() / 64
-        delta = torch.where(torch.rand(t.shape, generator=gen) < zero_fraction, 0.0, delta)
-        out[name] = (t.float() + delta).to(dtype or t.dtype)
+        delta = rng.integers(-8, 9, t.shape) / 64
+        delta = np.where(rng.random(t.shape) < zero_fraction, 0.0, delta)
+        out[name] = (t + delta).astype(np.float32)
     return out
 
 
-def write_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *, layout: str = "file",
-                     shards: int = 2) -> Path:
+def _write_file(tensors: Mapping[str, np.ndarray], path: Path, dtype: DType | None, metadata=None) -> None:
+    """Float tensors in `dtype` (default: as they are), others as they are."""
+    def stored(array):
+        kind = dtype_of(array)
+        return (dtype, from_float32(array.astype(np.float32), dtype)) if dtype and kind.is_float else (kind, array)
+
+    items = {name: stored(np.ascontiguousarray(a)) for name, a in tensors.items()}
+    with SafetensorsWriter(path, [(n, d, a.shape) for n, (d, a) in items.items()], metadata=metadata,
+                           checksums=False) as writer:
+        for name, (_, array) in items.items():
+            writer.write(name, array)
+
+
+def write_checkpoint(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, layout: str = "file",
+                     shards: int = 2, dtype=None) -> Path:
     """Write `tensors` as one file, a model folder, or a sharded model folder with an index."""
-    path = Path(path)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    path, dtype = Path(path), parse_dtype(dtype) if dtype is not None else None
     if layout == "file":
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path))
+        _write_file(tensors, path, dtype)
         return path
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"model_type": "tiny", "hidden_size": 8}))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 6}))
     if layout == "folder":
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        _write_file(tensors, path / "model.safetensors", dtype, {"format": "pt"})
         return path
     assert layout == "sharded", f"unknown layout {layout!r}"
     names = list(tensors)
-    groups = [names[k::shards] for k in range(shards)]
     weight_map = {}
-    for k, group in enumerate(groups):
+    for k in range(shards):
         file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in group}, str(path / file), metadata={"format": "pt"})
+        group = names[k::shards]
+        _write_file({n: tensors[n] for n in group}, path / file, dtype, {"format": "pt"})
         weight_map.update({n: file for n in group})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path

@@ -1,0 +1,207 @@
+"""A checkpoint on disk: one `.safetensors` file or a Hugging Face model folder, read lazily.
+
+A folder holds `model.safetensors`, or shards listed by `model.safetensors.index.json`. The
+index is checked as strictly as the files: its shard names are plain file names inside the
+folder, every tensor it lists is in the shard it names, and every tensor of a shard is listed.
+Pickle formats are refused: loading them can run code.
+
+Fingerprint: sha256 over each file's name, size and header bytes. It is cheap (no tensor data is
+read) and tells whether a path still holds the same layout; what the store trusts for content
+is the block checksums (`fusion.io.integrity`), per file name as `files` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .format import TensorInfo
+from .integrity import FileDigests
+from .reader import SafetensorsFile, open_files
+
+__all__ = ["Checkpoint", "open_checkpoint", "HF_WEIGHTS", "HF_INDEX", "PICKLE_SUFFIXES", "refuse_pickle"]
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: pickle checkpoints are not read (loading them can run code); convert it to "
+                         "safetensors first, e.g. safetensors.torch.save_file(state_dict, 'model.safetensors')")
+
+
+def _plain_file_name(name, index: Path) -> str:
+    """A shard name from an index: a file name in the index's folder, nothing that leaves it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{index}: shard name {name!r} is not a plain file name in the folder; fix the index")
+    return name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """{tensor: shard file name} from a safetensors index, validated."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'); re-save the model") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files; re-save the model")
+    return {str(tensor): _plain_file_name(shard, index) for tensor, shard in weight_map.items()}
+
+
+def _folder_files(folder: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
+    """The safetensors files of a model folder by name, and the index's weight map if sharded."""
+    index = folder / HF_INDEX
+    if index.is_file():
+        weight_map = _read_index(index)
+        names = dict.fromkeys(weight_map.values())
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"{index}: lists shard {missing[0]}, which is not in {folder}; restore it or re-save the model")
+        return {n: folder / n for n in names}, weight_map
+    if (folder / HF_WEIGHTS).is_file():
+        return {HF_WEIGHTS: folder / HF_WEIGHTS}, None
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors "
+                         "first, e.g. model.save_pretrained(folder, safe_serialization=True)")
+    raise ValueError(f"{folder}: no {HF_WEIGHTS} or {HF_INDEX}; pass a .safetensors file or a Hugging Face model folder")
+
+
+def _check_index(weight_map: Mapping[str, str], files: Mapping[str, SafetensorsFile], index: Path) -> None:
+    for tensor, shard in weight_map.items():
+        if tensor not in files[shard].entries:
+            raise ValueError(f"{index}: tensor {tensor!r} is listed in {shard}, which does not hold it; re-save the model")
+    for shard, f in files.items():
+        unlisted = [t for t in f.entries if weight_map.get(t) != shard]
+        if unlisted:
+            raise ValueError(f"{f.path}: tensor {unlisted[0]!r} is not listed for this shard in {index.name}; "
+                             "re-save the model")
+
+
+def _source_files(path: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
+    refuse_pickle(path)
+    if path.is_dir():
+        return _folder_files(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: not a .safetensors file; pass a .safetensors file or a model folder")
+        return {path.name: path}, None
+    raise ValueError(f"{path}: no such checkpoint; pass a .safetensors file or a model folder")
+
+
+class Checkpoint:
+    """A checkpoint's tensors by name, across its files, read slice by slice.
+
+    `digests` ({file name: FileDigests}) makes every read checked; `record=True` computes them
+    as the checkpoint is read (`recorded()`). `where` prefixes error messages (default: the path).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, digests: Mapping[str, FileDigests] | None = None,
+                 record: bool = False, where: str | None = None):
+        self.path = Path(path)
+        paths, weight_map = _source_files(self.path)
+        if digests is not None and set(digests) != set(paths):
+            raise ValueError(f"{where or self.path}: holds the files {sorted(paths)}, but the store recorded "
+                             f"{sorted(digests)}; point it at the checkpoint the store was made from")
+        self.files: dict[str, SafetensorsFile] = {}
+        for name, p in paths.items():  # opened one by one so a failure closes what is open
+            try:
+                label = f"{where} ({name})" if where and len(paths) > 1 else (where or str(p))
+                self.files.update(open_files({name: p}, digests=(digests or {}).get(name), record=record,
+                                             where=label))
+            except BaseException:
+                self.close()
+                raise
+        try:
+            self._where = self._locate(weight_map)
+        except BaseException:
+            self.close()
+            raise
+
+    def _locate(self, weight_map: dict[str, str] | None) -> dict[str, SafetensorsFile]:
+        if weight_map is not None:
+            _check_index(weight_map, self.files, self.path / HF_INDEX)
+        where: dict[str, SafetensorsFile] = {}
+        for f in self.files.values():
+            for name in f.entries:
+                if name in where:
+                    raise ValueError(f"{f.path}: tensor {name!r} also appears in {where[name].path}; re-save the model")
+                where[name] = f
+        return where
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what it holds -----------------------------------------------------------------------
+
+    @property
+    def is_folder(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def name(self) -> str:
+        """A default task name: the file's stem or the folder's name."""
+        return self.path.resolve().name if self.is_folder else self.path.stem
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        return self._where[name].entries[name]
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self._where[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def fingerprint(self) -> str:
+        """sha256 over each file's name, size and header bytes (see the module docstring)."""
+        digest = hashlib.sha256()
+        for name, f in sorted(self.files.items()):
+            digest.update(f"{name}\0{f.size}\0".encode())
+            digest.update(f.header_bytes)
+        return digest.hexdigest()
+
+    def recorded(self) -> dict[str, FileDigests]:
+        """Block digests of every file (a checkpoint opened with record=True)."""
+        return {name: f.recorded() for name, f in self.files.items()}
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def view_flat(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        return self._where[name].view_flat(name, lo, hi)
+
+    def read_flat(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        return self._where[name].read_flat(name, lo, hi)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._where[name].read(name)
+
+    def read_flat_into(self, name: str, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+        return self._where[name].read_flat_into(name, lo, hi, out)
+
+
+def open_checkpoint(path: str | os.PathLike, **options) -> Checkpoint:
+    """Open a `.safetensors` file or a Hugging Face model folder for lazy reading (see Checkpoint)."""
+    return Checkpoint(path, **options)

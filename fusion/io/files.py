@@ -1,0 +1,64 @@
+"""Small files and durability: temporary names, fsync, atomic text, a model folder's side files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+__all__ = ["temporary_name", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "model_side_files",
+           "copy_file_durably", "WEIGHT_SUFFIXES", "SMALL_FILE_BYTES"]
+
+# Files of a model folder that are weights in some format; small files besides them are its side files.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".pkl")
+SMALL_FILE_BYTES = 64 * 1024 * 1024
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before it is complete: same folder, so the rename is atomic."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def model_side_files(folder: str | os.PathLike) -> list[Path]:
+    """config.json, tokenizer and processor files: every small non-weight file of a model folder."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in WEIGHT_SUFFIXES
+                  and not p.name.endswith(".index.json") and p.stat().st_size <= SMALL_FILE_BYTES)
+
+
+def copy_file_durably(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a file and fsync the copy (its folder is made durable by the caller)."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+    return Path(dst)

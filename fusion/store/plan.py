@@ -1,0 +1,118 @@
+"""What a change fuses: the tensor table from the base, and what each new checkpoint contributes.
+
+Every floating-point tensor of the base is fused. A checkpoint's tensor is
+- fused, when the base has it in the same shape;
+- private (kept whole with the task), when the base lacks it or has it in another shape (a
+  new head, a resized vocabulary); the base's namesake then counts as unchanged;
+- missing, when the checkpoint lacks a fused tensor: an error, or with `missing="zero"`
+  unchanged (a zero delta).
+Everything is checked here, before any file is written, so a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..constants import MISSING_MODES
+from ..dtypes import DTYPES, DType
+from ..io import Checkpoint
+from ..io.files import model_side_files
+from . import layout
+from .manifest import TensorEntry
+
+__all__ = ["FusedTensor", "NewTask", "plan_tensors", "plan_task", "check_missing", "side_files"]
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: DType  # the base's
+    unified_dtype: DType
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def mask_bytes(self) -> int:
+        return -(-self.numel // 8)
+
+    def entry(self) -> TensorEntry:
+        return TensorEntry(name=self.name, shape=list(self.shape), dtype=self.dtype.code,
+                           unified_dtype=self.unified_dtype.code)
+
+    @classmethod
+    def of(cls, entry: TensorEntry) -> "FusedTensor":
+        return cls(entry.name, tuple(entry.shape), DTYPES[entry.dtype], DTYPES[entry.unified_dtype])
+
+
+def plan_tensors(base: Checkpoint, unified_dtype: DType | None) -> list[FusedTensor]:
+    """Every floating-point base tensor, in the order of its bytes in the base's files."""
+    names = sorted((n for n in base.keys() if base.info(n).dtype.is_float),
+                   key=lambda n: (list(base.files).index(base.file_of(n).path.name), base.info(n).begin))
+    if not names:
+        raise ValueError(f"{base.path}: the base has no floating-point tensors to fuse")
+    return [FusedTensor(n, base.info(n).shape, base.info(n).dtype, unified_dtype or base.info(n).dtype) for n in names]
+
+
+def check_missing(missing: str) -> str:
+    if missing not in MISSING_MODES:
+        raise ValueError(f"unknown missing policy {missing!r}; use one of {', '.join(MISSING_MODES)}")
+    return missing
+
+
+@dataclass
+class NewTask:
+    """A checkpoint to add: what it contributes and what it keeps aside."""
+
+    checkpoint: Checkpoint
+    name: str
+    number: int
+    source: str  # what the user gave: a path (absolute) or a hub id
+    private: list[str] = field(default_factory=list)
+    zero: set[str] = field(default_factory=set)  # fused tensors with a zero delta (missing or reshaped)
+    zero_filled: list[str] = field(default_factory=list)  # of those, the ones the checkpoint lacks
+    side_files: list[Path] = field(default_factory=list)
+
+
+def side_files(checkpoint: Checkpoint) -> list[Path]:
+    """A folder checkpoint's small files (config.json, tokenizer files) whose names the store can keep."""
+    if not checkpoint.is_folder:
+        return []
+    return [p for p in model_side_files(checkpoint.path) if _safe(p.name)]
+
+
+def _safe(name: str) -> bool:
+    try:
+        layout.check_token(name, "a file name")
+    except ValueError:
+        return False
+    return True
+
+
+def plan_task(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, name: str, number: int,
+              missing: str, source: str) -> NewTask:
+    """Sort a checkpoint's tensors into fused, private and missing; refuse what cannot be fused."""
+    task = NewTask(ckpt, layout.check_task_name(name), number, source, side_files=side_files(ckpt))
+    task.private = [n for n in ckpt.keys() if n not in base or ckpt.info(n).shape != base.info(n).shape]
+    for t in fused:
+        if t.name not in ckpt:
+            if missing != "zero":
+                raise ValueError(f"{ckpt.path}: tensor {t.name!r} of the base is missing; re-save the checkpoint "
+                                 "with it, or pass --missing zero to count it as unchanged")
+            task.zero.add(t.name)
+            task.zero_filled.append(t.name)
+        elif t.name in task.private:
+            task.zero.add(t.name)
+        elif not ckpt.info(t.name).dtype.is_float:
+            raise ValueError(f"{ckpt.file_of(t.name).where}: tensor {t.name!r} is {ckpt.info(t.name).dtype.name} but "
+                             "float in the base; the checkpoint does not fine-tune this base")
+    if len(task.zero) == len(fused):
+        raise ValueError(f"{ckpt.path}: shares no fused tensor with the base (none has the base's name and shape); "
+                         "it does not fine-tune this base: check --base")
+    return task
