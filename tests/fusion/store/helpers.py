@@ -1,0 +1,70 @@
+"""Shared helpers of the store tests: tiny models on disk, the CLI in-process, stored files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from fusion.cli import main
+from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
+
+OPTS = dict(kernel="reference", chunk=16)  # small chunks: tensors span several chunks
+
+
+def models(tmp_path: Path, num_tasks: int = 3, *, layout: str = "file", dtype=None):
+    """A base and fine-tunes on disk: (base path, checkpoint paths, base dict, fine-tune dicts)."""
+    base = tiny_base()
+    base_path = write_checkpoint(base, tmp_path / ("base.safetensors" if layout == "file" else "base"), layout=layout,
+                                 dtype=dtype)
+    fts = [tiny_finetune(base, seed=i) for i in range(num_tasks)]
+    paths = [write_checkpoint(ft, tmp_path / f"task{i + 1}.safetensors", dtype=dtype) for i, ft in enumerate(fts)]
+    return base_path, paths, base, fts
+
+
+def run(args, cwd: Path):
+    """`condu-fuse ARGS` in `cwd`, in-process; the result has exit_code, stdout, stderr."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def one_line_error(result, phrase: str) -> str:
+    """The single stderr line of a failed command; it must contain `phrase`."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("condu-fuse: error: "), lines
+    assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def manifest(store_dir: Path) -> dict:
+    return json.loads((store_dir / "condu.json").read_text())
+
+
+def stored_unified(store_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for rel in manifest(store_dir)["unified"]["files"]:
+        out.update(load_file(store_dir / rel))
+    return out
+
+
+def task_entry(store_dir: Path, name: str) -> dict:
+    return next(t for t in manifest(store_dir)["tasks"] if t["name"] == name)
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset % len(raw)] ^= mask
+    path.write_bytes(raw)
+
+
+def equal_models(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(np.array_equal(np.asarray(a[n]), np.asarray(b[n])) for n in a)
