@@ -1,42 +1,28 @@
 """ConDU model fusion: one unified delta plus a bit mask and a rescaler per task.
 
-Layers, inside out: `reference` (the rules on flat tensors), `kernels` (the same, fast),
-`engine` (one streaming pass over many tensors), `fuse` (in-memory state dicts).
+Layers, inside out: `reference` (the rules on flat numpy arrays), `kernels` (the same, fast:
+numba on CPU, Triton on CUDA), `engine` (one streaming pass over many tensors), `fuse`
+(in-memory state dicts of numpy arrays or torch tensors). The CPU path imports no framework.
+Everything else stays importable from its module.
 """
 
-from .engine import DEFAULT_CHUNK, L1Tables, StoredChunk, TensorSpec, chunk_ranges, fuse_pass
+from .constants import KERNELS, MISSING_MODES, RESCALER_MODES
 from .fuse import FusedDeltas, add, apply_delta, is_fusable, remove, task_delta, unify
-from .kernels import KERNELS, get_kernel
-from .reference import ChunkResult, pack_bits, unpack_bits
-from .rescale import RESCALER_MODES, compute_rescalers
-from .store import Store, StoreLockedError, TaskRecord
-from . import io
+from .kernels import get_kernel, preload
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChunkResult",
-    "DEFAULT_CHUNK",
     "FusedDeltas",
     "KERNELS",
-    "L1Tables",
+    "MISSING_MODES",
     "RESCALER_MODES",
-    "Store",
-    "StoreLockedError",
-    "StoredChunk",
-    "TaskRecord",
-    "TensorSpec",
     "add",
     "apply_delta",
-    "chunk_ranges",
-    "compute_rescalers",
-    "fuse_pass",
     "get_kernel",
-    "io",
     "is_fusable",
-    "pack_bits",
+    "preload",
     "remove",
     "task_delta",
     "unify",
-    "unpack_bits",
 ]
