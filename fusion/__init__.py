@@ -1,42 +1,37 @@
 """ConDU model fusion: one unified delta plus a bit mask and a rescaler per task.
 
-Layers, inside out: `reference` (the rules on flat tensors), `kernels` (the same, fast),
-`engine` (one streaming pass over many tensors), `fuse` (in-memory state dicts).
+Layers, inside out: `reference` (the rules on flat numpy arrays), `kernels` (the same, fast:
+numba on CPU, Triton on CUDA), `engine` (one streaming pass over many tensors), `fuse`
+(in-memory state dicts of numpy arrays or torch tensors), `io` (checkpoints), `store` (the
+store on disk) and `cli`. The CPU path imports no framework. The names below are what a user
+calls; everything else stays importable from its module. They load on first use, so the
+command line starts without importing numpy for `--help`.
 """
 
-from .engine import DEFAULT_CHUNK, L1Tables, StoredChunk, TensorSpec, chunk_ranges, fuse_pass
-from .fuse import FusedDeltas, add, apply_delta, is_fusable, remove, task_delta, unify
-from .kernels import KERNELS, get_kernel
-from .reference import ChunkResult, pack_bits, unpack_bits
-from .rescale import RESCALER_MODES, compute_rescalers
-# store: being rewritten
-from . import io
+from importlib import import_module
 
-__version__ = "0.1.0"
+from .constants import KERNELS, MISSING_MODES, RESCALER_MODES
 
-__all__ = [
-    "ChunkResult",
-    "DEFAULT_CHUNK",
-    "FusedDeltas",
-    "KERNELS",
-    "L1Tables",
-    "RESCALER_MODES",
-    "Store",
-    "StoreLockedError",
-    "StoredChunk",
-    "TaskRecord",
-    "TensorSpec",
-    "add",
-    "apply_delta",
-    "chunk_ranges",
-    "compute_rescalers",
-    "fuse_pass",
-    "get_kernel",
-    "io",
-    "is_fusable",
-    "pack_bits",
-    "remove",
-    "task_delta",
-    "unify",
-    "unpack_bits",
-]
+__version__ = "0.2.0"
+
+_HOMES = {
+    "FusedDeltas": "fuse", "add": "fuse", "apply_delta": "fuse", "is_fusable": "fuse", "remove": "fuse",
+    "task_delta": "fuse", "unify": "fuse",
+    "get_kernel": "kernels", "preload": "kernels",
+    "Store": "store", "TaskRecord": "store", "StoreLockedError": "store",
+    "load": "io", "save": "io",
+}
+
+__all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", *sorted(_HOMES)]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fusion' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

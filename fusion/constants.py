@@ -1,6 +1,19 @@
-"""Names shared by the library, the command line and cl_driver: one constant, one home."""
+"""Names shared by the library, the `condu-fuse` command and `cl_driver`: each defined here once."""
 
-RESCALER_MODES = ("model", "tensor-mean", "tensor")  # the paper's, the official code's, one per tensor
-MISSING_MODES = ("error", "zero")  # a base tensor a checkpoint lacks: refuse, or count it unchanged
+from __future__ import annotations
+
+__all__ = ["RESCALER_MODES", "KERNELS", "MISSING_MODES", "DEVICES"]
+
+# How a task's rescaler is taken (fusion.rescale): the paper's whole-model scalar, the official
+# code's sum of per-tensor means, or one per tensor.
+RESCALER_MODES = ("model", "tensor-mean", "tensor")
+
+# Implementations of the chunk operations (fusion.kernels): the readable numpy rules, numba on
+# CPU threads, Triton on CUDA.
 KERNELS = ("reference", "cpu", "triton")
+
+# What a fine-tune lacking a base tensor means: an error, or an unchanged tensor (a zero delta).
+MISSING_MODES = ("error", "zero")
+
+# Where a pass runs: CUDA when there is one (auto), or as asked.
 DEVICES = ("auto", "cpu", "cuda")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["DType", "DTYPES", "F64", "F32", "F16", "BF16", "FLOAT_NAMES", "parse_dtype", "dtype_of",
-           "to_float32", "from_float32", "round_through"]
+           "to_float32", "from_float32", "round_through", "as_float32", "float_dtype"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,25 @@ def round_through(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype in (F32, F64):
         return np.asarray(x, dtype=np.float32)
     return to_float32(from_float32(x, dtype), dtype)
+
+
+def as_float32(array) -> np.ndarray:
+    """A float numpy array's values as float32 (no copy if they are float32 already).
+
+    float16 and bfloat16 (`ml_dtypes`' arrays, known by their dtype's name) widen exactly;
+    float64 rounds to nearest even, as torch's `.float()` does.
+    """
+    dtype = dtype_of(array)
+    if not dtype.is_float:
+        raise ValueError(f"expected a float array, got {dtype.name}; only float tensors are fused")
+    if dtype is BF16:
+        return to_float32(np.asarray(array).view(np.uint16), BF16)
+    return np.asarray(array, dtype=np.float32)
+
+
+def float_dtype(value) -> DType:
+    """`parse_dtype` for a dtype that values are computed or stored in: float64, float32, float16, bfloat16."""
+    found = parse_dtype(value)
+    if found not in (F64, F32, F16, BF16):
+        raise ValueError(f"dtype {found.name} cannot hold a delta; use one of {', '.join(FLOAT_NAMES)}")
+    return found

@@ -3,16 +3,20 @@
 The in-memory API (`fusion.fuse`) and the on-disk store both run this loop; they differ only
 in where chunks come from and where results go. Memory is bounded by one chunk of every task.
 The rescalers need the L1 sums of the whole pass, so they are finished after it
-(`fusion.rescale.compute_rescalers`) from the `(T, K)` tables this returns.
+(`fusion.rescale.compute_rescalers`) from the `(T, K)` float64 numpy tables this returns.
+Chunks are arrays of the kernel's kind: numpy for `reference` and `cpu`, torch tensors on the
+device for `triton`; the L1 tables always live on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-import torch
+import numpy as np
 
+from .arrays import all_finite, to_host
+from .dtypes import F32, DType, float_dtype
 from .reference import ChunkResult
 
 __all__ = ["TensorSpec", "StoredChunk", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
@@ -27,20 +31,23 @@ class TensorSpec:
 
     name: str
     numel: int
-    unified_dtype: torch.dtype = torch.float32
+    unified_dtype: DType = F32
+
+    def __post_init__(self):
+        object.__setattr__(self, "unified_dtype", float_dtype(self.unified_dtype))  # also from a name
 
 
 class StoredChunk(NamedTuple):
     """The stored state of one chunk: unified delta, packed masks and rescalers of the old tasks."""
 
-    unified: torch.Tensor  # (n,)
-    packed_masks: torch.Tensor  # (T_old, ceil(n/8)) uint8
-    rescalers: torch.Tensor  # (T_old,) float64
+    unified: Any  # (n,)
+    packed_masks: Any  # (T_old, ceil(n/8)) uint8
+    rescalers: Any  # (T_old,) float64
 
 
 class L1Tables(NamedTuple):
-    delta_l1: torch.Tensor  # (T, K) float64
-    masked_l1: torch.Tensor  # (T, K) float64
+    delta_l1: np.ndarray  # (T, K) float64
+    masked_l1: np.ndarray  # (T, K) float64
 
 
 def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -51,22 +58,22 @@ def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield lo, min(lo + chunk, numel)
 
 
-def _check_representable(spec: TensorSpec, unified: torch.Tensor) -> None:
+def _check_representable(spec: TensorSpec, unified) -> None:
     """A unified delta beyond its storage dtype's range would rebuild as inf/NaN: refuse it.
 
     Finite float32 inputs give a finite float32 u (it is one of them), so only narrower storage
     dtypes can overflow; the sinks check their inputs for NaN and Inf themselves.
     """
-    if spec.unified_dtype.itemsize < 4 and not torch.isfinite(unified).all():
-        raise ValueError(f"tensor {spec.name!r}: its unified delta overflows {str(spec.unified_dtype).removeprefix('torch.')}; "
-                         "store it in float32 (dtype=torch.float32, or --dtype float32)")
+    if spec.unified_dtype.itemsize < 4 and not all_finite(unified):
+        raise ValueError(f"tensor {spec.name!r}: its unified delta overflows {spec.unified_dtype.name}; "
+                         "store it in float32 (dtypes={name: 'float32'}, or --dtype float32)")
 
 
 def fuse_pass(
     specs: Sequence[TensorSpec],
     *,
     num_tasks: int,
-    new_deltas: Callable[[str, int, int], torch.Tensor],
+    new_deltas: Callable[[str, int, int], Any],
     emit: Callable[[str, int, int, ChunkResult], None],
     stored: Callable[[str, int, int], StoredChunk] | None = None,
     kernel,
@@ -80,8 +87,8 @@ def fuse_pass(
     emit(name, lo, hi, r)    receives each chunk's result; r's rows are stored tasks, then new.
     progress(n)              is told how many elements each chunk covered.
     """
-    delta_l1 = torch.zeros((num_tasks, len(specs)), dtype=torch.float64)
-    masked_l1 = torch.zeros_like(delta_l1)
+    delta_l1 = np.zeros((num_tasks, len(specs)), dtype=np.float64)  # (T, K)
+    masked_l1 = np.zeros_like(delta_l1)
     for k, spec in enumerate(specs):
         for lo, hi in chunk_ranges(spec.numel, chunk):
             fresh = new_deltas(spec.name, lo, hi)  # (T_new, n)
@@ -92,8 +99,8 @@ def fuse_pass(
                 result = kernel.continual(old.unified, old.packed_masks, old.rescalers, fresh,
                                           unified_dtype=spec.unified_dtype)
             assert result.delta_l1.shape == (num_tasks,), "task count of the pass changed mid-way"
-            delta_l1[:, k] += result.delta_l1
-            masked_l1[:, k] += result.masked_l1
+            delta_l1[:, k] += to_host(result.delta_l1)
+            masked_l1[:, k] += to_host(result.masked_l1)
             emit(spec.name, lo, hi, result)  # the sink checks its inputs first: it names their files
             _check_representable(spec, result.unified)
             if progress is not None:

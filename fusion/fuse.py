@@ -6,59 +6,191 @@ streaming pass as the on-disk store (`fusion.engine.fuse_pass`) over tensors hel
     state = unify([delta_1, delta_2])          # one-shot, EMR-style
     state = add(state, delta_3)                # the continual step: rebuild 1..2, unify with 3
     delta_2_hat = state.decouple(1)            # tasks are 0-based here, 1-based in the store
+
+Tensors are numpy arrays (float32, float16, float64, `ml_dtypes.bfloat16`) or, when the caller
+has torch, torch tensors; results come back in the inputs' kind. CPU tensors are computed in
+numpy (zero-copy views), CUDA tensors by the Triton kernel on their device, where the results
+stay. The rescaler and L1 tables live on the host. torch is never imported here: a torch tensor
+is known by its type, and the torch module is the one its caller already loaded.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import torch
+import numpy as np
 
+from . import reference
+from .arrays import all_finite, is_torch, to_host
+from .dtypes import F32, BF16, DType, as_float32, dtype_of, float_dtype, from_float32, parse_dtype
 from .engine import DEFAULT_CHUNK, StoredChunk, TensorSpec, fuse_pass
 from .kernels import get_kernel
-from .reference import ChunkResult, reconstruct, unpack_bits
+from .reference import ChunkResult
 from .rescale import check_mode, compute_rescalers
 
 __all__ = ["FusedDeltas", "unify", "add", "remove", "task_delta", "apply_delta", "is_fusable"]
 
-StateDict = Mapping[str, torch.Tensor]
+StateDict = Mapping[str, Any]  # name -> numpy array or torch tensor
 
 
-def is_fusable(tensor: torch.Tensor) -> bool:
+# ---- kinds of arrays and where they are computed ----------------------------------------------------
+
+
+def _kind(x) -> str:
+    """`numpy`, or `torch/<device>` for a torch tensor."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if is_torch(x):
+        return f"torch/{x.device}"
+    raise ValueError(f"expected numpy arrays or torch tensors, got {type(x).__name__}; convert it with numpy.asarray")
+
+
+def _kind_of(arrays: Iterable, what: str) -> str:
+    """The one kind of every array of a call; mixing numpy and torch, or devices, is refused."""
+    kinds = sorted({_kind(x) for x in arrays})
+    if len(kinds) > 1:
+        raise ValueError(f"{what} mixes {' and '.join(kinds)}; pass every tensor as the same kind, on one device")
+    return kinds[0] if kinds else "numpy"
+
+
+class _Numpy:
+    """Compute in numpy: numpy arrays as they are, CPU torch tensors through zero-copy views."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def view(self, x) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x
+        x = x.detach()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # numpy has no bfloat16
+
+    def float32(self, x) -> np.ndarray:
+        return as_float32(self.view(x))
+
+    def to_user(self, x):
+        return x if self.kind == "numpy" else sys.modules["torch"].from_numpy(x)
+
+    def like(self, values: np.ndarray, original):
+        """float32 values in `original`'s dtype (rounded to nearest even) and kind."""
+        if self.kind != "numpy":
+            return self.to_user(values).to(original.dtype)
+        dtype = dtype_of(original)
+        stored = from_float32(values, dtype)
+        return stored.view(original.dtype) if dtype is BF16 else stored  # bfloat16 bits as the caller's dtype
+
+    def stack(self, rows: list, n: int) -> np.ndarray:
+        return np.stack(rows) if rows else np.zeros((0, n), dtype=np.float32)  # (T, n)
+
+    def empty(self, shape: tuple, dtype: str) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    unpack_bits = staticmethod(reference.unpack_bits)
+    reconstruct = staticmethod(reference.reconstruct)
+
+
+class _Torch:
+    """Compute in torch on the tensors' device: the Triton path (CUDA, or its interpreter)."""
+
+    def __init__(self, kind: str):
+        from . import reference_torch  # imported only for torch tensors
+
+        self.kind, self.torch = kind, sys.modules["torch"]
+        self.device = self.torch.device(kind.removeprefix("torch/"))
+        self.unpack_bits, self.reconstruct = reference_torch.unpack_bits, reference_torch.reconstruct
+
+    def view(self, x):
+        return x.detach()
+
+    def float32(self, x):
+        return x.detach().float()
+
+    def to_user(self, x):
+        return self.torch.from_numpy(x) if isinstance(x, np.ndarray) else x  # host tables stay on the host
+
+    def like(self, values, original):
+        return values.to(original.dtype)
+
+    def stack(self, rows: list, n: int):
+        return self.torch.stack(rows) if rows else self.torch.zeros((0, n), device=self.device)  # (T, n)
+
+    def empty(self, shape: tuple, dtype: str):
+        return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
+
+
+def _arrays(kind: str, kernel_name: str | None = None):
+    """Where a call of `kind` computes: torch for CUDA tensors and the Triton kernel, numpy otherwise."""
+    on_device = kind.startswith("torch/cuda") or kernel_name == "triton"
+    if kernel_name is not None and kind.startswith("torch/cuda") and kernel_name != "triton":
+        raise ValueError(f"kernel {kernel_name!r} computes on the host and the tensors are on "
+                         f"{kind.removeprefix('torch/')}; use kernel='triton' (or None), or move them to the CPU")
+    if on_device and kind == "numpy":
+        raise ValueError("the triton kernel takes torch tensors and these are numpy arrays; pass torch tensors "
+                         "(on CUDA), or use kernel='cpu'")
+    return _Torch(kind) if on_device else _Numpy(kind)
+
+
+def _resolve_kernel(kernel, kind: str, work: int):
+    """A kernel object from a name, None (the best for the tensors' device and the work) or a kernel."""
+    if kernel is None or isinstance(kernel, str):
+        device = "cuda" if kind.startswith("torch/cuda") else "cpu"
+        return get_kernel(kernel, device=device, work=work)
+    return kernel
+
+
+# ---- state dicts ------------------------------------------------------------------------------------------
+
+
+def is_fusable(tensor) -> bool:
     """Floating-point tensors are fused; integer and bool buffers are taken from the base."""
-    return tensor.is_floating_point()
+    try:
+        return parse_dtype(tensor.dtype).is_float
+    except ValueError:  # complex and other dtypes safetensors does not name
+        return False
 
 
-def task_delta(base: StateDict, finetuned: StateDict) -> dict[str, torch.Tensor]:
+def task_delta(base: StateDict, finetuned: StateDict) -> dict[str, Any]:
     """delta = theta_i - theta0 over the fusable tensors the two share with one shape, in float32."""
+    arrays = _arrays(_kind_of([*base.values(), *finetuned.values()], "task_delta"))
     return {
-        name: finetuned[name].float() - tensor.float()
+        name: arrays.to_user(arrays.float32(finetuned[name]) - arrays.float32(tensor))
         for name, tensor in base.items()
-        if is_fusable(tensor) and name in finetuned and finetuned[name].shape == tensor.shape
+        if is_fusable(tensor) and name in finetuned and tuple(finetuned[name].shape) == tuple(tensor.shape)
     }
 
 
-def apply_delta(base: StateDict, delta: StateDict) -> dict[str, torch.Tensor]:
+def apply_delta(base: StateDict, delta: StateDict) -> dict[str, Any]:
     """theta = theta0 + delta, in the base's dtypes; tensors without a delta are the base's."""
-    return {
-        name: (tensor.float() + delta[name].reshape(tensor.shape)).to(tensor.dtype) if name in delta else tensor
-        for name, tensor in base.items()
-    }
+    arrays = _arrays(_kind_of([*base.values(), *delta.values()], "apply_delta"))
+
+    def added(tensor, change):
+        total = arrays.float32(tensor) + arrays.float32(change).reshape(tuple(tensor.shape))  # float32
+        return arrays.like(total, tensor)
+
+    return {name: added(tensor, delta[name]) if name in delta else tensor for name, tensor in base.items()}
+
+
+# ---- the fused state ----------------------------------------------------------------------------------------
 
 
 @dataclass
 class FusedDeltas:
-    """The ConDU state of T tasks: one unified delta, and per task packed masks and rescalers."""
+    """The ConDU state of T tasks: one unified delta, and per task packed masks and rescalers.
 
-    shapes: dict[str, torch.Size]
-    unified: dict[str, torch.Tensor]  # name -> (n,) float32 (values rounded to the stored dtype)
-    masks: dict[str, torch.Tensor]  # name -> (T, ceil(n/8)) uint8
-    rescalers: torch.Tensor  # (T, K) float64, column k for tensor k in `shapes` order
-    delta_l1: torch.Tensor  # (T, K) float64: L1 of the pass's inputs
-    masked_l1: torch.Tensor  # (T, K) float64: L1 of M_i * u
+    Arrays are of the kind the deltas came in (numpy, or torch on their device); the (T, K)
+    tables are float64 on the host, column k for tensor k in `shapes` order.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    unified: dict[str, Any]  # name -> (n,) float32 (values rounded to the stored dtype)
+    masks: dict[str, Any]  # name -> (T, ceil(n/8)) uint8
+    rescalers: Any  # (T, K) float64
+    delta_l1: Any  # (T, K) float64: L1 of the pass's inputs
+    masked_l1: Any  # (T, K) float64: L1 of M_i * u
     mode: str = "model"
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    dtypes: dict[str, DType] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -66,51 +198,65 @@ class FusedDeltas:
 
     @property
     def num_tasks(self) -> int:
-        return self.rescalers.shape[0]
+        return len(self.rescalers)
 
-    def mask(self, task: int, name: str) -> torch.Tensor:
+    def _arrays(self):
+        return _arrays(_kind_of(self.unified.values(), "the fused state"))
+
+    def mask(self, task: int, name: str):
         """Bool mask of `task` (0-based) on tensor `name`, in the tensor's shape."""
-        n = self.unified[name].numel()
-        return unpack_bits(self.masks[name][task : task + 1], n)[0].reshape(self.shapes[name])
+        arrays = self._arrays()
+        packed = arrays.view(self.masks[name])[task : task + 1]  # (1, n/8)
+        bits = arrays.unpack_bits(packed, int(np.prod(self.shapes[name], dtype=np.int64)))[0]  # (n,)
+        return arrays.to_user(bits.reshape(self.shapes[name]))
 
-    def decouple(self, task: int) -> dict[str, torch.Tensor]:
+    def decouple(self, task: int) -> dict[str, Any]:
         """Rebuild one task's delta, `lambda * M * u`, in float32 and the tensors' shapes."""
         if not -self.num_tasks <= task < self.num_tasks:
             raise IndexError(f"task {task} out of range for {self.num_tasks} tasks")
         task %= self.num_tasks
-        return {
-            name: reconstruct(self.unified[name], self.mask(task, name).flatten(), float(self.rescalers[task, k]))
-            .reshape(shape)
-            for k, (name, shape) in enumerate(self.shapes.items())
-        }
+        arrays, rescalers = self._arrays(), to_host(self.rescalers)  # (T, K)
+        rebuilt = {}
+        for k, (name, shape) in enumerate(self.shapes.items()):
+            unified = arrays.view(self.unified[name])  # (n,)
+            mask = arrays.unpack_bits(arrays.view(self.masks[name])[task : task + 1], unified.shape[0])[0]  # (n,)
+            rebuilt[name] = arrays.to_user(arrays.reconstruct(unified, mask, float(rescalers[task, k])).reshape(shape))
+        return rebuilt
 
 
-def _check_deltas(deltas: Sequence[StateDict], shapes: Mapping[str, torch.Size] | None = None) -> dict[str, torch.Size]:
-    """All deltas name the same tensors with the same shapes; return {name: shape}."""
-    if shapes is None:
-        if not deltas:
-            raise ValueError("unify needs at least one delta")
-        shapes = {name: t.shape for name, t in deltas[0].items()}
+# ---- validation at the boundary ------------------------------------------------------------------------------
+
+
+def _shapes_of(deltas: Sequence[StateDict]) -> dict[str, tuple[int, ...]]:
+    if not deltas:
+        raise ValueError("unify needs at least one delta")
+    return {name: tuple(t.shape) for name, t in deltas[0].items()}
+
+
+def _prepare(deltas: Sequence[StateDict], shapes: Mapping[str, tuple], arrays) -> list[dict[str, Any]]:
+    """Check every delta against `shapes` and return them as flat float32 arrays of the compute kind."""
+    prepared = []
     for i, delta in enumerate(deltas):
         if set(delta) != set(shapes):
             missing, extra = sorted(set(shapes) - set(delta)), sorted(set(delta) - set(shapes))
             raise ValueError(f"delta {i}: tensors differ from the others (missing {missing}, extra {extra}); "
                              "pass every delta over the same tensors (fusion.task_delta keeps only shared ones)")
-        for name, shape in shapes.items():
-            _check_tensor(i, name, delta[name], shape)
-    return dict(shapes)
+        prepared.append({name: _prepare_tensor(i, name, delta[name], shape, arrays) for name, shape in shapes.items()})
+    return prepared
 
 
-def _check_tensor(i: int, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
-    if tensor.shape != shape:
+def _prepare_tensor(i: int, name: str, tensor, shape: tuple, arrays):
+    if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"delta {i}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}; "
                          "leave tensors of another shape out of the deltas")
-    if not tensor.is_floating_point():
-        raise ValueError(f"delta {i}: tensor {name!r} is {tensor.dtype}; only float tensors are fused, "
-                         "leave integer and bool buffers out")
+    if not is_fusable(tensor):
+        raise ValueError(f"delta {i}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                         "only float tensors are fused, leave integer and bool buffers out")
+    flat = arrays.float32(tensor).reshape(-1)  # (n,) float32
     # A NaN would elect -1 at its position for every task and make this task's rescaler NaN.
-    if not torch.isfinite(tensor).all():
+    if not all_finite(flat):
         raise ValueError(f"delta {i}: tensor {name!r} has NaN or infinite values; check the fine-tuned checkpoint")
+    return flat
 
 
 def _check_keep(keep: Sequence[int] | None, num_tasks: int) -> list[int]:
@@ -122,10 +268,14 @@ def _check_keep(keep: Sequence[int] | None, num_tasks: int) -> list[int]:
     return keep
 
 
-def _collect(shapes: Mapping[str, torch.Size], num_tasks: int):
-    """A sink for fuse_pass that assembles whole tensors from chunk results."""
-    unified = {name: torch.empty(shape.numel()) for name, shape in shapes.items()}
-    masks = {name: torch.empty((num_tasks, -(-shape.numel() // 8)), dtype=torch.uint8) for name, shape in shapes.items()}
+# ---- the pass -----------------------------------------------------------------------------------------------
+
+
+def _collect(shapes: Mapping[str, tuple], num_tasks: int, arrays):
+    """A sink for fuse_pass that assembles whole flat tensors from chunk results."""
+    numels = {name: int(np.prod(shape, dtype=np.int64)) for name, shape in shapes.items()}
+    unified = {name: arrays.empty((n,), "float32") for name, n in numels.items()}
+    masks = {name: arrays.empty((num_tasks, -(-n // 8)), "uint8") for name, n in numels.items()}
 
     def emit(name: str, lo: int, hi: int, result: ChunkResult) -> None:
         unified[name][lo:hi] = result.unified
@@ -134,22 +284,26 @@ def _collect(shapes: Mapping[str, torch.Size], num_tasks: int):
     return unified, masks, emit
 
 
-def _run(shapes, dtypes, deltas, num_tasks, mode, stored, kernel, chunk) -> FusedDeltas:
-    specs = [TensorSpec(name, shape.numel(), dtypes.get(name, torch.float32)) for name, shape in shapes.items()]
-    flat = [{name: d[name].reshape(-1) for name in shapes} for d in deltas]
+def _run(shapes, dtypes, flat, num_tasks, mode, stored, kernel, arrays, chunk) -> FusedDeltas:
+    """One fuse_pass over in-memory tensors (flat float32 arrays), then the rescalers."""
+    specs = [TensorSpec(name, int(np.prod(shape, dtype=np.int64)), dtypes.get(name, F32)) for name, shape in shapes.items()]
 
-    def new_deltas(name: str, lo: int, hi: int) -> torch.Tensor:
-        if not flat:
-            return torch.empty((0, hi - lo))
-        return torch.stack([d[name][lo:hi] for d in flat])  # (T_new, n)
+    def new_deltas(name: str, lo: int, hi: int):
+        return arrays.stack([d[name][lo:hi] for d in flat], hi - lo)  # (T_new, n)
 
-    unified, masks, emit = _collect(shapes, num_tasks)
-    kernel = get_kernel(kernel) if kernel is None or isinstance(kernel, str) else kernel
+    unified, masks, emit = _collect(shapes, num_tasks, arrays)
     tables = fuse_pass(specs, num_tasks=num_tasks, new_deltas=new_deltas, emit=emit, stored=stored,
                        kernel=kernel, chunk=chunk)
-    numels = torch.tensor([s.numel for s in specs])
-    rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, numels, mode)
-    return FusedDeltas(dict(shapes), unified, masks, rescalers, tables.delta_l1, tables.masked_l1, mode, dict(dtypes))
+    rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, np.array([s.numel for s in specs]), mode)
+    user = arrays.to_user
+    return FusedDeltas(dict(shapes), {n: user(u) for n, u in unified.items()}, {n: user(m) for n, m in masks.items()},
+                       user(rescalers), user(tables.delta_l1), user(tables.masked_l1), mode, dict(dtypes))
+
+
+def _pass_setup(kind: str, kernel, work: int):
+    """The kernel and the compute arrays of a pass, checked against each other."""
+    kernel = _resolve_kernel(kernel, kind, work)
+    return kernel, _arrays(kind, kernel.name)
 
 
 def unify(
@@ -158,15 +312,22 @@ def unify(
     mode: str = "model",
     kernel=None,
     chunk: int = DEFAULT_CHUNK,
-    dtypes: Mapping[str, torch.dtype] | None = None,
+    dtypes: Mapping[str, Any] | None = None,
 ) -> FusedDeltas:
     """One-shot unify (EMR-style) of task deltas that share tensor names and shapes.
 
-    `dtypes` maps a tensor to the dtype its unified delta is stored in (default float32).
+    `dtypes` maps a tensor to the dtype its unified delta is stored in (default float32): a
+    fusion.dtypes.DType, its name, or a numpy or torch dtype. `kernel`: a name, a kernel
+    object, or None for the best one for the tensors' device and size (fusion.get_kernel).
     """
     check_mode(mode)
-    shapes = _check_deltas(deltas)
-    return _run(shapes, dict(dtypes or {}), deltas, len(deltas), mode, None, kernel, chunk)
+    shapes = _shapes_of(deltas)
+    dtypes = {name: float_dtype(d) for name, d in (dtypes or {}).items()}
+    kind = _kind_of((t for d in deltas for t in d.values()), "unify")
+    work = len(deltas) * sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+    kernel, arrays = _pass_setup(kind, kernel, work)
+    flat = _prepare(deltas, shapes, arrays)
+    return _run(shapes, dtypes, flat, len(deltas), mode, None, kernel, arrays, chunk)
 
 
 def add(
@@ -184,18 +345,24 @@ def add(
     Tasks keep their order; new tasks come last.
     """
     new = [new] if isinstance(new, Mapping) else list(new)
-    _check_deltas(new, state.shapes)
     keep = _check_keep(keep, state.num_tasks)
     if len(keep) + len(new) == 0:
         raise ValueError("nothing left to unify: keep at least one task or add one")
+    mode = check_mode(mode or state.mode)
+    kind = _kind_of([*state.unified.values(), *(t for d in new for t in d.values())], "add")
+    work = (len(keep) + len(new)) * sum(int(np.prod(s, dtype=np.int64)) for s in state.shapes.values())
+    kernel, arrays = _pass_setup(kind, kernel, work)
+    flat = _prepare(new, state.shapes, arrays)
     column = {name: k for k, name in enumerate(state.shapes)}
+    unified = {name: arrays.view(u) for name, u in state.unified.items()}
+    masks = {name: arrays.view(m) for name, m in state.masks.items()}
+    rescalers = to_host(state.rescalers)  # (T, K)
 
     def stored(name: str, lo: int, hi: int) -> StoredChunk:
-        packed = state.masks[name][keep, lo // 8 : -(-hi // 8)]
-        return StoredChunk(state.unified[name][lo:hi], packed, state.rescalers[keep, column[name]])
+        packed = masks[name][keep, lo // 8 : -(-hi // 8)]  # (T_keep, n/8)
+        return StoredChunk(unified[name][lo:hi], packed, rescalers[keep, column[name]])
 
-    mode = check_mode(mode or state.mode)
-    return _run(state.shapes, state.dtypes, new, len(keep) + len(new), mode, stored, kernel, chunk)
+    return _run(state.shapes, state.dtypes, flat, len(keep) + len(new), mode, stored, kernel, arrays, chunk)
 
 
 def remove(state: FusedDeltas, task: int, **options) -> FusedDeltas:

@@ -1,4 +1,4 @@
-"""The ConDU rules on flat tensors: the readable specification every fast path is tested against.
+"""The ConDU rules on flat numpy arrays: the readable specification every fast path is tested against.
 
 Every function here works on one chunk of a flattened tensor. Deltas of T tasks are stacked
 as rows, `(T, n)`. The rules (REFERENCE.md, "Unify" and "The continual iteration"):
@@ -7,20 +7,27 @@ as rows, `(T, n)`. The rules (REFERENCE.md, "Unify" and "The continual iteration
     mu  = max_i |delta_i| over the i with delta_i * s > 0   (0 where none agrees)
     u   = s * mu                   the unified delta
     M_i = delta_i * s > 0          strict: a zero entry never sets a mask
+    theta_i = theta0 + lambda_i * M_i * u   (decouple)
 
 Numerics, fixed so that every implementation gives the same bits:
 - inputs of any float dtype are computed in float32;
 - the election sum runs sequentially in task order, in float32 (a pairwise or vectorised sum
   could round a near-tie to the other sign);
-- a rebuilt delta is `where(M_i, u * float32(lambda_i), 0)`, one rounding;
-- L1 sums are accumulated in float64 and are compared to a tolerance, not bit for bit.
+- u is rounded to its storage dtype before the masked L1 sums, so rescalers rebuild what is stored;
+- a rebuilt delta is `where(M_i, u * float32(lambda_i), 0)`, one rounding; theta0 is added after;
+- L1 and fidelity sums are accumulated in float64 and are compared to a tolerance, not bit for bit;
+- masks are packed 8 to a byte, element 8j+b at bit b of byte j (numpy's little bit order).
+
+Inputs are float32, float16 or float64 numpy arrays, or `ml_dtypes.bfloat16` arrays.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
+import numpy as np
+
+from .dtypes import F32, as_float32, float_dtype, round_through
 
 __all__ = [
     "ChunkResult",
@@ -29,6 +36,8 @@ __all__ = [
     "reconstruct",
     "reconstruct_all",
     "continual_chunk",
+    "rebuild",
+    "fidelity_sums",
     "pack_bits",
     "unpack_bits",
 ]
@@ -37,87 +46,115 @@ __all__ = [
 class ChunkResult(NamedTuple):
     """What one unify pass produces for one chunk of one tensor."""
 
-    unified: torch.Tensor  # (n,) float32, already rounded to the store's dtype
-    packed_masks: torch.Tensor  # (T, ceil(n / 8)) uint8, numpy little-endian bit order
-    delta_l1: torch.Tensor  # (T,) float64: sum |delta_i| over the chunk
-    masked_l1: torch.Tensor  # (T,) float64: sum |M_i * u| over the chunk
+    unified: np.ndarray  # (n,) float32, already rounded to the store's dtype
+    packed_masks: np.ndarray  # (T, ceil(n / 8)) uint8, numpy little-endian bit order
+    delta_l1: np.ndarray  # (T,) float64: sum |delta_i| over the chunk
+    masked_l1: np.ndarray  # (T,) float64: sum |M_i * u| over the chunk
 
 
-def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
+# ---- unify ----------------------------------------------------------------------------------------
+
+
+def elect_sign(deltas: np.ndarray) -> np.ndarray:
     """Sign of the sequential float32 sum over tasks; an exact zero elects -1."""
-    deltas = deltas.float()  # (T, n)
-    total = deltas[0].clone()  # (n,)
+    deltas = as_float32(deltas)  # (T, n)
+    total = deltas[0].copy()  # (n,)
     for row in deltas[1:]:
-        total += row
-    return torch.where(total > 0, 1.0, -1.0)  # (n,)
+        total += row  # one float32 rounding per task, in task order
+    return np.where(total > 0, np.float32(1.0), np.float32(-1.0))  # (n,)
 
 
-def elect(deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
+def agreement_masks(deltas: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """M_i: strict agreement of each task's entry with the elected sign (a zero never agrees)."""
+    return ((deltas > 0) & (sign > 0)) | ((deltas < 0) & (sign < 0))  # (T, n) bool
+
+
+def elect(deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
     """Unify stacked deltas `(T, n)`: elect signs and magnitudes, derive masks and L1 sums.
 
-    `unified_dtype` is the dtype the unified delta is stored in; the masked L1 sums are taken
-    on the stored (rounded) values so that rescalers rebuild exactly what is on disk.
+    `unified_dtype` (a fusion.dtypes.DType or its name) is the dtype the unified delta is stored
+    in; the masked L1 sums are taken on the stored (rounded) values.
     """
-    if deltas.dim() != 2:
-        raise ValueError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
-    deltas = deltas.float()  # (T, n)
+    if np.ndim(deltas) != 2 or len(deltas) == 0:
+        raise ValueError(f"elect expects stacked deltas of shape (T, n) with T >= 1, got {np.shape(deltas)}; "
+                         "stack one flattened chunk per task as rows")
+    deltas = as_float32(deltas)  # (T, n)
     sign = elect_sign(deltas)  # (n,)
-    # Masks: strict agreement with the elected sign.
-    masks = ((deltas > 0) & (sign > 0)) | ((deltas < 0) & (sign < 0))  # (T, n) bool
-    # Magnitude: the largest agreeing |delta|.
-    magnitude = torch.where(masks, deltas.abs(), 0.0).amax(dim=0)  # (n,)
-    unified = (sign * magnitude).to(unified_dtype).float()  # (n,)
+    masks = agreement_masks(deltas, sign)  # (T, n)
+    # Magnitude: the largest agreeing |delta| (0 where none agrees).
+    magnitude = np.where(masks, np.abs(deltas), np.float32(0.0)).max(axis=0)  # (n,)
+    unified = round_through(sign * magnitude, float_dtype(unified_dtype))  # (n,) as stored
     # L1 sums for the rescalers, in float64.
-    delta_l1 = deltas.double().abs().sum(dim=1)  # (T,)
-    masked_l1 = torch.where(masks, unified.abs(), 0.0).double().sum(dim=1)  # (T,)
+    delta_l1 = np.abs(deltas.astype(np.float64)).sum(axis=1)  # (T,)
+    masked_l1 = np.where(masks, np.abs(unified), np.float32(0.0)).astype(np.float64).sum(axis=1)  # (T,)
     return ChunkResult(unified, pack_bits(masks), delta_l1, masked_l1)
 
 
-def reconstruct(unified: torch.Tensor, mask: torch.Tensor, rescaler: float) -> torch.Tensor:
-    """Decouple one task: `lambda * M * u`, in float32. `mask` is bool `(n,)`."""
-    scaled = unified.float() * torch.tensor(rescaler, dtype=torch.float32)  # (n,)
-    return torch.where(mask, scaled, 0.0)  # (n,)
+# ---- decouple ---------------------------------------------------------------------------------------
 
 
-def reconstruct_all(unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor) -> torch.Tensor:
-    """Decouple every stored task of a chunk: `(T, n)` from `u (n,)`, packed masks and `(T,)` rescalers."""
-    n = unified.numel()
+def reconstruct(unified: np.ndarray, mask: np.ndarray, rescaler: float) -> np.ndarray:
+    """Decouple one task: `where(M, u * float32(lambda), 0)`, float32 (n,). `mask` is bool (n,)."""
+    scaled = as_float32(unified) * np.float32(rescaler)  # (n,) one rounding
+    return np.where(mask, scaled, np.float32(0.0))  # (n,)
+
+
+def reconstruct_all(unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray) -> np.ndarray:
+    """Decouple every stored task of a chunk: `(T, n)` from u (n,), packed masks and (T,) rescalers."""
+    n = np.size(unified)
     masks = unpack_bits(packed_masks, n)  # (T, n) bool
-    rows = [reconstruct(unified, masks[i], float(rescalers[i])) for i in range(masks.shape[0])]
-    return torch.stack(rows) if rows else unified.new_zeros((0, n), dtype=torch.float32)
+    rows = [reconstruct(unified, masks[i], float(rescalers[i])) for i in range(len(masks))]
+    return np.stack(rows) if rows else np.zeros((0, n), dtype=np.float32)  # (T, n)
 
 
-def continual_chunk(
-    unified: torch.Tensor,
-    packed_masks: torch.Tensor,
-    rescalers: torch.Tensor,
-    new_deltas: torch.Tensor,
-    *,
-    unified_dtype: torch.dtype = torch.float32,
-) -> ChunkResult:
+def continual_chunk(unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray,
+                    new_deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
     """The ConDU step on one chunk: rebuild the stored tasks, then unify them with the new ones.
 
     unified (n,), packed_masks (T_old, ceil(n/8)) uint8, rescalers (T_old,), new_deltas (T_new, n).
     T_new may be 0: that re-unifies the stored tasks alone (used by `remove` and to study
     convergence). Row order of the result: stored tasks first, then the new ones.
     """
+    n = np.size(unified)
     rebuilt = reconstruct_all(unified, packed_masks, rescalers)  # (T_old, n)
-    stacked = torch.cat([rebuilt, new_deltas.float().reshape(-1, unified.numel())])  # (T, n)
+    stacked = np.concatenate([rebuilt, as_float32(new_deltas).reshape(-1, n)])  # (T, n)
     return elect(stacked, unified_dtype=unified_dtype)
 
 
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+def rebuild(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float) -> np.ndarray:
+    """A decoupled weight chunk: theta0 (n,) + lambda * M * u (n,), M from packed bits (ceil(n/8),).
+
+    float32 (n,): the product rounds once, the sum with theta0 once. Where the mask is off the sum
+    is `theta0 + 0.0`, which turns a -0.0 of theta0 into +0.0.
+    """
+    mask = unpack_bits(np.reshape(packed, (1, -1)), np.size(unified))[0]  # (n,) bool
+    return as_float32(base) + reconstruct(unified, mask, rescaler)  # (n,)
+
+
+# ---- fidelity ----------------------------------------------------------------------------------------
+
+
+def fidelity_sums(unified: np.ndarray, packed: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """(5,) float64 sums A, E, D, Z, C of one chunk: u (n,), one task's packed mask, its delta o (n,).
+
+    A = sum_M u^2, E = sum_M u (u - o), D = sum_M (u - o)^2, Z = sum_~M o^2, C = sum o^2
+    (fusion.fidelity.finish turns the totals into a cosine and a relative L2 error).
+    """
+    mask = unpack_bits(np.reshape(packed, (1, -1)), np.size(unified))[0]  # (n,) bool
+    u, o = as_float32(unified).astype(np.float64), as_float32(original).astype(np.float64)  # (n,)
+    um, om = u[mask], o[mask]
+    return np.array([(um * um).sum(), (um * (um - om)).sum(), ((um - om) ** 2).sum(),
+                     (o[~mask] ** 2).sum(), (o * o).sum()])  # (5,)
+
+
+# ---- mask bits ---------------------------------------------------------------------------------------
+
+
+def pack_bits(masks: np.ndarray) -> np.ndarray:
     """Bool `(T, n)` -> uint8 `(T, ceil(n/8))`; element 8j+b sits at bit b of byte j."""
-    t, n = masks.shape
-    padded = torch.zeros((t, -(-n // 8) * 8), dtype=torch.uint8)
-    padded[:, :n] = masks.to(torch.uint8)
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)  # (8,)
-    # Explicit sizes, not -1: a view of zero tasks cannot infer its width.
-    return (padded.view(t, padded.shape[1] // 8, 8) * weights).sum(dim=2, dtype=torch.uint8)  # (T, n/8)
+    return np.packbits(np.asarray(masks, dtype=bool), axis=1, bitorder="little")  # (T, n/8)
 
 
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
     """uint8 `(T, ceil(n/8))` -> bool `(T, n)`, the inverse of `pack_bits`."""
-    shifts = torch.arange(8, dtype=torch.uint8)  # (8,)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (T, n/8, 8)
-    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :n].bool()  # (T, n)
+    return np.unpackbits(packed, axis=1, count=n, bitorder="little").astype(bool)  # (T, n)

@@ -12,11 +12,11 @@ A zero denominator gives lambda = 0: nothing of that task survives there, and 0 
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-RESCALER_MODES = ("model", "tensor-mean", "tensor")
+from .constants import RESCALER_MODES
 
-__all__ = ["RESCALER_MODES", "compute_rescalers", "check_mode"]
+__all__ = ["compute_rescalers", "check_mode"]
 
 
 def check_mode(mode: str) -> str:
@@ -25,18 +25,20 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, and 0 where den is 0."""
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
-def compute_rescalers(delta_l1: torch.Tensor, masked_l1: torch.Tensor, numels: torch.Tensor, mode: str) -> torch.Tensor:
+def compute_rescalers(delta_l1: np.ndarray, masked_l1: np.ndarray, numels: np.ndarray, mode: str) -> np.ndarray:
     """`(T, K)` float64 rescalers, one column per tensor (constant along K for the scalar modes)."""
     check_mode(mode)
-    delta_l1, masked_l1 = delta_l1.double(), masked_l1.double()  # (T, K)
+    delta_l1 = np.asarray(delta_l1, dtype=np.float64)  # (T, K)
+    masked_l1 = np.asarray(masked_l1, dtype=np.float64)  # (T, K)
     if mode == "tensor":
         return _safe_ratio(delta_l1, masked_l1)  # (T, K)
     if mode == "tensor-mean":
-        weights = 1.0 / numels.double().clamp(min=1)  # (K,)
+        weights = 1.0 / np.maximum(np.asarray(numels, dtype=np.float64), 1.0)  # (K,)
         delta_l1, masked_l1 = delta_l1 * weights, masked_l1 * weights
-    per_task = _safe_ratio(delta_l1.sum(dim=1), masked_l1.sum(dim=1))  # (T,)
-    return per_task[:, None].expand_as(delta_l1).clone()  # (T, K)
+    per_task = _safe_ratio(delta_l1.sum(axis=1), masked_l1.sum(axis=1))  # (T,)
+    return np.repeat(per_task[:, None], delta_l1.shape[1], axis=1)  # (T, K)

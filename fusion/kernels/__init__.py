@@ -1,48 +1,116 @@
-"""Kernel dispatch: the same two chunk operations, implemented three ways.
+"""Kernels: the chunk operations of ConDU behind one contract, implemented three ways.
 
-A kernel is any object with
-    elect(deltas (T, n), *, unified_dtype) -> ChunkResult
-    continual(unified (n,), packed_masks (T_old, n/8), rescalers (T_old,), new_deltas (T_new, n),
-              *, unified_dtype) -> ChunkResult
-`reference` is the readable specification (fusion.reference); `cpu` and `triton` are fast paths
-proven equal to it by property tests (masks and signs bit for bit, L1 sums to float tolerance).
+- `reference`: the readable numpy rules (fusion.reference); starts at once.
+- `cpu`: numba, fused block-chunked passes on CPU threads; proven equal to the reference.
+- `triton`: Triton and torch on CUDA; torch tensors in, torch tensors out on their device.
+
+Equality with the reference: masks, signs, unified values and rebuilt weights bit for bit; L1
+and fidelity sums to a float tolerance. `get_kernel` picks one by name, or the best for a device
+and an amount of work; `preload` loads one on a background thread.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import SimpleNamespace
+import threading
+from concurrent.futures import Future
+from typing import Any, Protocol, runtime_checkable
 
-import torch
+from ..arrays import device_type
+from ..constants import KERNELS
+from ..dtypes import F32, DType
+from ..reference import ChunkResult
 
-from .. import reference
+__all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name", "preload"]
 
-__all__ = ["KERNELS", "get_kernel", "default_kernel_name"]
+# Below this many elements of work (every task's elements of a whole pass together) the numpy
+# reference is picked over the cpu kernel. The cpu kernel's first use in a process costs the
+# import of numba and the load of its cached machine code: measured 0.7-1.0 s on the 2-core
+# development machine (import 0.3-0.4 s, elect's code 0.4-0.5 s, the rest 0.06 s), while the
+# reference runs at about 40M elements/s (elect) and 25M/s (continual step) there. At 4M
+# elements the reference takes 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s;
+# the cpu kernel only pays off from about 20-30M elements on, or when `preload` hid its start.
+SMALL_WORK = 4 << 20
 
-KERNELS = ("reference", "cpu", "triton")
-
-REFERENCE = SimpleNamespace(name="reference", elect=reference.elect, continual=reference.continual_chunk)
-
-
-def _load(name: str):
-    if name == "reference":
-        return REFERENCE
-    module = importlib.import_module(f"{__name__}.{'cpu' if name == 'cpu' else 'triton_kernels'}")
-    return module.KERNEL
-
-
-def default_kernel_name(device: torch.device | str = "cpu") -> str:
-    """The fastest kernel for a device: Triton on CUDA, the chunked CPU path otherwise."""
-    return "triton" if torch.device(device).type == "cuda" else "cpu"
+_MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton_kernels"}
 
 
-def get_kernel(name: str | None = None, *, device: torch.device | str = "cpu"):
-    """Return a kernel by name (`reference`, `cpu`, `triton`), or the fastest one for `device`."""
-    if name is None:
-        try:
-            return _load(default_kernel_name(device))
-        except ImportError:  # Triton not installed: the CPU path still works everywhere
-            return _load("cpu")
+@runtime_checkable
+class Kernel(Protocol):
+    """The contract of every kernel; see `fusion.reference` for the meaning of each operation.
+
+    Arrays are numpy arrays for `reference` and `cpu` (float32, float16, float64 or
+    `ml_dtypes.bfloat16` inputs) and torch tensors for `triton`; results come back in the
+    inputs' kind, on their device. `unified_dtype` is a `fusion.dtypes.DType` (or its name).
+    """
+
+    name: str
+
+    def elect(self, deltas: Any, *, unified_dtype: DType = F32) -> ChunkResult:
+        """Stacked deltas (T, n) -> unified (n,) float32, packed masks (T, ceil(n/8)), L1 sums (T,)."""
+
+    def continual(self, unified: Any, packed_masks: Any, rescalers: Any, new_deltas: Any, *,
+                  unified_dtype: DType = F32) -> ChunkResult:
+        """Rebuild the T_old stored tasks of a chunk, then elect them with the (T_new, n) new deltas."""
+
+    def rebuild(self, base: Any, unified: Any, packed: Any, rescaler: float, *, out: Any = None) -> Any:
+        """theta0 + lambda * M * u over one chunk of one task: float32 (n,), in `out` if given."""
+
+    def fidelity_sums(self, unified: Any, packed: Any, original: Any) -> Any:
+        """(5,) float64 sums A, E, D, Z, C of one chunk of one task (fusion.fidelity)."""
+
+
+def _load(name: str) -> Kernel:
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}").KERNEL
+
+
+def default_kernel_name(device: Any = "cpu", work: int | None = None) -> str:
+    """The best kernel for `device` (text or torch.device) and `work` elements: see SMALL_WORK."""
+    if device_type(device) == "cuda":
+        return "triton"
+    return "reference" if work is not None and work < SMALL_WORK else "cpu"
+
+
+def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None = None) -> Kernel:
+    """A kernel by name (`reference`, `cpu`, `triton`), or the best one for `device` and `work`.
+
+    Without a name: Triton on CUDA; on CPU the reference for small work (fewer than SMALL_WORK
+    elements, or numba not installed) and the cpu kernel otherwise.
+    """
+    if name is not None and name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    if name is not None:
+        return _load(name)
+    name = default_kernel_name(device, work)
+    try:
+        return _load(name)
+    except ImportError as error:
+        if name == "cpu":  # numba missing: the reference does the same work
+            return _load("reference")
+        raise ImportError(f"the CUDA path needs triton ({error}); pip install triton, "
+                          "or move the tensors to the CPU") from error
+
+
+def preload(name: str = "cpu") -> Future:
+    """Import and warm kernel `name` on a background thread; the Future gives the kernel.
+
+    The cpu kernel's first use costs about a second (numba's import and cached code); a caller
+    that starts this before its first reads hides that behind them. `get_kernel(name)` later
+    waits for an import still under way (Python's import lock) rather than starting another.
+    """
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
-    return _load(name)
+    future: Future = Future()
+
+    def load() -> None:
+        try:
+            kernel = _load(name)
+            warm = getattr(kernel, "warm", None)
+            if warm is not None:
+                warm()
+            future.set_result(kernel)
+        except BaseException as error:  # handed to whoever asks the Future
+            future.set_exception(error)
+
+    threading.Thread(target=load, name=f"preload-{name}-kernel", daemon=True).start()
+    return future

@@ -3,7 +3,12 @@
 Same inputs, same outputs as `fusion.reference.elect` / `continual_chunk`: unified values and
 packed masks bit for bit, L1 sums to float tolerance. The numerics follow the reference exactly:
 inputs are read as float32 (fp16/bf16 through an exact 65536-entry table), the election sum runs
-in task order in float32, a rebuilt delta is `where(M, u * float32(lambda), 0)`.
+in task order in float32, a rebuilt delta is `where(M, u * float32(lambda), 0)`. Inputs and
+outputs are numpy arrays (bfloat16 as `ml_dtypes.bfloat16` arrays); torch is never imported.
+
+Also here, the two other chunk operations of the `fusion.kernels.Kernel` contract: `rebuild`
+(theta0 + lambda * M * u, in numpy on the packed bits, no compilation) and `fidelity_sums` (one
+numba pass over the chunk, no temporaries of its size).
 
 How it works. A chunk `(T, n)` is cut into blocks of `block` elements (4096 by default: at T = 16
 a block is 256 KiB of float32, it stays in L2). Blocks are spread over threads with numba's
@@ -11,7 +16,7 @@ a block is 256 KiB of float32, it stays in L2). Blocks are spread over threads w
 For every block, one read of the inputs from memory; the later phases (mask, magnitude, bit
 packing, L1 sums) re-read it from cache. L1 sums are per-block float64 partials summed after the
 pass (deterministic, independent of the thread count). No temporaries of the chunk's size are
-made for float32 inputs; the store's dtype rounding of u (fp16/bf16) is done by torch on the
+made for float32 inputs; the store's dtype rounding of u (fp16/bf16) is done in numpy on the
 (n,) unified delta, then the masked L1 is taken in a second pass over u and the packed bits.
 
 Options measured before choosing (elect, T = 8, 16M-element float32 deltas per task, median of
@@ -35,13 +40,15 @@ code next to this file (`cache=True`), so later processes start in about a secon
 from __future__ import annotations
 
 import functools
+import sys
 
 import numba
 import numpy as np
-import torch
 from numba import njit, prange
 from numba.extending import overload
 
+from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, round_through, to_float32
+from ..fidelity import NUM_SUMS
 from ..reference import ChunkResult
 
 __all__ = ["CpuKernel", "KERNEL", "DEFAULT_BLOCK"]
@@ -55,13 +62,9 @@ _JIT = dict(cache=True, nogil=True)
 _SUM = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
 
 
-def _half_table(dtype: torch.dtype) -> np.ndarray:
-    """float32 value of every 16-bit code of `dtype`, indexed by the code as uint16."""
-    codes = np.arange(1 << 16, dtype=np.uint16).view(np.int16)  # (65536,)
-    return torch.from_numpy(codes).view(dtype).float().numpy()
-
-
-_TABLES = {torch.float16: _half_table(torch.float16), torch.bfloat16: _half_table(torch.bfloat16)}
+# float32 value of every 16-bit code, indexed by the code as uint16 (65536,): exact widenings.
+_CODES = np.arange(1 << 16, dtype=np.uint16)
+_TABLES = {F16: _CODES.view(np.float16).astype(np.float32), BF16: to_float32(_CODES, BF16)}
 _NO_TABLE = np.zeros(1, dtype=np.float32)
 
 
@@ -268,26 +271,49 @@ def _masked_l1_pass(unified, packed, block, masked_l1):
             masked_l1[b, t] = acc
 
 
+# The fidelity sums may be reordered (vectorised); they are compared with the reference to a tolerance.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+def _fidelity_pass(u, packed, o, out):
+    """out = A, E, D, Z, C of one chunk (fusion.fidelity), in one pass without temporaries."""
+    a = e = d = z = c = 0.0
+    for j in range(u.shape[0]):
+        uj, oj = np.float64(u[j]), np.float64(o[j])
+        on = np.float64((packed[j >> 3] >> (j & 7)) & 1)  # 1.0 or 0.0: no branch on random bits
+        diff = uj - oj
+        a += on * (uj * uj)
+        e += on * (uj * diff)
+        d += on * (diff * diff)
+        z += (1.0 - on) * (oj * oj)
+        c += oj * oj
+    out[0], out[1], out[2], out[3], out[4] = a, e, d, z, c
+
+
 # ---- the kernel object ---------------------------------------------------------------------------
 
 
-def _as_numpy_rows(tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """A float tensor as numpy rows the drivers read: float32 as is, fp16/bf16 as codes + table."""
-    if tensor.dtype in _TABLES:
-        codes = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return codes, _TABLES[tensor.dtype]
-    return tensor.float().contiguous().numpy(), _NO_TABLE
+def _as_rows(array: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float rows the drivers read: float32 as is, fp16/bf16 as uint16 codes and their table."""
+    dtype = dtype_of(array)
+    if dtype in _TABLES:
+        return np.ascontiguousarray(array).view(np.uint16), _TABLES[dtype]
+    if not dtype.is_float:
+        raise ValueError(f"cpu kernel: {what} must be float, got {dtype.name}; pass float32, float16 or bfloat16 arrays")
+    return np.ascontiguousarray(array, dtype=np.float32), _NO_TABLE
 
 
 def _keeps_torch_threads(method):
-    """Restore torch's thread count after a numba parallel region.
+    """Restore torch's thread count after a numba parallel region, when torch is loaded at all.
 
     numba's OpenMP layer and torch share libgomp's process-wide thread count; a parallel region
-    can raise it behind torch's back, and a busy CPU then slows every later torch op.
+    can raise it behind torch's back, and a busy CPU then slows every later torch op. A process
+    without torch has nothing to restore, and this does not import it.
     """
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return method(*args, **kwargs)
         threads = torch.get_num_threads()
         try:
             return method(*args, **kwargs)
@@ -298,7 +324,7 @@ def _keeps_torch_threads(method):
 
 
 class CpuKernel:
-    """Fused, block-chunked elect and continual step on CPU threads (numba)."""
+    """Fused, block-chunked elect and continual step on CPU threads (numba), on numpy arrays."""
 
     name = "cpu"
 
@@ -308,56 +334,97 @@ class CpuKernel:
         self.block = block
 
     @_keeps_torch_threads
-    def elect(self, deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
+    def elect(self, deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
         """Same as fusion.reference.elect: stacked deltas (T, n) -> ChunkResult."""
-        if deltas.dim() != 2 or deltas.shape[0] == 0:
+        if np.ndim(deltas) != 2 or len(deltas) == 0:
             raise ValueError(f"cpu kernel: elect expects stacked deltas (T, n) with T >= 1, got "
-                             f"{tuple(deltas.shape)}; stack one flattened chunk per task as rows")
-        src, table = _as_numpy_rows(deltas)  # (T, n)
-        outputs, with_masked = self._outputs(deltas.shape[0], deltas.shape[1], unified_dtype)
-        _elect_pass(src, table, self.block, self._runs(deltas.shape[1]), *outputs, with_masked)
-        return self._finish(outputs, unified_dtype, with_masked)
+                             f"{np.shape(deltas)}; stack one flattened chunk per task as rows")
+        num_tasks, n = deltas.shape
+        src, table = _as_rows(deltas, "deltas")  # (T, n)
+        outputs, dtype = self._outputs(num_tasks, n), float_dtype(unified_dtype)
+        _elect_pass(src, table, self.block, self._runs(n), *outputs, _keeps_float32(dtype))
+        return self._finish(outputs, dtype)
 
     @_keeps_torch_threads
-    def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
-                  new_deltas: torch.Tensor, *, unified_dtype: torch.dtype = torch.float32) -> ChunkResult:
+    def continual(self, unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray,
+                  new_deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
         """Same as fusion.reference.continual_chunk: rebuild the stored tasks, unify them with the new."""
-        n = unified.numel()
-        num_old = packed_masks.shape[0]
-        new_deltas = new_deltas.reshape(-1, n)  # (T_new, n)
-        if num_old + new_deltas.shape[0] == 0:
+        n = np.size(unified)
+        num_old = len(packed_masks)
+        new_deltas = np.reshape(new_deltas, (-1, n))  # (T_new, n)
+        if num_old + len(new_deltas) == 0:
             raise ValueError("cpu kernel: continual step with no stored and no new task; pass at least one")
-        if packed_masks.shape != (num_old, -(-n // 8)):
-            raise ValueError(f"cpu kernel: packed masks {tuple(packed_masks.shape)} do not fit {n} elements; "
-                             f"expected ({num_old}, {-(-n // 8)}), one byte per 8 elements per stored task")
-        stored_u = unified.float().contiguous().reshape(-1).numpy()  # (n,)
-        lam = rescalers.double().float().contiguous().numpy()  # (T_old,), float32(lambda) as the reference
-        src, table = _as_numpy_rows(new_deltas)
-        outputs, with_masked = self._outputs(num_old + new_deltas.shape[0], n, unified_dtype)
-        stored_packed = packed_masks.contiguous().numpy()  # (T_old, n/8)
-        _continual_pass(stored_u, stored_packed, lam, src, table, self.block, self._runs(n), *outputs, with_masked)
-        return self._finish(outputs, unified_dtype, with_masked)
+        if np.shape(packed_masks) != (num_old, -(-n // 8)) or np.size(rescalers) != num_old:
+            raise ValueError(f"cpu kernel: packed masks {np.shape(packed_masks)} and {np.size(rescalers)} rescalers "
+                             f"do not fit {n} elements; expected ({num_old}, {-(-n // 8)}), one byte per 8 "
+                             "elements per stored task, and one rescaler per stored task")
+        stored_u = np.ascontiguousarray(as_float32(unified).reshape(-1))  # (n,)
+        lam = np.asarray(rescalers, dtype=np.float64).reshape(-1).astype(np.float32)  # (T_old,) float32(lambda)
+        src, table = _as_rows(new_deltas, "new_deltas")
+        outputs, dtype = self._outputs(num_old + len(new_deltas), n), float_dtype(unified_dtype)
+        stored_packed = np.ascontiguousarray(packed_masks, dtype=np.uint8)  # (T_old, n/8)
+        _continual_pass(stored_u, stored_packed, lam, src, table, self.block, self._runs(n), *outputs,
+                        _keeps_float32(dtype))
+        return self._finish(outputs, dtype)
+
+    def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """fusion.reference.rebuild in numpy on the packed bits, in place in `out` (float32 (n,)) if given.
+
+        `out` may be `unified` itself (a caller that reads u into its output buffer first).
+        """
+        n = np.size(unified)
+        bits = np.unpackbits(np.reshape(packed, -1), count=n, bitorder="little")  # (n,) uint8 0/1
+        keep = np.negative(bits, dtype=np.int32)  # (n,) all 32 bits set where the mask is on, else none
+        result = np.empty(n, dtype=np.float32) if out is None else out
+        np.multiply(as_float32(unified), np.float32(rescaler), out=result)  # u * lambda, one rounding
+        # where(M, u * lambda, +0.0) exactly, as a bit mask (a select in numpy is several times slower)
+        np.bitwise_and(result.view(np.int32), keep, out=result.view(np.int32))
+        # `base + 0` (not a copy) where the mask is off: -0.0 + 0.0 is +0.0, as in the reference
+        np.add(as_float32(base), result, out=result)
+        return result
+
+    def fidelity_sums(self, unified: np.ndarray, packed: np.ndarray, original: np.ndarray) -> np.ndarray:
+        """fusion.reference.fidelity_sums in one pass: (5,) float64 A, E, D, Z, C."""
+        out = np.zeros(NUM_SUMS, dtype=np.float64)
+        u = np.ascontiguousarray(as_float32(unified).reshape(-1))  # (n,)
+        o = np.ascontiguousarray(as_float32(original).reshape(-1))  # (n,)
+        _fidelity_pass(u, np.ascontiguousarray(np.reshape(packed, -1), dtype=np.uint8), o, out)
+        return out
+
+    def warm(self) -> None:
+        """Load (or compile) the machine code of the float32 signatures: the first call's cost, paid now."""
+        deltas = np.zeros((2, 16), dtype=np.float32)
+        result = self.elect(deltas)
+        self.continual(result.unified, result.packed_masks, np.ones(2), deltas[:1])
+        self.fidelity_sums(result.unified, result.packed_masks[0], deltas[0])
 
     def _runs(self, n: int) -> int:
         """Contiguous runs of blocks handed to threads: a few per thread, for load balance."""
         return max(1, min(-(-n // self.block), 4 * numba.get_num_threads()))
 
-    def _outputs(self, num_tasks: int, n: int, unified_dtype: torch.dtype):
+    def _outputs(self, num_tasks: int, n: int):
         num_blocks = max(1, -(-n // self.block))
         unified = np.empty(n, dtype=np.float32)  # (n,)
         packed = np.empty((num_tasks, -(-n // 8)), dtype=np.uint8)  # (T, n/8)
         delta_l1 = np.zeros((num_blocks, num_tasks), dtype=np.float64)  # per-block partials
         masked_l1 = np.zeros((num_blocks, num_tasks), dtype=np.float64)
-        return (unified, packed, delta_l1, masked_l1), unified_dtype == torch.float32
+        return unified, packed, delta_l1, masked_l1
 
-    def _finish(self, outputs, unified_dtype: torch.dtype, with_masked: bool) -> ChunkResult:
+    def _finish(self, outputs, dtype) -> ChunkResult:
         unified, packed, delta_l1, masked_l1 = outputs
-        u = torch.from_numpy(unified)
-        if not with_masked:  # round u to the stored dtype first: the rescalers rebuild what is stored
-            u = u.to(unified_dtype).float()
-            _masked_l1_pass(u.numpy(), packed, self.block, masked_l1)
-        return ChunkResult(u, torch.from_numpy(packed), torch.from_numpy(delta_l1.sum(axis=0)),
-                           torch.from_numpy(masked_l1.sum(axis=0)))
+        if not _keeps_float32(dtype):  # round u to the stored dtype first: the rescalers rebuild what is stored
+            unified = round_through(unified, dtype)
+            _masked_l1_pass(unified, packed, self.block, masked_l1)
+        return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0))
+
+    def __repr__(self) -> str:
+        return f"CpuKernel(block={self.block})"
+
+
+def _keeps_float32(dtype) -> bool:
+    """Stored as float32 (or wider), u keeps its float32 values: the masked L1 is taken in the pass."""
+    return dtype.itemsize >= 4
 
 
 KERNEL = CpuKernel()

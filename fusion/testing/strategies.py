@@ -5,14 +5,19 @@ person can read. Values are drawn from a small integer grid times a scale, which
 zeros and exact sign ties common (the cases the rules are most particular about). With the
 default power-of-two scale, float32 sums of a few such values are exact, so results do not
 depend on the order in which tasks are summed.
+
+Arrays are numpy arrays. Their dtype is a `fusion.dtypes.DType` (or its name); bfloat16 comes
+as an `ml_dtypes.bfloat16` array, the way a user hands one to the library (ml_dtypes is a test
+dependency; the library itself never imports it).
 """
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
-import torch
+import numpy as np
 
-from ..rescale import RESCALER_MODES
+from ..constants import RESCALER_MODES
+from ..dtypes import BF16, F16, F32, DType, float_dtype, from_float32
 
 __all__ = [
     "deltas",
@@ -22,9 +27,10 @@ __all__ = [
     "rescaler_modes",
     "chunk_sizes",
     "FLOAT_DTYPES",
+    "as_dtype",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (F32, F16, BF16)
 
 # Shapes a drawn tensor may take besides 1-D ones: a few 2-D, some not a multiple of 8.
 _MATRIX_SHAPES = [(2, 3), (3, 5), (4, 4)]
@@ -35,32 +41,42 @@ def _draw(draw, value):
     return draw(value) if isinstance(value, st.SearchStrategy) else value
 
 
+def as_dtype(values: np.ndarray, dtype: DType | str = F32) -> np.ndarray:
+    """float32 values as a numpy array of `dtype`, rounded to nearest even; bfloat16 as ml_dtypes'."""
+    dtype = float_dtype(dtype)
+    stored = from_float32(np.asarray(values, dtype=np.float32), dtype)
+    if dtype is BF16:
+        import ml_dtypes  # a test dependency, for the bfloat16 arrays users pass
+
+        return stored.view(ml_dtypes.bfloat16)
+    return stored
+
+
 @st.composite
 def deltas(
     draw,
     *,
     num_tasks: st.SearchStrategy[int] | int = st.integers(1, 4),
     length: st.SearchStrategy[int] | int = st.integers(1, 40),
-    dtype: torch.dtype = torch.float32,
+    dtype: DType | str = F32,
     zero_fraction: float = 0.3,
     scale: float = 2.0**-6,
     disjoint: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Stacked deltas `(T, n)`; entries are small integers times `scale`, often exactly 0.
 
     `disjoint=True` keeps one task's entry per position (the others are 0), so no two tasks
     ever share a position.
     """
     t, n = _draw(draw, num_tasks), _draw(draw, length)
-    seed = draw(st.integers(0, 2**31 - 1))
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.randint(-8, 9, (t, n), generator=gen).float()  # (T, n)
-    zeros = torch.rand((t, n), generator=gen) < zero_fraction  # (T, n)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    values = rng.integers(-8, 9, (t, n)).astype(np.float32)  # (T, n)
+    zeros = rng.random((t, n)) < zero_fraction  # (T, n)
     if disjoint:
-        owner = torch.randint(0, t, (n,), generator=gen)  # (n,)
-        zeros |= torch.arange(t)[:, None] != owner[None, :]
-    values = torch.where(zeros, 0.0, values) * scale
-    return values.to(dtype)
+        owner = rng.integers(0, t, n)  # (n,)
+        zeros |= np.arange(t)[:, None] != owner[None, :]
+    values = np.where(zeros, np.float32(0.0), values) * np.float32(scale)  # (T, n) float32
+    return as_dtype(values, dtype)
 
 
 @st.composite
@@ -70,17 +86,17 @@ def state_dicts(
     num_tasks: st.SearchStrategy[int] | int = st.integers(1, 4),
     num_tensors: st.SearchStrategy[int] | int = st.integers(1, 3),
     max_numel: int = 30,
-    dtype: torch.dtype = torch.float32,
+    dtype: DType | str = F32,
     zero_fraction: float = 0.3,
     scale: float = 2.0**-6,
     disjoint: bool = False,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[dict[str, np.ndarray]]:
     """T deltas as state dicts over the same named tensors of random shapes."""
     t, k = _draw(draw, num_tasks), _draw(draw, num_tensors)
-    choices = [(n,) for n in range(1, max_numel + 1)] + [s for s in _MATRIX_SHAPES if torch.Size(s).numel() <= max_numel]
+    choices = [(n,) for n in range(1, max_numel + 1)] + [s for s in _MATRIX_SHAPES if int(np.prod(s)) <= max_numel]
     shapes = {f"t{j}.weight": draw(st.sampled_from(choices)) for j in range(k)}
     tables = {
-        name: draw(deltas(num_tasks=t, length=torch.Size(s).numel(), dtype=dtype, zero_fraction=zero_fraction,
+        name: draw(deltas(num_tasks=t, length=int(np.prod(s)), dtype=dtype, zero_fraction=zero_fraction,
                           scale=scale, disjoint=disjoint))
         for name, s in shapes.items()
     }
@@ -94,10 +110,10 @@ def delta_sequences(
     steps: st.SearchStrategy[int] | int = st.integers(2, 6),
     num_tensors: st.SearchStrategy[int] | int = st.integers(1, 3),
     max_numel: int = 30,
-    dtype: torch.dtype = torch.float32,
+    dtype: DType | str = F32,
     zero_fraction: float = 0.3,
     scale: float = 2.0**-6,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[dict[str, np.ndarray]]:
     """A sequence of task deltas for continual runs: unify the first, add the rest one by one."""
     return draw(state_dicts(num_tasks=_draw(draw, steps), num_tensors=num_tensors, max_numel=max_numel,
                             dtype=dtype, zero_fraction=zero_fraction, scale=scale))
@@ -111,7 +127,7 @@ def continual_schedules(
     max_reunify: int = 2,
     num_tensors: st.SearchStrategy[int] | int = st.integers(1, 3),
     max_numel: int = 30,
-) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray] | None]]:
     """A continual run: `(first, later)`; unify the deltas in `first`, then apply `later` in order.
 
     Each item of `later` is one new task's delta (`add(state, delta)`) or None, a re-unification
@@ -119,7 +135,7 @@ def continual_schedules(
     """
     sequence = draw(delta_sequences(steps=steps, num_tensors=num_tensors, max_numel=max_numel))
     num_first = draw(st.integers(1, len(sequence) - 1)) if len(sequence) > 1 else 1
-    later: list[dict[str, torch.Tensor] | None] = list(sequence[num_first:])
+    later: list[dict[str, np.ndarray] | None] = list(sequence[num_first:])
     for _ in range(draw(st.integers(0, max_reunify))):
         later.insert(draw(st.integers(0, len(later))), None)
     return sequence[:num_first], later
