@@ -25,11 +25,17 @@ _HOMES = {
 __all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", *sorted(_HOMES)]
 
 
+_MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "io", "kernels", "reference", "rescale", "store",
+            "testing", "torch_compat")
+
+
 def __getattr__(name: str):
     if name in _HOMES:
         value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name in _MODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fusion' has no attribute {name!r}")
 
 

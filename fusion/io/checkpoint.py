@@ -5,6 +5,9 @@ index is checked as strictly as the files: its shard names are plain file names 
 folder, every tensor it lists is in the shard it names, and every tensor of a shard is listed.
 Pickle formats are refused: loading them can run code.
 
+Files are named as in a model folder: a lone `.safetensors` file is `model.safetensors`, whatever
+its own name, so a renamed or moved copy is the same checkpoint.
+
 Fingerprint: sha256 over each file's name, size and header bytes. It is cheap (no tensor data is
 read) and tells whether a path still holds the same layout; what the store trusts for content
 is the block checksums (`fusion.io.integrity`), per file name as `files` lists them.
@@ -92,7 +95,7 @@ def _source_files(path: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: not a .safetensors file; pass a .safetensors file or a model folder")
-        return {path.name: path}, None
+        return {HF_WEIGHTS: path}, None  # a lone file counts as a folder's model.safetensors: its name is not content
     raise ValueError(f"{path}: no such checkpoint; pass a .safetensors file or a model folder")
 
 

@@ -57,10 +57,19 @@ def _check_v1_files(store_dir: Path, files: dict) -> None:
             raise ValueError(f"{path}: missing or damaged (its sha256 differs); restore it before migrating")
 
 
+def _v1_fingerprint(checkpoint) -> str:
+    """Version 1's fingerprint: as today's, but over the files' own names."""
+    digest = hashlib.sha256()
+    for f in sorted(checkpoint.files.values(), key=lambda f: f.path.name):
+        digest.update(f"{f.path.name}\0{f.size}\0".encode())
+        digest.update(f.header_bytes)
+    return digest.hexdigest()
+
+
 def _base_ref(v1: dict) -> BaseRef:
     path = Path(v1["base"]["path"])
     with open_checkpoint(path) as base:
-        if base.fingerprint() != v1["base"]["fingerprint"]:
+        if _v1_fingerprint(base) != v1["base"]["fingerprint"]:
             raise ValueError(f"{path}: not the base this store was made from (its headers differ); restore it")
         files = {name: Digests.of(digest_file(f.path)) for name, f in base.files.items()}
         return BaseRef(path=str(path), fingerprint=base.fingerprint(), files=files)

@@ -53,8 +53,9 @@ class FusedTensor:
 
 def plan_tensors(base: Checkpoint, unified_dtype: DType | None) -> list[FusedTensor]:
     """Every floating-point base tensor, in the order of its bytes in the base's files."""
+    file_order = {id(f): k for k, f in enumerate(base.files.values())}
     names = sorted((n for n in base.keys() if base.info(n).dtype.is_float),
-                   key=lambda n: (list(base.files).index(base.file_of(n).path.name), base.info(n).begin))
+                   key=lambda n: (file_order[id(base.file_of(n))], base.info(n).begin))
     if not names:
         raise ValueError(f"{base.path}: the base has no floating-point tensors to fuse")
     return [FusedTensor(n, base.info(n).shape, base.info(n).dtype, unified_dtype or base.info(n).dtype) for n in names]

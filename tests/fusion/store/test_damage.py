@@ -133,12 +133,15 @@ EDITS = {
 }
 
 
-@pytest.mark.parametrize("case", list(EDITS))
-@pytest.mark.parametrize("forge", [False, True], ids=["edited", "forged"])
+# Edited by hand, every case fails the checksum. Forged (the checksum recomputed), the structural
+# ones still fail the schema or the rules; a forged rescaler is a valid manifest, which only the
+# checksum could have caught, so it is not among them.
+CASES = [(case, False) for case in EDITS] + [(case, True) for case in EDITS if case != "rescaler-digit"]
+
+
+@pytest.mark.parametrize("case, forge", CASES, ids=[f"{'forged' if f else 'edited'}-{c}" for c, f in CASES])
 def test_an_edited_manifest_is_one_line_for_every_command(store, tmp_path, case, forge):
     edit, phrase = EDITS[case]
-    if forge and case == "rescaler-digit":
-        pytest.skip("a forged checksum over a changed rescaler is a valid manifest: only the checksum guards it")
     _edit_manifest(store, edit, forge=forge)
     before = snapshot(store.path)
     for args in (["info"], ["decouple", "--task", "1", "-o", tmp_path / "o.safetensors"], ["remove", "--task", "1"],
