@@ -8,6 +8,10 @@ kills with SIGKILL) signal that the point was reached and wait. The points, in o
     files-written     every data file of the new generation is complete and fsynced
     backup-written    condu.backup.json holds the new manifest; condu.json still the old one
     manifest-swapped  condu.json holds the new manifest; old files not yet deleted
+
+and one point of readers:
+
+    manifest-read     a reader has read condu.json and is about to open the generation's files
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable, Iterator
 
 __all__ = ["POINTS", "hit", "inject"]
 
-POINTS = ("pass-chunk", "files-written", "backup-written", "manifest-swapped")
+POINTS = ("pass-chunk", "files-written", "backup-written", "manifest-swapped", "manifest-read")
 _actions: dict[str, Callable[[], None]] = {}
 
 

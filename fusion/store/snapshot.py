@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import Checkpoint, IntegrityError, SafetensorsFile
 from ..io.integrity import BlockHasher
+from . import faults
 from .manifest import Manifest, TaskEntry, load_manifest
 from .plan import FusedTensor
 
@@ -112,6 +113,7 @@ def open_snapshot(store_dir: Path, select, *, side=lambda m: ()) -> Snapshot:
     """Open the files `select(manifest)` names (and read `side(manifest)` whole), retrying on a commit."""
     for _ in range(_ATTEMPTS):
         manifest = load_manifest(store_dir)
+        faults.hit("manifest-read")
         snapshot = Snapshot(store_dir, manifest)
         try:
             _open_all(snapshot, select(manifest), side(manifest))
