@@ -38,6 +38,7 @@ from .manifest import (BaseRef, Digests, Fidelity, HubRef, Manifest, ManifestErr
 from .passio import OldSource, PassPlan, PassResult, run_pass
 from .plan import FusedTensor, NewTask, check_missing, plan_task, plan_tensors
 from .snapshot import open_base, open_snapshot, reading
+from .sources import CheckpointDeltas
 from .transaction import Transaction, change, remove_new_store
 
 __all__ = ["Store", "TaskRecord", "DEFAULT_SHARD_SIZE", "DEFAULT_MODEL_SHARD_SIZE", "PASS_ELEMENTS"]
@@ -424,7 +425,7 @@ def _next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor]
             ckpt = _unchanged_source(task)
             if ckpt is not None:
                 stack.enter_context(ckpt)
-            sources.append(OldSource(ckpt, _zero_of(task, fused), task.source.content) if ckpt else None)
+            sources.append(OldSource(CheckpointDeltas(ckpt), _zero_of(task, fused), task.source.content) if ckpt else None)
         plan = PassPlan(base, fused, old, keep, new, sources, manifest.rescaler, _kernel(kernel, work), chunk,
                         manifest.max_shard_size)
         result = run_pass(plan, tx, [t.number for t in keep] + [t.number for t in new], progress=progress)

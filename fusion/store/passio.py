@@ -14,15 +14,14 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DTYPES, F32, from_float32, to_float32
+from ..dtypes import DTYPES, from_float32, to_float32
 from ..engine import StoredChunk, TensorSpec, fuse_pass
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
-from ..io.integrity import content_digest
 from ..reference import ChunkResult
 from ..rescale import compute_rescalers
 from . import faults, layout
@@ -30,6 +29,7 @@ from .manifest import TaskEntry
 from .plan import FusedTensor, NewTask
 from ..progress import progress_bar
 from .snapshot import Snapshot
+from .sources import DeltaSource
 from .transaction import Transaction
 
 __all__ = ["PassPlan", "PassResult", "OldSource", "run_pass"]
@@ -43,10 +43,9 @@ _U8 = DTYPES["U8"]
 class OldSource:
     """A kept task's fine-tune, still on disk with the same layout: its fidelity is measured again."""
 
-    checkpoint: Checkpoint
+    deltas: DeltaSource
     zero: set[str]  # fused tensors it did not contribute (their original delta is 0)
     content: str  # the content digest recorded when it was added
-    hasher: object = field(default_factory=content_digest)
 
 
 @dataclass
@@ -117,7 +116,6 @@ class _Reads:
         self.rows = np.empty(rows, dtype=np.float32)  # new deltas, reused every chunk
         self.base = np.empty(min(plan.chunk, max((t.numel for t in plan.fused), default=0)), dtype=np.float32)
         self.base_at: tuple[str, int] | None = None
-        self.contents = [content_digest() for _ in plan.new]
         self.pool = ThreadPoolExecutor(max_workers=_READER_THREADS, thread_name_prefix="condu-read")
 
     def base_flat(self, name: str, lo: int, hi: int) -> np.ndarray:
@@ -136,7 +134,7 @@ class _Reads:
             if name in new[j].zero:
                 rows[j] = 0.0
             else:
-                _read_delta(new[j].checkpoint, name, lo, hi, base, rows[j], self.contents[j])
+                new[j].deltas.read_delta(name, lo, hi, base, rows[j])
 
         list(self.pool.map(load, range(len(new))))  # each task's file on its own thread
         return rows
@@ -156,24 +154,12 @@ class _Reads:
             if source is not None:
                 row = np.zeros(hi - lo, dtype=np.float32)
                 if name not in source.zero:
-                    _read_delta(source.checkpoint, name, lo, hi, self.base_flat(name, lo, hi), row, source.hasher)
+                    source.deltas.read_delta(name, lo, hi, self.base_flat(name, lo, hi), row)
                 found[i] = row
         return found
 
     def close(self) -> None:
         self.pool.shutdown()
-
-
-def _read_delta(ckpt: Checkpoint, name: str, lo: int, hi: int, base: np.ndarray, row: np.ndarray, hasher) -> None:
-    """row = checkpoint[lo:hi] - base in float32; the checkpoint's raw bytes feed `hasher`."""
-    if ckpt.info(name).dtype is F32:
-        ckpt.read_flat_into(name, lo, hi, row)
-        hasher.update(row)
-    else:
-        raw = ckpt.view_flat(name, lo, hi)
-        hasher.update(raw)
-        to_float32(raw, ckpt.info(name).dtype, out=row)
-    np.subtract(row, base, out=row)
 
 
 class _Stats:
@@ -237,7 +223,7 @@ def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: b
     numels = np.array([t.numel for t in plan.fused])
     rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, numels, plan.mode)
     return PassResult(rescalers, tables.delta_l1, stats.bits, _fidelities(plan, stats, rescalers),
-                      [h.hexdigest() for h in reads.contents], sink.trigger_names,
+                      [task.deltas.content() for task in plan.new], sink.trigger_names,
                       list(dict.fromkeys(sink.unified.weight_map.values())), dict(sink.unified.weight_map))
 
 
@@ -246,6 +232,6 @@ def _fidelities(plan: PassPlan, stats: _Stats, rescalers: np.ndarray) -> list:
     out = []
     for i in range(plan.num_tasks):
         source = plan.sources[i] if i < len(plan.keep) else None
-        measured = i >= len(plan.keep) or (source is not None and source.hasher.hexdigest() == source.content)
+        measured = i >= len(plan.keep) or (source is not None and source.deltas.content() == source.content)
         out.append(finish_fidelity(stats.sums[i], rescalers[i]) if measured else None)
     return out

@@ -20,6 +20,7 @@ from ..io import Checkpoint
 from ..io.files import model_side_files
 from . import layout
 from .manifest import TensorEntry
+from .sources import CheckpointDeltas, DeltaSource
 
 __all__ = ["FusedTensor", "NewTask", "plan_tensors", "plan_task", "check_missing", "side_files"]
 
@@ -75,6 +76,7 @@ class NewTask:
     name: str
     number: int
     source: str  # what the user gave: a path (absolute) or a hub id
+    deltas: DeltaSource  # how the pass reads its delta
     private: list[str] = field(default_factory=list)
     zero: set[str] = field(default_factory=set)  # fused tensors with a zero delta (missing or reshaped)
     zero_filled: list[str] = field(default_factory=list)  # of those, the ones the checkpoint lacks
@@ -99,7 +101,7 @@ def _safe(name: str) -> bool:
 def plan_task(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, name: str, number: int,
               missing: str, source: str) -> NewTask:
     """Sort a checkpoint's tensors into fused, private and missing; refuse what cannot be fused."""
-    task = NewTask(ckpt, layout.check_task_name(name), number, source, side_files=side_files(ckpt))
+    task = NewTask(ckpt, layout.check_task_name(name), number, source, CheckpointDeltas(ckpt), side_files=side_files(ckpt))
     task.private = [n for n in ckpt.keys() if n not in base or ckpt.info(n).shape != base.info(n).shape]
     for t in fused:
         if t.name not in ckpt:
