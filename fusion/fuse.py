@@ -121,15 +121,15 @@ class _Torch:
 
 
 def _arrays(kind: str, kernel_name: str | None = None):
-    """Where a call of `kind` computes: torch for CUDA tensors and the Triton kernel, numpy otherwise."""
-    on_device = kind.startswith("torch/cuda") or kernel_name == "triton"
-    if kernel_name is not None and kind.startswith("torch/cuda") and kernel_name != "triton":
-        raise ValueError(f"kernel {kernel_name!r} computes on the host and the tensors are on "
-                         f"{kind.removeprefix('torch/')}; use kernel='triton' (or None), or move them to the CPU")
-    if on_device and kind == "numpy":
+    """Where a call of `kind` computes: torch for device tensors and the Triton kernel, numpy otherwise."""
+    device = kind.removeprefix("torch/") if kind != "numpy" else "cpu"
+    if kernel_name not in (None, "triton") and device != "cpu":
+        raise ValueError(f"kernel {kernel_name!r} computes on the host and the tensors are on {device}; "
+                         "use kernel='triton' (or None) for CUDA tensors, or move them to the CPU")
+    if kernel_name == "triton" and kind == "numpy":
         raise ValueError("the triton kernel takes torch tensors and these are numpy arrays; pass torch tensors "
                          "(on CUDA), or use kernel='cpu'")
-    return _Torch(kind) if on_device else _Numpy(kind)
+    return _Torch(kind) if device != "cpu" or kernel_name == "triton" else _Numpy(kind)
 
 
 def _resolve_kernel(kernel, kind: str, work: int):
@@ -321,9 +321,9 @@ def unify(
     object, or None for the best one for the tensors' device and size (fusion.get_kernel).
     """
     check_mode(mode)
+    kind = _kind_of((t for d in deltas for t in d.values()), "unify")
     shapes = _shapes_of(deltas)
     dtypes = {name: float_dtype(d) for name, d in (dtypes or {}).items()}
-    kind = _kind_of((t for d in deltas for t in d.values()), "unify")
     work = len(deltas) * sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
     kernel, arrays = _pass_setup(kind, kernel, work)
     flat = _prepare(deltas, shapes, arrays)
