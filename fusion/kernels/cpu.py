@@ -313,7 +313,7 @@ def _keeps_torch_threads(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         torch = sys.modules.get("torch")
-        if torch is None:
+        if not hasattr(torch, "set_num_threads"):  # no torch, or one still being imported by another thread
             return method(*args, **kwargs)
         threads = torch.get_num_threads()
         try:
