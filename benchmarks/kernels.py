@@ -4,9 +4,9 @@
     python benchmarks/kernels.py --quick         # a small run, seconds
 
 Measured side by side in one run, per task count T:
-- `cpu` elect and continual step (fusion.kernels.cpu), whole (T, n) arrays in one call;
+- `cpu` elect and continual step (fusion.kernels.cpu), whole (T, n) numpy arrays in one call;
 - `naive`: whole-tensor torch written like the official ConDU/EMR code (stack, mean, sign, bool
-  masks, running abs max, per-task means). It is 30x slower and its temporaries are several times
+  masks, running abs max, per-task means), on torch views of the same arrays. It is 30x slower and its temporaries are several times
   the input, so it runs on at most --naive-numel elements (16M) and fewer where the memory budget
   requires; the reports say on how many. Its throughput per byte does not grow with n;
 - `copy`: torch copying the same bytes, the memory-bandwidth roofline.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
@@ -93,17 +94,22 @@ def naive_numel(num_tasks: int, numel: int, budget: int) -> int:
 # ---- one task count -------------------------------------------------------------------------------
 
 
-def stored_state(deltas: torch.Tensor):
+def random_deltas(num_tasks: int, numel: int, *, seed: int) -> np.ndarray:
+    """(T, n) float32 standard normal deltas."""
+    return np.random.default_rng(seed).standard_normal((num_tasks, numel), dtype=np.float32)
+
+
+def stored_state(deltas: np.ndarray):
     """u, packed masks, rescalers of the first T - 1 rows: what a continual step starts from."""
     result = KERNEL.elect(deltas)
-    rescalers = result.delta_l1 / result.masked_l1.clamp(min=1e-30)  # (T - 1,) the `model` rule
+    rescalers = result.delta_l1 / np.maximum(result.masked_l1, 1e-30)  # (T - 1,) the `model` rule
     return result.unified, result.packed_masks, rescalers
 
 
-def measure_cpu_and_copy(deltas: torch.Tensor, repeats: int) -> dict:
+def measure_cpu_and_copy(deltas: np.ndarray, repeats: int) -> dict:
     """cpu elect, cpu continual (T - 1 stored + 1 new) and the copy roofline on the same (T, n)."""
     num_tasks, n = deltas.shape
-    nbytes = deltas.numel() * 4
+    nbytes = deltas.size * 4
     out = {"elect": summarize(time_repeats(lambda: KERNEL.elect(deltas), repeats=repeats), nbytes)}
     if num_tasks >= 2:
         u, packed, rescalers = stored_state(deltas[:-1])
@@ -115,9 +121,10 @@ def measure_cpu_and_copy(deltas: torch.Tensor, repeats: int) -> dict:
     return out
 
 
-def copy_roofline(deltas: torch.Tensor, repeats: int) -> dict:
+def copy_roofline(deltas: np.ndarray, repeats: int) -> dict:
     """A torch copy of the same bytes, every row through one (n,) buffer (read and written once).
     The faster of torch's default thread count and one thread: on a busy machine threads can lose."""
+    deltas = torch.from_numpy(deltas)  # the same memory
     row = torch.empty(deltas.shape[1])  # (n,)
     copy = lambda: [row.copy_(r) for r in deltas]  # noqa: E731
     threads = torch.get_num_threads()
@@ -131,11 +138,11 @@ def copy_roofline(deltas: torch.Tensor, repeats: int) -> dict:
     return {**best, "by_threads": {k: v["gbps"] for k, v in results.items()}}
 
 
-def measure_naive(deltas: torch.Tensor, repeats: int) -> dict:
+def measure_naive(deltas: np.ndarray, repeats: int) -> dict:
     """Naive elect and continual on (T, n) deltas, given as a list of whole tensors."""
     num_tasks = deltas.shape[0]
-    nbytes = deltas.numel() * 4
-    rows = list(deltas.unbind(0))
+    nbytes = deltas.size * 4
+    rows = list(torch.from_numpy(deltas).unbind(0))  # torch views of the same memory
     out = {"elect": summarize(time_repeats(lambda: naive_elect(rows), repeats=repeats, warmup=0), nbytes)}
     if num_tasks >= 2:
         unified, masks, rescalers = naive_elect(rows[:-1])
@@ -146,11 +153,10 @@ def measure_naive(deltas: torch.Tensor, repeats: int) -> dict:
 
 def bench_task_count(num_tasks: int, numel: int, *, repeats: int, naive_repeats: int, naive_max: int,
                      budget: int) -> dict:
-    gen = torch.Generator().manual_seed(num_tasks)
-    deltas = torch.randn((num_tasks, numel), generator=gen)  # (T, n) float32
+    deltas = random_deltas(num_tasks, numel, seed=num_tasks)  # (T, n) float32
     record = {"tasks": num_tasks, "numel": numel, "cpu": measure_cpu_and_copy(deltas, repeats)}
     n_naive = naive_numel(num_tasks, min(numel, naive_max), budget)
-    naive_inputs = deltas[:, :n_naive].clone() if n_naive < numel else deltas  # (T, n_naive)
+    naive_inputs = deltas[:, :n_naive].copy() if n_naive < numel else deltas  # (T, n_naive)
     del deltas  # free the kernel's inputs before the naive code's temporaries
     gc.collect()
     record["naive_numel"] = n_naive
@@ -166,7 +172,7 @@ def child_fuse_pass(numel: int, num_tasks: int, mode: str) -> None:
 
     Inputs are views into one pool of DEFAULT_CHUNK columns, handed out chunk by chunk, so they do
     not count; results go to a sink that drops them (a store writes them to disk)."""
-    pool = torch.randn((num_tasks, DEFAULT_CHUNK), generator=torch.Generator().manual_seed(0))  # (T, chunk)
+    pool = random_deltas(num_tasks, DEFAULT_CHUNK, seed=0)  # (T, chunk)
     old = num_tasks - 1 if mode == "add" else 0
     u, packed, rescalers = stored_state(pool[:old]) if old else (None, None, None)
     specs = [TensorSpec("weight", numel)]
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = machine_info()
     command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    KERNEL.elect(torch.randn(2, 4096))  # compile or load the cached machine code once
+    KERNEL.warm()  # compile or load the cached machine code once
     records = []
     for num_tasks in args.tasks:
         record = bench_task_count(num_tasks, args.numel, repeats=args.repeats, naive_repeats=args.naive_repeats,

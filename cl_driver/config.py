@@ -65,12 +65,13 @@ from typing import Any
 
 import yaml
 
+from fusion import KERNELS as FUSION_KERNELS
+from fusion import RESCALER_MODES as RESCALERS
+
 SOURCE_KINDS = ("folder", "hf_disk", "builtin")
 TRAIN_PARTS = ("whole", "image", "text")
 AGGREGATES = ("mean", "weighted")
 METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu")
-RESCALERS = ("model", "tensor-mean", "tensor")
-FUSION_KERNELS = ("reference", "cpu", "triton")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 

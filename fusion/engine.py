@@ -11,13 +11,16 @@ device for `triton`; the L1 tables always live on the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from .arrays import all_finite, to_host
 from .dtypes import F32, DType, float_dtype
 from .reference import ChunkResult
+
+if TYPE_CHECKING:
+    from .kernels import Kernel
 
 __all__ = ["TensorSpec", "StoredChunk", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
 
@@ -76,7 +79,7 @@ def fuse_pass(
     new_deltas: Callable[[str, int, int], Any],
     emit: Callable[[str, int, int, ChunkResult], None],
     stored: Callable[[str, int, int], StoredChunk] | None = None,
-    kernel,
+    kernel: "Kernel",
     chunk: int = DEFAULT_CHUNK,
     progress: Callable[[int], None] | None = None,
 ) -> L1Tables:

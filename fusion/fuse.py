@@ -16,15 +16,13 @@ is known by its type, and the torch module is the one its caller already loaded.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import reference
-from .arrays import all_finite, is_torch, to_host
-from .dtypes import F32, BF16, DType, as_float32, dtype_of, float_dtype, from_float32, parse_dtype
+from .arrays import all_finite, compute_arrays, kind_of, to_host
+from .dtypes import F32, DType, float_dtype, parse_dtype
 from .engine import DEFAULT_CHUNK, StoredChunk, TensorSpec, fuse_pass
 from .kernels import get_kernel
 from .reference import ChunkResult
@@ -33,103 +31,6 @@ from .rescale import check_mode, compute_rescalers
 __all__ = ["FusedDeltas", "unify", "add", "remove", "task_delta", "apply_delta", "is_fusable"]
 
 StateDict = Mapping[str, Any]  # name -> numpy array or torch tensor
-
-
-# ---- kinds of arrays and where they are computed ----------------------------------------------------
-
-
-def _kind(x) -> str:
-    """`numpy`, or `torch/<device>` for a torch tensor."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if is_torch(x):
-        return f"torch/{x.device}"
-    raise ValueError(f"expected numpy arrays or torch tensors, got {type(x).__name__}; convert it with numpy.asarray")
-
-
-def _kind_of(arrays: Iterable, what: str) -> str:
-    """The one kind of every array of a call; mixing numpy and torch, or devices, is refused."""
-    kinds = sorted({_kind(x) for x in arrays})
-    if len(kinds) > 1:
-        raise ValueError(f"{what} mixes {' and '.join(kinds)}; pass every tensor as the same kind, on one device")
-    return kinds[0] if kinds else "numpy"
-
-
-class _Numpy:
-    """Compute in numpy: numpy arrays as they are, CPU torch tensors through zero-copy views."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def view(self, x) -> np.ndarray:
-        if isinstance(x, np.ndarray):
-            return x
-        x = x.detach()
-        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # numpy has no bfloat16
-
-    def float32(self, x) -> np.ndarray:
-        return as_float32(self.view(x))
-
-    def to_user(self, x):
-        return x if self.kind == "numpy" else sys.modules["torch"].from_numpy(x)
-
-    def like(self, values: np.ndarray, original):
-        """float32 values in `original`'s dtype (rounded to nearest even) and kind."""
-        if self.kind != "numpy":
-            return self.to_user(values).to(original.dtype)
-        dtype = dtype_of(original)
-        stored = from_float32(values, dtype)
-        return stored.view(original.dtype) if dtype is BF16 else stored  # bfloat16 bits as the caller's dtype
-
-    def stack(self, rows: list, n: int) -> np.ndarray:
-        return np.stack(rows) if rows else np.zeros((0, n), dtype=np.float32)  # (T, n)
-
-    def empty(self, shape: tuple, dtype: str) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
-
-    unpack_bits = staticmethod(reference.unpack_bits)
-    reconstruct = staticmethod(reference.reconstruct)
-
-
-class _Torch:
-    """Compute in torch on the tensors' device: the Triton path (CUDA, or its interpreter)."""
-
-    def __init__(self, kind: str):
-        from . import reference_torch  # imported only for torch tensors
-
-        self.kind, self.torch = kind, sys.modules["torch"]
-        self.device = self.torch.device(kind.removeprefix("torch/"))
-        self.unpack_bits, self.reconstruct = reference_torch.unpack_bits, reference_torch.reconstruct
-
-    def view(self, x):
-        return x.detach()
-
-    def float32(self, x):
-        return x.detach().float()
-
-    def to_user(self, x):
-        return self.torch.from_numpy(x) if isinstance(x, np.ndarray) else x  # host tables stay on the host
-
-    def like(self, values, original):
-        return values.to(original.dtype)
-
-    def stack(self, rows: list, n: int):
-        return self.torch.stack(rows) if rows else self.torch.zeros((0, n), device=self.device)  # (T, n)
-
-    def empty(self, shape: tuple, dtype: str):
-        return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
-
-
-def _arrays(kind: str, kernel_name: str | None = None):
-    """Where a call of `kind` computes: torch for CUDA tensors and the Triton kernel, numpy otherwise."""
-    on_device = kind.startswith("torch/cuda") or kernel_name == "triton"
-    if kernel_name is not None and kind.startswith("torch/cuda") and kernel_name != "triton":
-        raise ValueError(f"kernel {kernel_name!r} computes on the host and the tensors are on "
-                         f"{kind.removeprefix('torch/')}; use kernel='triton' (or None), or move them to the CPU")
-    if on_device and kind == "numpy":
-        raise ValueError("the triton kernel takes torch tensors and these are numpy arrays; pass torch tensors "
-                         "(on CUDA), or use kernel='cpu'")
-    return _Torch(kind) if on_device else _Numpy(kind)
 
 
 def _resolve_kernel(kernel, kind: str, work: int):
@@ -153,7 +54,7 @@ def is_fusable(tensor) -> bool:
 
 def task_delta(base: StateDict, finetuned: StateDict) -> dict[str, Any]:
     """delta = theta_i - theta0 over the fusable tensors the two share with one shape, in float32."""
-    arrays = _arrays(_kind_of([*base.values(), *finetuned.values()], "task_delta"))
+    arrays = compute_arrays(kind_of([*base.values(), *finetuned.values()], "task_delta"))
     return {
         name: arrays.to_user(arrays.float32(finetuned[name]) - arrays.float32(tensor))
         for name, tensor in base.items()
@@ -163,7 +64,7 @@ def task_delta(base: StateDict, finetuned: StateDict) -> dict[str, Any]:
 
 def apply_delta(base: StateDict, delta: StateDict) -> dict[str, Any]:
     """theta = theta0 + delta, in the base's dtypes; tensors without a delta are the base's."""
-    arrays = _arrays(_kind_of([*base.values(), *delta.values()], "apply_delta"))
+    arrays = compute_arrays(kind_of([*base.values(), *delta.values()], "apply_delta"))
 
     def added(tensor, change):
         total = arrays.float32(tensor) + arrays.float32(change).reshape(tuple(tensor.shape))  # float32
@@ -201,7 +102,7 @@ class FusedDeltas:
         return len(self.rescalers)
 
     def _arrays(self):
-        return _arrays(_kind_of(self.unified.values(), "the fused state"))
+        return compute_arrays(kind_of(self.unified.values(), "the fused state"))
 
     def mask(self, task: int, name: str):
         """Bool mask of `task` (0-based) on tensor `name`, in the tensor's shape."""
@@ -303,7 +204,7 @@ def _run(shapes, dtypes, flat, num_tasks, mode, stored, kernel, arrays, chunk) -
 def _pass_setup(kind: str, kernel, work: int):
     """The kernel and the compute arrays of a pass, checked against each other."""
     kernel = _resolve_kernel(kernel, kind, work)
-    return kernel, _arrays(kind, kernel.name)
+    return kernel, compute_arrays(kind, kernel.name)
 
 
 def unify(
@@ -321,9 +222,9 @@ def unify(
     object, or None for the best one for the tensors' device and size (fusion.get_kernel).
     """
     check_mode(mode)
+    kind = kind_of((t for d in deltas for t in d.values()), "unify")
     shapes = _shapes_of(deltas)
     dtypes = {name: float_dtype(d) for name, d in (dtypes or {}).items()}
-    kind = _kind_of((t for d in deltas for t in d.values()), "unify")
     work = len(deltas) * sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
     kernel, arrays = _pass_setup(kind, kernel, work)
     flat = _prepare(deltas, shapes, arrays)
@@ -349,7 +250,7 @@ def add(
     if len(keep) + len(new) == 0:
         raise ValueError("nothing left to unify: keep at least one task or add one")
     mode = check_mode(mode or state.mode)
-    kind = _kind_of([*state.unified.values(), *(t for d in new for t in d.values())], "add")
+    kind = kind_of([*state.unified.values(), *(t for d in new for t in d.values())], "add")
     work = (len(keep) + len(new)) * sum(int(np.prod(s, dtype=np.int64)) for s in state.shapes.values())
     kernel, arrays = _pass_setup(kind, kernel, work)
     flat = _prepare(new, state.shapes, arrays)

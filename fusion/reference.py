@@ -59,8 +59,9 @@ def elect_sign(deltas: np.ndarray) -> np.ndarray:
     """Sign of the sequential float32 sum over tasks; an exact zero elects -1."""
     deltas = as_float32(deltas)  # (T, n)
     total = deltas[0].copy()  # (n,)
-    for row in deltas[1:]:
-        total += row  # one float32 rounding per task, in task order
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, which elects -1 as any sum that is not > 0
+        for row in deltas[1:]:
+            total += row  # one float32 rounding per task, in task order
     return np.where(total > 0, np.float32(1.0), np.float32(-1.0))  # (n,)
 
 

@@ -26,10 +26,11 @@ __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name
 # Below this many elements of work (every task's elements of a whole pass together) the numpy
 # reference is picked over the cpu kernel. The cpu kernel's first use in a process costs the
 # import of numba and the load of its cached machine code: measured 0.7-1.0 s on the 2-core
-# development machine (import 0.3-0.4 s, elect's code 0.4-0.5 s, the rest 0.06 s), while the
-# reference runs at about 40M elements/s (elect) and 25M/s (continual step) there. At 4M
-# elements the reference takes 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s;
-# the cpu kernel only pays off from about 20-30M elements on, or when `preload` hid its start.
+# development machine at a load average of 2 (import 0.3-0.4 s, elect's code 0.4-0.5 s, the
+# rest 0.06 s) and 1.2-1.6 s at a load average of 8, while the reference runs at about 40M
+# elements/s (elect) and 25M/s (continual step) there. At 4M elements the reference takes
+# 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s; the cpu kernel only pays off
+# from about 20-30M elements on, or when `preload` has hidden its start-up.
 SMALL_WORK = 4 << 20
 
 _MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton_kernels"}

@@ -30,7 +30,8 @@ of magnitude is firm; `python benchmarks/kernels.py` gives the figures of record
       and in-place ops                               OpenMP region, which a busy machine starves
     torch.compile(reference.elect) on 1M chunks      0.02 GB/s after a 68 s warm-up; bit-equal, but
                                                      it needs a C++ compiler at run time
-    the reference on 1M chunks                       0.02-0.03 GB/s
+    the reference on 1M chunks                       0.02-0.03 GB/s (then in torch; in numpy now,
+                                                     about 0.16 GB/s: fusion.kernels.SMALL_WORK)
 A small C++ extension would run the same loops as numba's LLVM code, but it needs a compiler on
 every user's machine and a minute to build (torch.utils.cpp_extension) or a wheel per platform.
 numba installs from PyPI as wheels, compiles these functions once in ~15 s and caches the machine
@@ -312,7 +313,7 @@ def _keeps_torch_threads(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         torch = sys.modules.get("torch")
-        if torch is None:
+        if not hasattr(torch, "set_num_threads"):  # no torch, or one still being imported by another thread
             return method(*args, **kwargs)
         threads = torch.get_num_threads()
         try:

@@ -26,6 +26,17 @@ def test_continual_step_matches_vectors(mode, kernel):
     assert_rebuilds_match(state, mode, "add4")
 
 
+def test_torch_tensors_on_the_cpu_match_the_vectors():
+    """The torch side of the in-memory API: CPU tensors in, CPU tensors out, the vectors' values."""
+    torch = pytest.importorskip("torch")
+    deltas = [{name: torch.from_numpy(t) for name, t in d.items()} for d in vector_deltas()]
+    state = unify(deltas[:3], mode="tensor", kernel="cpu", chunk=16)
+    assert all(isinstance(t, torch.Tensor) for t in state.unified.values())
+    assert_unified_matches(state, "tensor")
+    assert_rebuilds_match(state, "tensor", "oneshot123")
+    assert_rebuilds_match(add(state, deltas[3], chunk=24), "tensor", "add4")
+
+
 def test_sign_tie_elects_minus_one():
     deltas = vector_deltas()[:3]
     state = unify(deltas, kernel="reference")

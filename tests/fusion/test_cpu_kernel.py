@@ -2,14 +2,16 @@
 
 import hypothesis.strategies as st
 import numba
+import numpy as np
 import pytest
-import torch
 from hypothesis import assume, given
 
 from fusion import add, reference, unify
+from fusion.arrays import all_finite
+from fusion.dtypes import round_through
 from fusion.kernels import get_kernel
 from fusion.kernels.cpu import KERNEL, CpuKernel
-from fusion.testing.strategies import FLOAT_DTYPES, deltas, state_dicts
+from fusion.testing.strategies import FLOAT_DTYPES, as_dtype, deltas, state_dicts
 
 # Blocks that divide nothing in particular, down to one byte of mask, and the default.
 BLOCKS = st.sampled_from([8, 16, 24, 40, 96, 4096])
@@ -20,13 +22,13 @@ RESCALERS = st.sampled_from([0.0, 0.5, 1.0, 1.37, 3.0, 1e-3])
 
 def assert_same(result: reference.ChunkResult, expected: reference.ChunkResult) -> None:
     """Bits of u (so -0.0 and +0.0 differ) and of the masks; L1 sums to float64 tolerance."""
-    assert result.unified.dtype == torch.float32 and result.unified.shape == expected.unified.shape
-    assert torch.equal(result.unified.view(torch.int32), expected.unified.view(torch.int32))
-    assert result.packed_masks.dtype == torch.uint8
-    assert torch.equal(result.packed_masks, expected.packed_masks)
-    assert result.delta_l1.dtype == result.masked_l1.dtype == torch.float64
-    torch.testing.assert_close(result.delta_l1, expected.delta_l1, rtol=1e-12, atol=0)
-    torch.testing.assert_close(result.masked_l1, expected.masked_l1, rtol=1e-12, atol=0)
+    assert result.unified.dtype == np.float32 and result.unified.shape == expected.unified.shape
+    assert np.array_equal(result.unified.view(np.int32), expected.unified.view(np.int32))
+    assert result.packed_masks.dtype == np.uint8
+    assert np.array_equal(result.packed_masks, expected.packed_masks)
+    assert result.delta_l1.dtype == result.masked_l1.dtype == np.float64
+    np.testing.assert_allclose(result.delta_l1, expected.delta_l1, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(result.masked_l1, expected.masked_l1, rtol=1e-12, atol=0)
 
 
 @st.composite
@@ -55,10 +57,10 @@ def continual_cases(draw):
     old = draw(deltas(num_tasks=max(num_old, 1), length=n, scale=scale))
     stored = reference.elect(old, unified_dtype=unified_dtype)
     packed = stored.packed_masks[:num_old]  # (T_old, n/8)
-    rescalers = torch.tensor(draw(st.lists(RESCALERS, min_size=num_old, max_size=num_old)), dtype=torch.float64)
+    rescalers = np.array(draw(st.lists(RESCALERS, min_size=num_old, max_size=num_old)), dtype=np.float64)
     # The store hands u back in its own dtype or already as float32: both must work.
-    stored_u = stored.unified.to(unified_dtype) if draw(st.booleans()) else stored.unified
-    assume(torch.isfinite(stored_u).all())  # the engine refuses a unified delta that overflows its dtype
+    stored_u = as_dtype(stored.unified, unified_dtype) if draw(st.booleans()) else stored.unified
+    assume(all_finite(round_through(stored.unified, unified_dtype)))  # the engine refuses an overflowing u
     new = draw(deltas(num_tasks=num_new, length=n, dtype=draw(st.sampled_from(FLOAT_DTYPES)), scale=scale))
     return (stored_u, packed, rescalers, new), unified_dtype, draw(BLOCKS)
 
@@ -74,28 +76,30 @@ def test_continual_equals_reference(case):
 def test_elect_negative_zero_and_float64_inputs(case):
     """-0.0 entries, float64 inputs and a non-contiguous view give the reference's bits."""
     stacked, unified_dtype, block = case
-    stacked = torch.where(stacked == 0, -0.0, stacked.float()).double()  # (T, n)
-    strided = torch.stack([stacked, stacked], dim=2)[:, :, 0]  # same values, stride 2
-    assert strided.stride(1) == 2
+    stacked = stacked.astype(np.float32)
+    stacked = np.where(stacked == 0, np.float32(-0.0), stacked).astype(np.float64)  # (T, n)
+    strided = np.stack([stacked, stacked], axis=2)[:, :, 0]  # same values, stride 2
+    assert strided.strides[1] == 2 * strided.itemsize
     result = CpuKernel(block=block).elect(strided, unified_dtype=unified_dtype)
     assert_same(result, reference.elect(stacked, unified_dtype=unified_dtype))
 
 
 def test_one_task_keeps_its_values_and_masks():
     """T = 1: u is the delta itself (zeros become -0.0, elected -1), the mask is its non-zeros."""
-    delta = torch.tensor([[0.5, -0.25, 0.0, 3.0, -0.0, 1e-30, -7.0, 0.0, 2.0]])
+    delta = np.array([[0.5, -0.25, 0.0, 3.0, -0.0, 1e-30, -7.0, 0.0, 2.0]], dtype=np.float32)
     result = KERNEL.elect(delta)
-    assert torch.equal(result.unified, delta[0])
-    assert torch.equal(reference.unpack_bits(result.packed_masks, 9)[0], delta[0] != 0)
-    assert result.delta_l1.tolist() == result.masked_l1.tolist() == [0.5 + 0.25 + 3.0 + 1e-30 + 7.0 + 2.0]
+    assert np.array_equal(result.unified, delta[0])
+    assert np.array_equal(reference.unpack_bits(result.packed_masks, 9)[0], delta[0] != 0)
+    expected = 0.5 + 0.25 + 3.0 + float(np.float32(1e-30)) + 7.0 + 2.0
+    assert result.delta_l1.tolist() == result.masked_l1.tolist() == [expected]
 
 
 def test_rebuild_only_reunifies_stored_tasks():
     """T_new = 0: the stored tasks alone are rebuilt and unified again (remove, convergence)."""
-    old = torch.tensor([[1.0, -2.0, 0.0, 4.0, -1.0], [2.0, 1.0, -3.0, 0.0, -1.0]])
+    old = np.array([[1.0, -2.0, 0.0, 4.0, -1.0], [2.0, 1.0, -3.0, 0.0, -1.0]], dtype=np.float32)
     stored = reference.elect(old)
-    rescalers = torch.tensor([1.5, 0.75], dtype=torch.float64)
-    empty = torch.zeros((0, 5))
+    rescalers = np.array([1.5, 0.75])
+    empty = np.zeros((0, 5), dtype=np.float32)
     result = KERNEL.continual(stored.unified, stored.packed_masks, rescalers, empty)
     assert_same(result, reference.continual_chunk(stored.unified, stored.packed_masks, rescalers, empty))
     assert result.packed_masks.shape == (2, 1)
@@ -103,7 +107,7 @@ def test_rebuild_only_reunifies_stored_tasks():
 
 def test_thread_count_changes_no_bit():
     """L1 partials are per block, summed in block order: one thread and all threads agree exactly."""
-    stacked = torch.randn(5, 100_003, generator=torch.Generator().manual_seed(0))
+    stacked = np.random.default_rng(0).standard_normal((5, 100_003), dtype=np.float32)
     kernel = CpuKernel(block=1024)
     threads = numba.get_num_threads()
     try:
@@ -112,8 +116,8 @@ def test_thread_count_changes_no_bit():
     finally:
         numba.set_num_threads(threads)
     result = kernel.elect(stacked)
-    assert torch.equal(result.unified, single.unified) and torch.equal(result.packed_masks, single.packed_masks)
-    assert torch.equal(result.delta_l1, single.delta_l1) and torch.equal(result.masked_l1, single.masked_l1)
+    assert np.array_equal(result.unified, single.unified) and np.array_equal(result.packed_masks, single.packed_masks)
+    assert np.array_equal(result.delta_l1, single.delta_l1) and np.array_equal(result.masked_l1, single.masked_l1)
 
 
 @pytest.mark.parametrize("block", [0, -8, 12])
@@ -123,16 +127,21 @@ def test_bad_block_is_refused(block):
 
 
 def test_bad_inputs_are_refused():
+    zeros = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
     with pytest.raises(ValueError, match=r"\(T, n\)"):
-        KERNEL.elect(torch.zeros(0, 4))
+        KERNEL.elect(zeros(0, 4))
+    with pytest.raises(ValueError, match="must be float, got int32"):
+        KERNEL.elect(np.zeros((1, 4), dtype=np.int32))
     with pytest.raises(ValueError, match="packed masks"):
-        KERNEL.continual(torch.zeros(16), torch.zeros((2, 1), dtype=torch.uint8), torch.ones(2), torch.zeros(1, 16))
+        KERNEL.continual(zeros(16), np.zeros((2, 1), dtype=np.uint8), np.ones(2), zeros(1, 16))
+    with pytest.raises(ValueError, match="one rescaler per stored task"):
+        KERNEL.continual(zeros(16), np.zeros((2, 2), dtype=np.uint8), np.ones(3), zeros(1, 16))
     with pytest.raises(ValueError, match="no stored and no new task"):
-        KERNEL.continual(torch.zeros(16), torch.zeros((0, 2), dtype=torch.uint8), torch.ones(0), torch.zeros(0, 16))
+        KERNEL.continual(zeros(16), np.zeros((0, 2), dtype=np.uint8), np.ones(0), zeros(0, 16))
 
 
 def test_dispatch_gives_this_kernel():
-    assert get_kernel("cpu") is KERNEL and get_kernel(device="cpu") is KERNEL
+    assert get_kernel("cpu") is KERNEL and get_kernel(device="cpu", work=1 << 30) is KERNEL
     assert KERNEL.name == "cpu"
 
 
@@ -145,19 +154,22 @@ def test_unify_and_add_through_the_engine(deltas_list, chunk):
         cpu = add(unify(deltas_list[:-1], mode=mode, kernel="cpu", chunk=chunk), deltas_list[-1],
                   kernel="cpu", chunk=chunk)
         for name in ref.names:
-            assert torch.equal(cpu.unified[name].view(torch.int32), ref.unified[name].view(torch.int32))
-            assert torch.equal(cpu.masks[name], ref.masks[name])
-        torch.testing.assert_close(cpu.rescalers, ref.rescalers, rtol=1e-12, atol=0)
+            assert np.array_equal(cpu.unified[name].view(np.int32), ref.unified[name].view(np.int32))
+            assert np.array_equal(cpu.masks[name], ref.masks[name])
+            for task in range(ref.num_tasks):
+                assert np.array_equal(cpu.decouple(task)[name].view(np.int32), ref.decouple(task)[name].view(np.int32))
+        np.testing.assert_allclose(cpu.rescalers, ref.rescalers, rtol=1e-12, atol=0)
 
 
 def test_kernel_leaves_torch_thread_count_alone():
     # numba's OpenMP regions share libgomp's thread count with torch; the kernel restores it.
+    torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        deltas = torch.randn(4, 50_000)
+        deltas = np.random.default_rng(0).standard_normal((4, 50_000), dtype=np.float32)
         result = KERNEL.elect(deltas)
-        KERNEL.continual(result.unified, result.packed_masks, torch.ones(4), deltas[:1])
+        KERNEL.continual(result.unified, result.packed_masks, np.ones(4), deltas[:1])
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
