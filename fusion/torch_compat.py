@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import is_torch
 from .dtypes import DType, dtype_of
 
 __all__ = ["is_torch", "from_torch", "to_torch"]
-
-
-def is_torch(value) -> bool:
-    """A torch tensor, recognised without importing torch."""
-    return type(value).__module__.split(".")[0] == "torch"
 
 
 def from_torch(tensor) -> tuple[np.ndarray, DType]:
