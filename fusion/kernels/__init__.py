@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..arrays import device_type
 from ..constants import KERNELS
 from ..dtypes import F32, DType
-from ..reference import ChunkResult
+from ..reference import ChunkResult, Originals
 
 __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name", "preload"]
 
@@ -47,12 +47,17 @@ class Kernel(Protocol):
 
     name: str
 
-    def elect(self, deltas: Any, *, unified_dtype: DType = F32) -> ChunkResult:
-        """Stacked deltas (T, n) -> unified (n,) float32, packed masks (T, ceil(n/8)), L1 sums (T,)."""
+    def elect(self, deltas: Any, *, unified_dtype: DType = F32, base: Any = None,
+              originals: Originals | None = None) -> ChunkResult:
+        """Stacked deltas (T, n) -> unified (n,) float32, packed masks (T, ceil(n/8)), L1 sums (T,).
+
+        With `base` (n,), the rows are fine-tuned weights and the deltas `rows - base`; with
+        `originals`, the result's `fidelity` (T, 5) holds the measured tasks' fidelity sums.
+        """
 
     def continual(self, unified: Any, packed_masks: Any, rescalers: Any, new_deltas: Any, *,
-                  unified_dtype: DType = F32) -> ChunkResult:
-        """Rebuild the T_old stored tasks of a chunk, then elect them with the (T_new, n) new deltas."""
+                  unified_dtype: DType = F32, base: Any = None, originals: Originals | None = None) -> ChunkResult:
+        """Rebuild the T_old stored tasks of a chunk, then elect them with the (T_new, n) new rows."""
 
     def rebuild(self, base: Any, unified: Any, packed: Any, rescaler: float, *, out: Any = None) -> Any:
         """theta0 + lambda * M * u over one chunk of one task: float32 (n,), in `out` if given."""
