@@ -66,7 +66,15 @@ class Kernel(Protocol):
         """(5,) float64 sums A, E, D, Z, C of one chunk of one task (fusion.fidelity)."""
 
 
+# Preloads under way, by kernel name: a kernel is handed out only once its warm-up is over, so no
+# two threads run its parallel regions at once (numba's workqueue layer aborts the process on that).
+_PRELOADS: dict[str, Future] = {}
+
+
 def _load(name: str) -> Kernel:
+    pending = _PRELOADS.get(name)
+    if pending is not None and threading.current_thread().name != f"preload-{name}-kernel":
+        pending.exception()  # wait; a failed preload leaves the import below to raise the error itself
     return importlib.import_module(f"{__name__}.{_MODULES[name]}").KERNEL
 
 
@@ -102,11 +110,15 @@ def preload(name: str = "cpu") -> Future:
 
     The cpu kernel's first use costs about a second (numba's import and cached code); a caller
     that starts this before its first reads hides that behind them. `get_kernel(name)` later
-    waits for an import still under way (Python's import lock) rather than starting another.
+    waits for the warm-up to end rather than running the kernel beside it. Preloading a kernel
+    twice starts it once.
     """
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    if name in _PRELOADS:
+        return _PRELOADS[name]
     future: Future = Future()
+    _PRELOADS[name] = future
 
     def load() -> None:
         try:

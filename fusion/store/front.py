@@ -28,7 +28,7 @@ from ..engine import DEFAULT_CHUNK, chunk_ranges
 from ..io import Checkpoint, as_array, open_checkpoint
 from ..io.files import atomic_write_bytes
 from ..io.integrity import digest_file
-from ..kernels import get_kernel
+from ..kernels import default_kernel_name, get_kernel, preload
 from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
 from .export import TaskStream, check_output, model_card, write_file, write_folder
@@ -102,6 +102,14 @@ def _select(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEntry:
         choices = ", ".join(f"{t.number} ({t.name})" for t in manifest.tasks)
         raise ValueError(f"{store_dir}: no task {task!r}; choose a number or a name: {choices}")
     return found
+
+
+def _start_kernel(name: str | None, fused: list[FusedTensor], num_tasks: int) -> None:
+    """Load the compiled kernel on a thread now, when the pass will want it, so that its start-up
+    (about a second) runs alongside the planning and the first reads instead of before them."""
+    work = sum(t.numel for t in fused) * num_tasks
+    if name is None and default_kernel_name("cpu", work) == "cpu":
+        preload("cpu")
 
 
 def _kernel(name: str | None, work: int):
@@ -262,8 +270,9 @@ class Store:
         """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta."""
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
+            fused = [FusedTensor.of(e) for e in manifest.tensors]
+            _start_kernel(self.kernel, fused, len(manifest.tasks) + 1)
             with open_base(manifest) as base, open_checkpoint(checkpoint) as ckpt:
-                fused = [FusedTensor.of(e) for e in manifest.tensors]
                 name = name or _default_name(ckpt, [t.name for t in manifest.tasks])
                 if manifest.task_by_name(name):
                     raise ValueError(f"{self.path}: a task named {name!r} exists already; pass another --name")
@@ -282,9 +291,10 @@ class Store:
             if len(manifest.tasks) == 1:
                 raise ValueError(f"{self.path}: task {gone.number} ({gone.name}) is the only one; delete the store "
                                  "folder instead")
+            keep = [t for t in manifest.tasks if t.number != gone.number]
+            fused = [FusedTensor.of(e) for e in manifest.tensors]
+            _start_kernel(self.kernel, fused, len(keep))
             with open_base(manifest) as base:
-                keep = [t for t in manifest.tasks if t.number != gone.number]
-                fused = [FusedTensor.of(e) for e in manifest.tensors]
                 self._manifest = _next_generation(tx, base, fused, keep, [], self.kernel, self.chunk, progress)
         return TaskRecord.of(gone)
 
@@ -392,6 +402,7 @@ def _create(tx: Transaction, base_path: Path, paths: list[Path], names, mode: st
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(Checkpoint(base_path, record=True, where=f"base {base_path}"))
         fused = plan_tensors(base, dtype)
+        _start_kernel(kernel, fused, len(paths))
         new, taken = [], []
         for k, path in enumerate(paths):
             ckpt = stack.enter_context(open_checkpoint(path))
