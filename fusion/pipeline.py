@@ -21,10 +21,14 @@ import queue
 import threading
 from typing import Callable, Sequence, TypeVar
 
-__all__ = ["run_stages"]
+__all__ = ["run_stages", "RESULTS_IN_FLIGHT"]
 
 Item = TypeVar("Item")
 _POLL = 0.05  # seconds between looks at the stop flag while a stage waits
+_QUEUED_RESULTS = 2
+# Results alive at once: the one being finished, the queued ones, and the one just computed. A
+# `compute` that returns buffers of its own may reuse them after this many items.
+RESULTS_IN_FLIGHT = _QUEUED_RESULTS + 2
 
 
 def run_stages(items: Sequence[Item], read: Callable[[Item, int], object], compute: Callable[[Item, object], object],
@@ -41,7 +45,7 @@ class _Stages:
     def __init__(self, items, read, compute, finish):
         self.items, self.read, self.compute, self.finish = list(items), read, compute, finish
         self.inputs: queue.Queue = queue.Queue(maxsize=1)
-        self.results: queue.Queue = queue.Queue(maxsize=2)
+        self.results: queue.Queue = queue.Queue(maxsize=_QUEUED_RESULTS)
         self.free = [threading.Semaphore(1), threading.Semaphore(1)]  # a slot may be filled
         self.stop = threading.Event()
         self.errors: list[BaseException] = []

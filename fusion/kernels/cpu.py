@@ -50,6 +50,7 @@ from numba.extending import overload
 
 from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, to_float32
 from ..fidelity import NUM_SUMS
+from .host import rebuild_into
 from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
 
 __all__ = ["CpuKernel", "KERNEL", "DEFAULT_BLOCK"]
@@ -384,20 +385,8 @@ class CpuKernel:
 
     def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                 out: np.ndarray | None = None) -> np.ndarray:
-        """fusion.reference.rebuild in numpy on the packed bits, in place in `out` (float32 (n,)) if given.
-
-        `out` may be `unified` itself (a caller that reads u into its output buffer first).
-        """
-        n = np.size(unified)
-        bits = np.unpackbits(np.reshape(packed, -1), count=n, bitorder="little")  # (n,) uint8 0/1
-        keep = np.negative(bits, dtype=np.int32)  # (n,) all 32 bits set where the mask is on, else none
-        result = np.empty(n, dtype=np.float32) if out is None else out
-        np.multiply(as_float32(unified), np.float32(rescaler), out=result)  # u * lambda, one rounding
-        # where(M, u * lambda, +0.0) exactly, as a bit mask (a select in numpy is several times slower)
-        np.bitwise_and(result.view(np.int32), keep, out=result.view(np.int32))
-        # `base + 0` (not a copy) where the mask is off: -0.0 + 0.0 is +0.0, as in the reference
-        np.add(as_float32(base), result, out=result)
-        return result
+        """fusion.reference.rebuild in numpy on the packed bits (fusion.kernels.host), in `out` if given."""
+        return rebuild_into(base, unified, packed, rescaler, out=out)
 
     def fidelity_sums(self, unified: np.ndarray, packed: np.ndarray, original: np.ndarray) -> np.ndarray:
         """fusion.reference.fidelity_sums in one pass: (5,) float64 A, E, D, Z, C."""

@@ -29,6 +29,7 @@ from ..io import Checkpoint, as_array, open_checkpoint
 from ..io.files import atomic_write_bytes
 from ..io.integrity import digest_file
 from ..kernels import default_kernel_name, get_kernel, preload
+from ..kernels.host import rebuild_into
 from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
 from .export import TaskStream, check_output, model_card, write_file, write_folder
@@ -112,6 +113,11 @@ def _start_kernel(name: str | None, fused: list[FusedTensor], num_tasks: int) ->
         preload("cpu")
 
 
+def _rebuild(name: str | None):
+    """Decouple's rebuild: the kernel asked for, else the host's numpy one (no numba to load)."""
+    return rebuild_into if name in (None, "cpu") else get_kernel(name).rebuild
+
+
 def _kernel(name: str | None, work: int):
     try:
         return get_kernel(name, work=work)
@@ -192,9 +198,8 @@ class Store:
         except BaseException:
             snapshot.close()
             raise
-        work = sum(t.numel for t in snapshot.fused)
         stream = TaskStream(snapshot, base, chosen[0], dtype=parse_dtype(dtype) if dtype else None,
-                            kernel=_kernel(self.kernel, work), chunk=self.chunk or DEFAULT_CHUNK)
+                            rebuild=_rebuild(self.kernel), chunk=self.chunk or DEFAULT_CHUNK)
         return snapshot, base, stream
 
     @contextlib.contextmanager
@@ -234,14 +239,16 @@ class Store:
 
     def load_task(self, task: int | str, *, dtype=None, device=None) -> dict:
         """A task's rebuilt full state dict in memory: numpy arrays, or torch tensors on `device`."""
-        out = {}
         with self._opened(task, dtype) as (_, _, stream):
-            for name, out_dtype, shape in stream.layout:
-                flat, pos = np.empty(int(np.prod(shape)), dtype=out_dtype.storage), 0
-                for piece in stream.chunks(name):  # pieces are reused buffers: copy each out at once
-                    flat[pos : pos + piece.size] = piece
-                    pos += piece.size
-                out[name] = (flat.reshape(shape), out_dtype)
+            flat = {name: np.empty(int(np.prod(shape)), dtype=d.storage) for name, d, shape in stream.layout}
+            filled = dict.fromkeys(flat, 0)
+
+            def write(name: str, piece: np.ndarray) -> None:  # pieces are reused buffers: copy each out
+                flat[name][filled[name] : filled[name] + piece.size] = piece
+                filled[name] += piece.size
+
+            stream.write_all(write, progress=False)
+            out = {name: (flat[name].reshape(shape), d) for name, d, shape in stream.layout}
         return _as_user_arrays(out, device)
 
     # -- changes -----------------------------------------------------------------------------

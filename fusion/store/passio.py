@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DTYPES, from_float32, to_float32
+from ..dtypes import DTYPES, F32, from_float32, to_float32
 from ..engine import ChunkInputs, StoredChunk, TensorSpec, fuse_pass
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
@@ -121,6 +121,16 @@ class _Slot:
         return buffer[: count * n].reshape(count, n)  # (count, n)
 
 
+def _float32_view(checkpoint: Checkpoint, name: str, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """Elements [lo, hi) as float32: the reader's own (checked) view when stored so, else widened into `out`.
+
+    A view outlives the next read of its file (fusion.io.reader), which is all a pipelined pass
+    needs: the reader is one chunk ahead of the kernel at most."""
+    view = checkpoint.view_flat(name, lo, hi)
+    info = checkpoint.info(name)
+    return view if info.dtype is F32 else to_float32(view, info.dtype, out=out)
+
+
 class _Reads:
     """The pass's inputs, chunk by chunk: theta0, the new tasks' rows, the stored generation, and
     the sources of kept tasks whose fidelity is measured again.
@@ -146,7 +156,7 @@ class _Reads:
 
     def read(self, name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
         buffers, n = self.slots[slot], hi - lo
-        base = self.plan.base.read_flat_into(name, lo, hi, buffers.base[:n])  # (n,) checked
+        base = _float32_view(self.plan.base, name, lo, hi, buffers.base[:n])  # (n,) checked
         new = _Slot.rows(buffers.new, len(self.plan.new), n)  # (T_new, n)
         originals = _Slot.rows(buffers.originals, len(self.measured), n)  # (R, n)
         jobs = [(task.deltas, task.zero, new[j]) for j, task in enumerate(self.plan.new)]
@@ -169,7 +179,9 @@ class _Reads:
         old, keep = self.plan.old, self.plan.keep
         if old is None:
             return None
-        unified = to_float32(old.unified(name, lo, hi), self.spec[name].unified_dtype, out=buffers.unified[: hi - lo])
+        unified = old.unified(name, lo, hi)  # checked; float32 as is, else widened into the slot
+        if self.spec[name].unified_dtype is not F32:
+            unified = to_float32(unified, self.spec[name].unified_dtype, out=buffers.unified[: hi - lo])
         packed = _Slot.rows(buffers.packed, len(keep), -(-(hi - lo) // 8))  # (T_old, n/8)
         for i, task in enumerate(keep):
             packed[i] = old.packed(task, name, lo, hi)
