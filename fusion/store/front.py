@@ -118,13 +118,26 @@ def _rebuild(name: str | None):
     return rebuild_into if name in (None, "cpu") else get_kernel(name).rebuild
 
 
-def _kernel(name: str | None, work: int):
-    try:
-        return get_kernel(name, work=work)
-    except ImportError:
-        if name is not None:
-            raise
-        return get_kernel("reference")  # the compiled kernels are not installed: the reference still works
+class _DeferredKernel:
+    """The pass's kernel, fetched when the pass first computes: its reader starts meanwhile, so the
+    kernel's start-up (preloaded on a thread) overlaps the first reads instead of delaying them."""
+
+    def __init__(self, name: str | None, work: int):
+        self.name, self.work, self._kernel = name, work, None
+
+    def __getattr__(self, attribute: str):
+        if self._kernel is None:
+            try:
+                self._kernel = get_kernel(self.name, work=self.work)
+            except ImportError:
+                if self.name is not None:
+                    raise
+                self._kernel = get_kernel("reference")  # no compiled kernel installed: the reference works
+        return getattr(self._kernel, attribute)
+
+
+def _kernel(name: str | None, work: int) -> _DeferredKernel:
+    return _DeferredKernel(name, work)
 
 
 def _default_name(ckpt: Checkpoint, taken: Sequence[str]) -> str:
