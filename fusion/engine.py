@@ -21,6 +21,7 @@ from .pipeline import run_stages
 from .reference import ChunkResult, Originals
 
 if TYPE_CHECKING:
+    from .device import DeviceStage
     from .kernels import Kernel
 
 __all__ = ["TensorSpec", "StoredChunk", "ChunkInputs", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
@@ -100,6 +101,7 @@ def fuse_pass(
     chunk: int = DEFAULT_CHUNK,
     progress: Callable[[int], None] | None = None,
     pipelined: bool = False,
+    device: "DeviceStage | None" = None,
 ) -> L1Tables:
     """Unify `num_tasks` tasks over every tensor in `specs`, chunk by chunk.
 
@@ -109,6 +111,8 @@ def fuse_pass(
     pipelined=True reads the next chunk on a thread while this one is computed and the one before
     is emitted on another (fusion.pipeline): `slot` (0 or 1) then alternates, and the arrays read
     into a slot are not asked for again before the chunk read into them has been computed.
+    device (fusion.device.DeviceStage) runs the kernel on a torch device: chunks are copied up on
+    the reader thread and results come back to the host for `emit`.
     """
     delta_l1 = np.zeros((num_tasks, len(specs)), dtype=np.float64)  # (T, K)
     masked_l1 = np.zeros_like(delta_l1)
@@ -116,18 +120,19 @@ def fuse_pass(
 
     def read_chunk(item, slot: int) -> ChunkInputs:
         _, spec, lo, hi = item
-        return read(spec.name, lo, hi, slot)
+        inputs = read(spec.name, lo, hi, slot)
+        return inputs if device is None else device.upload(inputs)
 
-    def compute(item, inputs: ChunkInputs) -> ChunkResult:
-        k, spec, _, _ = item
-        result = _compute(kernel, spec, inputs)
+    def compute(item, inputs: ChunkInputs):
+        _, spec, _, _ = item
+        return _compute(kernel, spec, inputs) if device is None else device.compute(inputs, spec.unified_dtype)
+
+    def finish(item, result) -> None:
+        k, spec, lo, hi = item
+        result = result if device is None else result.wait()
         assert result.delta_l1.shape == (num_tasks,), "task count of the pass changed mid-way"
         delta_l1[:, k] += to_host(result.delta_l1)
         masked_l1[:, k] += to_host(result.masked_l1)
-        return result
-
-    def finish(item, result: ChunkResult) -> None:
-        _, spec, lo, hi = item
         emit(spec.name, lo, hi, result)  # the sink checks its inputs first: it names their files
         _check_representable(spec, result.unified)
         if progress is not None:

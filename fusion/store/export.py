@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..dtypes import DType, F32, from_float32, to_float32
+from ..device import DeviceStage
 from ..engine import chunk_ranges
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
@@ -69,10 +70,11 @@ class TaskStream:
     """
 
     def __init__(self, snapshot: Snapshot, base: Checkpoint, task: TaskEntry, *, dtype: DType | None, rebuild,
-                 chunk: int):
-        """`rebuild(base, unified, packed, rescaler, *, out)`: a kernel's rebuild (fusion.kernels)."""
-        self.snapshot, self.base, self.task, self.dtype, self.rebuild, self.chunk = (
-            snapshot, base, task, dtype, rebuild, chunk)
+                 chunk: int, stage: DeviceStage | None = None):
+        """`rebuild(base, unified, packed, rescaler, *, out)`: a kernel's rebuild (fusion.kernels); with a
+        device `stage`, rebuilt chunks are computed there and come out as torch tensors on it."""
+        self.snapshot, self.base, self.task, self.dtype, self.rebuild, self.chunk, self.stage = (
+            snapshot, base, task, dtype, rebuild, chunk, stage)
         self.fused = {t.name: t for t in snapshot.fused}
         self.private = snapshot.private(task)
         own = self.private.entries if self.private else {}
@@ -108,10 +110,19 @@ class TaskStream:
         unified = _as_float32(self.snapshot.unified(name, lo, hi), self.fused[name].unified_dtype, buffers, n)
         return base, unified, self.snapshot.packed(self.task, name, lo, hi)
 
-    def _compute(self, piece: _Piece, inputs: tuple) -> np.ndarray:
-        """The chunk in the output dtype, in a buffer of its own until it is written."""
+    def _read_for(self, piece: _Piece, slot: int) -> tuple:
+        inputs = self._read(piece, slot)
+        return self.stage.upload_arrays(inputs) if self.stage and piece.rebuilt else inputs
+
+    def _compute(self, piece: _Piece, inputs: tuple):
+        """The chunk in the output dtype, in a buffer of its own until it is written (a device tensor
+        for a rebuilt chunk on a device stage)."""
         info, out = self.sources[piece.name], self.out_dtype(self.sources[piece.name].dtype)
         n = piece.hi - piece.lo
+        if piece.rebuilt and self.stage:
+            base, unified, packed = inputs
+            theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name))  # (n,) float32 there
+            return theta.to(getattr(self.stage.torch, out.name))
         if piece.rebuilt:
             base, unified, packed = inputs
             theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name),
@@ -134,7 +145,7 @@ class TaskStream:
                 bar.update(data.size)
 
         try:
-            run_stages(self.pieces(), self._read, self._compute, finish)
+            run_stages(self.pieces(), self._read_for, self._compute, finish)
         finally:
             if bar:
                 bar.close()

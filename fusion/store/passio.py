@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..dtypes import DTYPES, F32, from_float32, to_float32
+from ..device import DeviceStage
 from ..engine import ChunkInputs, StoredChunk, TensorSpec, fuse_pass
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
@@ -62,6 +63,7 @@ class PassPlan:
     kernel: object
     chunk: int
     max_shard_size: int
+    device: DeviceStage | None = None  # a torch device the kernel runs on (None: the host)
 
     @property
     def num_tasks(self) -> int:
@@ -110,25 +112,27 @@ class _Slot:
     """The arrays one chunk is read into; a pass alternates between two (fusion.pipeline)."""
 
     def __init__(self, plan: PassPlan, n: int, num_sources: int):
-        self.base = np.empty(n, dtype=np.float32)  # theta0
-        self.new = np.empty(len(plan.new) * n, dtype=np.float32)  # new tasks' rows
-        self.originals = np.empty(num_sources * n, dtype=np.float32)  # kept tasks' sources, for fidelity
-        self.unified = np.empty(n if plan.old else 0, dtype=np.float32)
-        self.packed = np.empty(len(plan.keep) * -(-n // 8), dtype=np.uint8)
+        empty = plan.device.host_buffer if plan.device else np.empty  # pinned for a device: async copies
+        self.base = empty(n, np.float32)  # theta0
+        self.new = empty(len(plan.new) * n, np.float32)  # new tasks' rows
+        self.originals = empty(num_sources * n, np.float32)  # kept tasks' sources, for fidelity
+        self.unified = empty(n if plan.old else 0, np.float32)
+        self.packed = empty(len(plan.keep) * -(-n // 8), np.uint8)
 
     @staticmethod
     def rows(buffer: np.ndarray, count: int, n: int) -> np.ndarray:
         return buffer[: count * n].reshape(count, n)  # (count, n)
 
 
-def _float32_view(checkpoint: Checkpoint, name: str, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
-    """Elements [lo, hi) as float32: the reader's own (checked) view when stored so, else widened into `out`.
+def _float32_view(checkpoint: Checkpoint, name: str, lo: int, hi: int, out: np.ndarray, *, copy: bool) -> np.ndarray:
+    """Elements [lo, hi) as float32: the reader's own (checked) view when stored so, else (or with
+    `copy`, for a device: pinned buffers copy up asynchronously) widened into `out`.
 
     A view outlives the next read of its file (fusion.io.reader), which is all a pipelined pass
     needs: the reader is one chunk ahead of the kernel at most."""
     view = checkpoint.view_flat(name, lo, hi)
     info = checkpoint.info(name)
-    return view if info.dtype is F32 else to_float32(view, info.dtype, out=out)
+    return view if info.dtype is F32 and not copy else to_float32(view, info.dtype, out=out)
 
 
 class _Reads:
@@ -156,7 +160,7 @@ class _Reads:
 
     def read(self, name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
         buffers, n = self.slots[slot], hi - lo
-        base = _float32_view(self.plan.base, name, lo, hi, buffers.base[:n])  # (n,) checked
+        base = _float32_view(self.plan.base, name, lo, hi, buffers.base[:n], copy=self.plan.device is not None)
         new = _Slot.rows(buffers.new, len(self.plan.new), n)  # (T_new, n)
         originals = _Slot.rows(buffers.originals, len(self.measured), n)  # (R, n)
         jobs = [(task.deltas, task.zero, new[j]) for j, task in enumerate(self.plan.new)]
@@ -180,7 +184,7 @@ class _Reads:
         if old is None:
             return None
         unified = old.unified(name, lo, hi)  # checked; float32 as is, else widened into the slot
-        if self.spec[name].unified_dtype is not F32:
+        if self.spec[name].unified_dtype is not F32 or self.plan.device is not None:
             unified = to_float32(unified, self.spec[name].unified_dtype, out=buffers.unified[: hi - lo])
         packed = _Slot.rows(buffers.packed, len(keep), -(-(hi - lo) // 8))  # (T_old, n/8)
         for i, task in enumerate(keep):
@@ -218,7 +222,7 @@ def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: b
     bar = progress_bar(progress, sum(t.numel for t in plan.fused), "fuse")
     try:
         tables = fuse_pass(specs, num_tasks=plan.num_tasks, read=reads.read, emit=emit, kernel=plan.kernel,
-                           chunk=plan.chunk, progress=bar.update if bar else None, pipelined=True)
+                           chunk=plan.chunk, progress=bar.update if bar else None, pipelined=True, device=plan.device)
     finally:
         reads.close()
         if bar:
