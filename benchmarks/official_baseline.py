@@ -132,3 +132,23 @@ def add(base_path: str | os.PathLike, state_dir: str | os.PathLike, checkpoint_p
 def layout_bytes(state_dir: str | os.PathLike) -> int:
     """Bytes on disk of a saved state (every file in the folder)."""
     return sum(p.stat().st_size for p in Path(state_dir).iterdir() if p.is_file())
+
+
+def main(argv=None) -> int:
+    """`python benchmarks/official_baseline.py unify BASE OUT CKPT...` or `... add BASE STATE CKPT OUT`:
+    the peer as a command, so that it is timed as a fresh process, start-up included, as condu-fuse is."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["unify"] and len(args) >= 4:
+        unify(args[1], args[3:], args[2])
+    elif args[:1] == ["add"] and len(args) == 5:
+        add(args[1], args[2], args[3], args[4])
+    else:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,3 +38,7 @@ def test_quick_run_measures_both_sides_and_they_agree(tmp_path):
     assert res["equality"]["task1_max_rel_error"] < 1e-6
     assert res["speedup"] > 0 and res["decouple_vs_copy"] > 0
     assert all(row["store_bytes"] > 0 and row["bound_bytes"] > 0 for row in res["storage"])
+    checks = res["checks"]
+    assert all(checks[op]["seconds"] > 0 and checks[op + "_unchecked"]["seconds"] > 0 for op in ("decouple", "add"))
+    assert all(res["startup"][k]["seconds"] > 0 for k in ("help", "tiny_unify"))
+    assert res["bounds"]["read_gbps"] > 0 and res["bounds"]["fsync_write_gbps"] > 0
