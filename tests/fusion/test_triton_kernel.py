@@ -17,10 +17,8 @@ The interpreter is slow (milliseconds per task and block), hence the small sizes
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -33,11 +31,11 @@ from fusion import add, get_kernel, reference, remove, unify
 from fusion.dtypes import BF16, F16, F32
 from fusion.kernels import Kernel
 from fusion.testing.strategies import deltas, state_dicts
+from fusion.testing.triton import kernel_module
 from fusion.testing.vectors import MODES, assert_rebuilds_match, assert_unified_matches, requires_vectors, vector_deltas
 
 triton = pytest.importorskip("triton")  # before the variable is set: see the module docstring
 
-MODULE = "fusion.kernels.triton_kernels"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 UNIFIED_DTYPES = (F32, F16, BF16)
@@ -46,25 +44,7 @@ BLOCKS = (8, 16, 32, 64)
 L1_RTOL = 10 * 2.0**-24  # float32 partials over blocks of at most 1024 elements (the default): log2(1024) roundings
 
 
-def _load_kernels():
-    """The kernel module, interpreted when there is no CUDA, without leaving TRITON_INTERPRET set."""
-    if HAS_CUDA:
-        return importlib.import_module(MODULE)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module(MODULE)
-        if not module.is_interpreted():  # imported earlier without the interpreter
-            module = importlib.reload(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-tk = _load_kernels()
+tk = kernel_module()
 
 
 def host(tensor: torch.Tensor) -> np.ndarray:

@@ -2,9 +2,6 @@
 torch CPU tensors, with the reference behind the kernel contract and with the Triton interpreter.
 The store it writes equals the host pass's: the stages' order and buffer reuse are right."""
 
-import importlib
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.numpy import load_file
 
 from fusion import Store, reference
 from fusion.device import DeviceStage, resolve_device
+from fusion.testing.triton import kernel_module
 
 from .helpers import manifest, models, stored_unified
 
@@ -42,20 +40,8 @@ class TorchReference:
 
 
 def _triton_interpreted():
-    """The Triton kernel module under TRITON_INTERPRET=1 (tests/fusion/test_triton_kernel.py explains)."""
     pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("fusion.kernels.triton_kernels")
-        if not module.is_interpreted():
-            module = importlib.reload(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module.TritonKernel(block=16)
+    return kernel_module().TritonKernel(block=16)
 
 
 def _changes(path, base_path, paths, **options):
