@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -68,3 +69,14 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
 
 def equal_models(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(np.asarray(a[n]), np.asarray(b[n])) for n in a)
+
+
+def assert_matches_state(store, state):
+    """The stored unified delta, masks and rescalers equal an in-memory FusedDeltas."""
+    unified = stored_unified(store.path)
+    for k, name in enumerate(state.names):
+        assert np.array_equal(unified[name].reshape(-1), state.unified[name]), name
+        for i, task in enumerate(store.tasks):
+            masks = load_file(store.path / task_entry(store.path, task.name)["triggers"])
+            assert np.array_equal(masks[name], state.masks[name][i]), (task.name, name)
+            assert task.rescaler_of(name) == pytest.approx(float(state.rescalers[i, k]), rel=1e-12)
