@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from fusion.cli import main
 from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
 
 OPTS = dict(kernel="reference", chunk=16)  # small chunks: tensors span several chunks
+REPO = Path(__file__).resolve().parents[3]
 
 
 def models(tmp_path: Path, num_tasks: int = 3, *, layout: str = "file", dtype=None):
@@ -80,3 +83,13 @@ def assert_matches_state(store, state):
             masks = load_file(store.path / task_entry(store.path, task.name)["triggers"])
             assert np.array_equal(masks[name], state.masks[name][i]), (task.name, name)
             assert task.rescaler_of(name) == pytest.approx(float(state.rescalers[i, k]), rel=1e-12)
+
+
+def cli_process(args, cwd: Path, *, block: str) -> subprocess.CompletedProcess:
+    """`condu-fuse ARGS` in a fresh process in `cwd`, where importing the package `block` fails."""
+    blocker = cwd / "blocker"
+    (blocker / block).mkdir(parents=True, exist_ok=True)
+    (blocker / block / "__init__.py").write_text(f"raise ImportError('condu-fuse imported {block}')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "fusion.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)

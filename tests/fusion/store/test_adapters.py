@@ -8,10 +8,7 @@ computed independently: factor differences in numpy, dense deltas by PEFT in tor
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -30,10 +27,7 @@ from fusion.store.plan import FusedTensor
 from fusion.testing.checkpoints import snapshot
 
 from . import lora_models as lm
-from .helpers import OPTS, assert_matches_state, one_line_error, run
-
-REPO = Path(__file__).resolve().parents[3]
-
+from .helpers import OPTS, assert_matches_state, cli_process, one_line_error, run
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
@@ -297,16 +291,11 @@ def test_a_large_target_is_computed_a_block_of_rows_at_a_time(tmp_path):
 
 def test_adapters_run_through_real_processes_without_torch(gpt2, tmp_path):
     """condu-fuse with adapters, in fresh processes where importing torch fails."""
-    blocker = tmp_path / "blocker"
-    (blocker / "torch").mkdir(parents=True)
-    (blocker / "torch" / "__init__.py").write_text("raise ImportError('condu-fuse imported torch')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]))
     for args in (["unify", "--base", gpt2["init"], "--store", "f", gpt2["f1"], gpt2["f2"]],
                  ["decouple", "--store", "f", "--task", "1", "-o", "f1-out"],
                  ["unify", "--base", gpt2["base"], "--store", "d", gpt2["d1"], gpt2["full"]],
                  ["add", "--store", "d", gpt2["d2"]], ["decouple", "--store", "d", "--task", "d2", "-o", "d2-out"]):
-        done = subprocess.run([sys.executable, "-m", "fusion.cli", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=300, cwd=tmp_path)
+        done = cli_process(args, tmp_path, block="torch")
         assert done.returncode == 0, (args, done.stderr)
     assert (tmp_path / "f1-out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "d2-out" / "model.safetensors").is_file()

@@ -7,8 +7,6 @@ they were made from, and the store records each id and its commit.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,7 @@ from fusion import Store
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
 from ..test_hub import MAIN_COMMIT, TAGGED_COMMIT, add_to_cache
-from .helpers import OPTS, manifest, one_line_error, run
-
-REPO = Path(__file__).resolve().parents[3]
-
+from .helpers import OPTS, cli_process, manifest, one_line_error, run
 
 def _record(folder: Path, base: str) -> Path:
     config = json.loads((folder / "config.json").read_text())
@@ -157,12 +152,7 @@ def test_without_a_usable_record_unify_asks_for_the_base(hub, tmp_path, case, ph
 
 def test_local_paths_never_import_the_hub_library(hub, tmp_path):
     """--help and a whole local unify, in processes where importing huggingface_hub fails."""
-    blocker = tmp_path / "blocker"
-    (blocker / "huggingface_hub").mkdir(parents=True)
-    (blocker / "huggingface_hub" / "__init__.py").write_text("raise ImportError('huggingface_hub imported')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]))
     for args in (["--help"], ["unify", "--base", hub["base"], "--store", "s", hub["ft-a"], hub["lora-c"]],
                  ["info", "--store", "s"]):
-        done = subprocess.run([sys.executable, "-m", "fusion.cli", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=300, cwd=tmp_path)
+        done = cli_process(args, tmp_path, block="huggingface_hub")
         assert done.returncode == 0, (args, done.stderr)
