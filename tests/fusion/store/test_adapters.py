@@ -211,6 +211,73 @@ def test_the_dense_source_reads_peft_merge_delta_with_patterns_and_rslora(gpt2):
                 assert np.array_equal(flat.reshape(expected.shape), expected), (key, name)
 
 
+def _bert_classifier_adapter(root: Path, *, modules_to_save: bool) -> tuple[Path, Path, Path]:
+    """A tiny BertForSequenceClassification (and its bare BertModel), and a LoRA adapter of the
+    classifier model on query and value; with modules_to_save, the classifier is trained whole."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(4)
+    config = BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=64, max_position_embeddings=16, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(root / "bert-cls")
+    model = BertForSequenceClassification.from_pretrained(str(root / "bert-cls"))
+    model.bert.save_pretrained(root / "bert-bare")
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],  # SEQ_CLS trains the classifier whole
+                      task_type="SEQ_CLS" if modules_to_save else None)
+    peft = get_peft_model(model, lora)
+    rng = np.random.default_rng(9)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if param.requires_grad:  # the LoRA factors and the trained copy of the classifier
+                param.add_(torch.from_numpy((rng.integers(-8, 9, tuple(param.shape)) / 16).astype(np.float32)))
+    peft.save_pretrained(root / "bert-lora")
+    return root / "bert-cls", root / "bert-bare", root / "bert-lora"
+
+
+def _source_deltas(adapter_dir: Path, base_dir: Path) -> dict[str, np.ndarray]:
+    """Every fused tensor's delta as the dense source reads it, whole tensors at once."""
+    weights = lm.model_weights(base_dir)
+    with open_checkpoint(base_dir) as model:
+        fused = [FusedTensor(n, model.info(n).shape, F32, F32) for n in model.keys() if model.info(n).dtype.is_float]
+    with open_checkpoint(adapter_dir) as adapter:
+        deltas, zero = dense_adapter_deltas(adapter, fused)
+        out = {}
+        for t in fused:
+            flat = np.zeros(t.numel, np.float32)
+            if t.name not in zero:
+                deltas.read_delta(t.name, 0, t.numel, weights[t.name].reshape(-1), flat)
+            out[t.name] = flat.reshape(t.shape)
+        return out
+
+
+def test_a_dense_adapter_is_what_peft_merges_modules_to_save_included(tmp_path):
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    cls_dir, _, lora_dir = _bert_classifier_adapter(tmp_path, modules_to_save=True)
+    merged = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(str(cls_dir)), str(lora_dir))
+    merged = {k: v.numpy() for k, v in merged.merge_and_unload().state_dict().items()}
+    base, deltas = lm.model_weights(cls_dir), _source_deltas(lora_dir, cls_dir)
+    changed = sorted(n for n, d in deltas.items() if d.any())
+    assert "classifier.weight" in changed and "bert.encoder.layer.1.attention.self.value.weight" in changed
+    assert not any("key" in n or "dense" in n for n in changed)
+    for name, delta in deltas.items():
+        np.testing.assert_allclose(base[name] + delta, merged[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_an_adapter_of_a_task_model_reads_onto_the_bare_model(tmp_path):
+    """LoRA on `bert.encoder...` of the classifier model maps onto the bare model's `encoder...`;
+    a classifier trained whole has no place in the bare model and is refused."""
+    _, bare_dir, lora_dir = _bert_classifier_adapter(tmp_path, modules_to_save=False)
+    deltas = _source_deltas(lora_dir, bare_dir)
+    assert deltas["encoder.layer.0.attention.self.query.weight"].any() and not deltas["pooler.dense.weight"].any()
+    _, bare_dir, whole_dir = _bert_classifier_adapter(tmp_path / "whole", modules_to_save=True)
+    line = one_line_error(run(["unify", "--base", bare_dir, "--store", "s", whole_dir, "-q"], tmp_path),
+                          "replaces no floating-point tensor of the base")
+    assert "tensor 'base_model.model.classifier." in line and not (tmp_path / "s").exists()
+
+
 def _conv_adapter(root: Path) -> tuple[Path, Path]:
     """A model with a convolution, and a LoRA adapter on it (PEFT's Conv2d LoRA)."""
     from peft import LoraConfig, get_peft_model

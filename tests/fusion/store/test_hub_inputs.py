@@ -156,3 +156,12 @@ def test_local_paths_never_import_the_hub_library(hub, tmp_path):
                  ["info", "--store", "s"]):
         done = cli_process(args, tmp_path, block="huggingface_hub")
         assert done.returncode == 0, (args, done.stderr)
+
+
+def test_set_base_takes_an_id_of_the_same_content_and_records_it(hub, tmp_path):
+    store = Store.unify(tmp_path / "s", hub["base"], [hub["ft-a"]], **OPTS)
+    result = run(["set-base", "org/base@v1", "--store", store.path], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert manifest(store.path)["base"]["hub"] == {"id": "org/base", "revision": "v1", "commit": TAGGED_COMMIT}
+    assert store.verify().ok
+    one_line_error(run(["set-base", "org/ft-b", "--store", store.path], tmp_path), "differs from the base")
