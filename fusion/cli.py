@@ -96,6 +96,12 @@ def _rescaler_text(rescaler) -> str:
     return f"{rescaler:.4f}"
 
 
+def _hub_text(hub: dict | None) -> str:
+    """`org/name@revision (commit 0123456789ab)`: a hub record as `info` shows it."""
+    text = hub["id"] + (f"@{hub['revision']}" if hub["revision"] else "")
+    return text + (f" (commit {hub['commit'][:12]})" if hub["commit"] else "")
+
+
 def _number(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -111,7 +117,7 @@ def format_info(info: dict) -> str:
     base = info["base"]
     lines = [f"store       {info['store']}  (generation {info['generation']}, format v{info['version']})",
              f"space       {SPACE_TEXT[info['space']]}",
-             f"base        {base['path']}" + (f"  (hub {base['hub']})" if base.get("hub") else ""),
+             f"base        {base['path']}" + (f"  (hub {_hub_text(base['hub'])})" if base.get("hub") else ""),
              f"rescaler    {info['rescaler']}    fused: {info['tensors']} tensors, {info['fused_parameters']:,} "
              f"parameters, unified delta in {', '.join(info['unified_dtypes'])}",
              "",
@@ -120,7 +126,7 @@ def format_info(info: dict) -> str:
     for t in info["tasks"]:
         kept = [*(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
                 *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"]),
-                *(f"hub {t['hub']}",) * bool(t["hub"])]
+                *([f"hub {_hub_text(t['hub'])}"] if t["hub"] else [])]
         lines.append(f"{t['number']:>3}  {t['name']:<24} {t['kind']:<7} {_rescaler_text(t['rescaler']):<26} "
                      f"{t['mask_density']:>8.3f} {_number(t['fidelity']['cosine']):>8} "
                      f"{_number(t['fidelity']['rel_l2']):>8} {t['fidelity']['generation']:>6}  {', '.join(kept) or '-'}")
@@ -167,7 +173,7 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, quiet, ch
                          missing=missing, kernel=kernel, chunk=chunk, progress=not quiet)
     if base is None:
         taken = result.info()["base"]
-        click.echo(f"base: {taken['hub'] or taken['path']} (recorded by the checkpoints)")
+        click.echo(f"base: {_hub_text(taken['hub']) if taken['hub'] else taken['path']} (recorded by the checkpoints)")
     tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
     click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}")
 

@@ -38,7 +38,7 @@ from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
 from .adapters import base_adapter_config, dense_adapter_deltas, plan_input, space_of
 from .export import TaskStream, check_output, model_card, write_file, write_folder
-from .inputs import Input, hub_text, infer_base, resolve_input
+from .inputs import Input, infer_base, resolve_input
 from .inspect import Health, audit, info
 from .manifest import (BaseRef, Digests, Fidelity, HubRef, Manifest, ManifestError, SourceRef, TaskEntry, UnifiedEntry,
                        load_manifest, read_manifest_file)
@@ -79,7 +79,7 @@ class TaskRecord:
     files: tuple[str, ...] = ()  # its own small files (config.json, tokenizer files)
     attachments: tuple[str, ...] = ()  # names of the data kept with it (fusion.Store.attach)
     kind: str = "model"  # "adapter": it came from a PEFT LoRA adapter
-    hub: str | None = None  # "org/name@revision (commit ...)" when it came from the hub
+    hub: dict | None = None  # {"id", "revision", "commit"} when it came from the hub
 
     @classmethod
     def of(cls, task: TaskEntry) -> "TaskRecord":
@@ -88,7 +88,7 @@ class TaskRecord:
         rescaler = dict(task.rescaler) if isinstance(task.rescaler, dict) else task.rescaler
         return cls(task.number, task.name, source, task.added_generation, rescaler, task.l1, task.mask_density,
                    fidelity, tuple(task.private_tensors), tuple(task.zero_filled), tuple(task.files),
-                   tuple(task.attachments), task.kind, hub_text(task.source.hub))
+                   tuple(task.attachments), task.kind, msgspec.to_builtins(task.source.hub))
 
     def rescaler_of(self, tensor: str) -> float:
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler

@@ -18,7 +18,7 @@ from typing import Sequence
 from ..hub import recorded_base, resolve_checkpoint
 from .manifest import HubRef
 
-__all__ = ["Input", "resolve_input", "infer_base", "hub_text"]
+__all__ = ["Input", "resolve_input", "infer_base"]
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,6 @@ def resolve_input(value: str | os.PathLike) -> Input:
     resolved = resolve_checkpoint(value)
     hub = HubRef(id=resolved.hub_id, revision=resolved.revision, commit=resolved.commit) if resolved.from_hub else None
     return Input(os.fspath(value), Path(resolved.path), hub)
-
-
-def hub_text(hub: HubRef | None) -> str | None:
-    """`org/name@revision (commit 0123456789ab)` for showing a hub record, or None."""
-    if hub is None:
-        return None
-    text = hub.id + (f"@{hub.revision}" if hub.revision else "")
-    return text + (f" (commit {hub.commit[:12]})" if hub.commit else "")
 
 
 def infer_base(checkpoints: Sequence[str | os.PathLike]) -> str:

@@ -93,7 +93,10 @@ def test_an_id_at_a_tag_reads_that_commit_and_add_takes_ids(hub, tmp_path):
     store = Store.unify(tmp_path / "s", "org/base@v1", ["org/ft-a"], **OPTS)
     assert manifest(store.path)["base"]["hub"] == {"id": "org/base", "revision": "v1", "commit": TAGGED_COMMIT}
     record = store.add("org/lora-c@main")
-    assert (record.name, record.kind, record.hub) == ("lora-c", "adapter", f"org/lora-c@main (commit {MAIN_COMMIT[:12]})")
+    assert (record.name, record.kind, record.hub) == ("lora-c", "adapter",
+                                                      {"id": "org/lora-c", "revision": "main", "commit": MAIN_COMMIT})
+    report = store.info()
+    assert report["base"]["hub"]["commit"] == TAGGED_COMMIT and report["tasks"][1]["hub"]["id"] == "org/lora-c"
 
 
 def test_an_uncached_id_is_one_line_and_changes_nothing(hub, tmp_path):
