@@ -258,7 +258,7 @@ def verify(store, as_json):
 @_store_option
 @_one_line_errors
 def set_base(path, store):
-    """Point the store at its base in a new place; accepted only if the content is the same."""
+    """Point the store at its base in a new place (a path or a hub id); accepted only if the content is the same."""
     _open(store).set_base(path)
     click.echo(f"{store}: base is now {path}")
 
