@@ -22,6 +22,9 @@ Without a GPU (the Triton interpreter on CPU, tiny sizes, under a minute):
    - `naive`: whole-tensor torch written like the official ConDU/EMR code, on the same device.
    Timed with CUDA events: median of --repeats after --warmup calls.
 3. A small sweep of block size and warps for elect at T = 8, to choose the defaults.
+4. The store end to end: `condu-fuse unify` of T = 8 fp32 checkpoints written to a scratch
+   folder, each command a fresh process (start-up included), `--device cuda` against
+   `--device cpu`, with the peak device memory the pass reports (CUDA only).
 
 Writes <out>/gpu_kernels.json and <out>/gpu_kernels.md; exits 1 if any check fails.
 """
@@ -283,6 +286,11 @@ def markdown(data: dict) -> str:
                             "naive continual GB/s", "elect / naive", "continual / naive", "elect traffic / copy",
                             "continual traffic / copy"], rows)
     sweep = markdown_table(["block", "warps", "elect GB/s"], [[s["block"], s["num_warps"], s["gbps"]] for s in data["sweep"]])
+    store = data.get("store")
+    store_text = ("not run (no CUDA device)" if not store else markdown_table(
+        ["T", "n", "cuda s", "cpu s", "cpu / cuda", "cuda output"],
+        [[store["tasks"], store["numel"], store["cuda_s"], store["cpu_s"], store["cpu_s"] / store["cuda_s"],
+          store["cuda_output"]]]))
     dev = data["device"]
     return "\n\n".join([
         "# Triton kernels on " + dev.get("name", dev["device"] + (" (Triton interpreter)" if dev["interpreted"] else "")),
@@ -295,7 +303,52 @@ def markdown(data: dict) -> str:
         "with the clone's (which reads and writes every byte): how close each kernel gets to the device's "
         "memory bandwidth.", table,
         "## Block size and warps, elect at T = 8", sweep,
+        "## The store end to end: `condu-fuse unify`, fresh processes, files in the page cache", store_text,
     ])
+
+
+# ---- the store end to end -------------------------------------------------------------------------
+
+
+def write_workload(folder: Path, numel: int, tasks: int, seed: int = 0) -> list[Path]:
+    """A base and `tasks` fine-tunes of 8 fp32 tensors of numel / 8 elements each, as .safetensors."""
+    from fusion.io import save
+
+    rng = np.random.default_rng(seed)
+    shapes = {f"layer.{k}.weight": (numel // 8 // 1024, 1024) for k in range(8)}
+    base = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+    paths = [folder / "base.safetensors"]
+    save(base, paths[0])
+    for t in range(tasks):
+        tuned = {name: w + np.float32(1e-3) * rng.standard_normal(w.shape, dtype=np.float32) for name, w in base.items()}
+        paths.append(folder / f"task{t + 1}.safetensors")
+        save(tuned, paths[-1])
+    return paths
+
+
+def time_unify(paths: list[Path], store: Path, device: str) -> tuple[float, str]:
+    """Seconds of one `condu-fuse unify` process, and what it printed."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(store, ignore_errors=True)
+    command = [sys.executable, "-m", "fusion.cli", "unify", "-q", "--device", device, "--store", str(store),
+               "--base", str(paths[0]), *map(str, paths[1:])]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, done.stdout.strip()
+
+
+def store_row(numel: int, tasks: int, *, repeats: int) -> dict:
+    """unify T tasks from files, on the GPU and on the CPU, medians of `repeats` fresh processes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = write_workload(Path(scratch), numel, tasks)
+        runs = {device: [time_unify(paths, Path(scratch) / f"store-{device}", device) for _ in range(repeats)]
+                for device in ("cuda", "cpu")}
+    return {"tasks": tasks, "numel": numel, "cuda_s": statistics.median(r[0] for r in runs["cuda"]),
+            "cpu_s": statistics.median(r[0] for r in runs["cpu"]), "cuda_output": runs["cuda"][-1][1]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -335,6 +388,9 @@ def main(argv=None) -> int:
         write_results(data, markdown(data), args.out)
     configs = [(256, 2), (1024, 4)] if args.quick else [(512, 4), (1024, 4), (2048, 8), (4096, 8)]
     data["sweep"] = sweep_blocks(8, numel, device, configs, repeats=repeats, warmup=warmup)
+    if device.type == "cuda":
+        data["store"] = store_row(numel, 8, repeats=3)
+        print(f"store unify T=8: cuda {data['store']['cuda_s']:.2f} s, cpu {data['store']['cpu_s']:.2f} s", flush=True)
     text = markdown(data)
     print(text)
     for path in write_results(data, text, args.out):

@@ -44,7 +44,7 @@ from benchmarks._common import (  # noqa: E402
     time_repeats,
     write_results,
 )
-from fusion.engine import DEFAULT_CHUNK, StoredChunk, TensorSpec, fuse_pass  # noqa: E402
+from fusion.engine import DEFAULT_CHUNK, ChunkInputs, StoredChunk, TensorSpec, fuse_pass  # noqa: E402
 from fusion.kernels.cpu import KERNEL  # noqa: E402
 
 M = 1 << 20
@@ -176,15 +176,17 @@ def child_fuse_pass(numel: int, num_tasks: int, mode: str) -> None:
     old = num_tasks - 1 if mode == "add" else 0
     u, packed, rescalers = stored_state(pool[:old]) if old else (None, None, None)
     specs = [TensorSpec("weight", numel)]
-    new_deltas = lambda name, lo, hi: pool[old:, : hi - lo]  # noqa: E731
-    stored = (lambda name, lo, hi: StoredChunk(u[: hi - lo], packed[:, : -(-(hi - lo) // 8)], rescalers)) if old else None
+    def read(name, lo, hi, slot):
+        stored = StoredChunk(u[: hi - lo], packed[:, : -(-(hi - lo) // 8)], rescalers) if old else None
+        return ChunkInputs(pool[old:, : hi - lo], stored=stored)
+
     emit = lambda name, lo, hi, result: None  # noqa: E731
     KERNEL.elect(pool[:, :4096])  # compile or load the machine code before the baseline
     if old:
         KERNEL.continual(u[:4096], packed[:, :512], rescalers, pool[old:, :4096])
     gc.collect()
     baseline, was_reset = current_rss_bytes(), reset_peak_rss()
-    fuse_pass(specs, num_tasks=num_tasks, new_deltas=new_deltas, emit=emit, stored=stored, kernel=KERNEL)
+    fuse_pass(specs, num_tasks=num_tasks, read=read, emit=emit, kernel=KERNEL)
     print(json.dumps({"numel": numel, "tasks": num_tasks, "mode": mode, "rss_before_pass_bytes": baseline,
                       "self_peak_rss_bytes": self_peak_rss_bytes(), "peak_reset": was_reset}))
 

@@ -61,6 +61,18 @@ def _quiet_option(command):
     return click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars.")(command)
 
 
+def _device_option(command):
+    return click.option("--device", default="auto", show_default=True,
+                        help="Where the pass runs: auto (CUDA when there is one), cpu, cuda or cuda:N.")(command)
+
+
+def _pass_report(store) -> str:
+    """Where the last pass ran, and the device memory it held, when that was a GPU."""
+    report = store.last_pass
+    peak = report.get("peak_device_bytes")
+    return f" on {report['device']}, peak device memory {_size(peak)}" if peak is not None else ""
+
+
 def _task_option(command):
     return click.option("--task", required=True, help="Task number or name (see `condu-fuse info`).")(command)
 
@@ -75,10 +87,10 @@ def parse_size(text: str) -> int:
     return int(number * (1024 if "I" in unit else 1000) ** power)
 
 
-def _open(store: str):
+def _open(store: str, **options):
     from .store import Store
 
-    return Store.open(store)
+    return Store.open(store, **options)
 
 
 def _size(nbytes: float) -> str:
@@ -159,10 +171,11 @@ def main():
 @click.option("--kernel", type=click.Choice(KERNELS), default=None, help="Fusion kernel (default: fastest).")
 @click.option("--chunk", type=click.IntRange(min=8), default=None,
               help="Elements per chunk and task (default: 4Mi shared by the tasks).")
+@_device_option
 @_quiet_option
 @click.argument("checkpoints", nargs=-1, required=True)
 @_one_line_errors
-def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, quiet, checkpoints):
+def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, quiet, checkpoints):
     """Create a store from BASE and one or more checkpoints (one-shot unify).
 
     CHECKPOINTS are .safetensors files, model folders, PEFT adapter folders or hub ids
@@ -170,12 +183,13 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, quiet, ch
     from .store import Store
 
     result = Store.unify(store, base, checkpoints, names=list(names) or None, rescaler=rescaler, dtype=dtype,
-                         missing=missing, kernel=kernel, chunk=chunk, progress=not quiet)
+                         missing=missing, kernel=kernel, chunk=chunk, progress=not quiet, device=device)
     if base is None:
         taken = result.info()["base"]
         click.echo(f"base: {_hub_text(taken['hub']) if taken['hub'] else taken['path']} (recorded by the checkpoints)")
     tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
-    click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}")
+    click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}"
+               f"{_pass_report(result)}")
 
 
 @main.command()
@@ -183,14 +197,16 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, quiet, ch
 @click.option("--name", default=None, help="Task name (default: the checkpoint's name).")
 @click.option("--missing", type=click.Choice(MISSING_MODES), default=None,
               help="A base tensor the checkpoint lacks (default: the store's setting).")
+@_device_option
 @_quiet_option
 @click.argument("checkpoint")
 @_one_line_errors
-def add(store, name, missing, quiet, checkpoint):
+def add(store, name, missing, device, quiet, checkpoint):
     """Add CHECKPOINT (a path, a PEFT adapter folder or a hub id) as a new task: the ConDU continual step."""
-    record = _open(store).add(checkpoint, name=name, missing=missing, progress=not quiet)
+    opened = _open(store, device=device)
+    record = opened.add(checkpoint, name=name, missing=missing, progress=not quiet)
     zero = f"; {len(record.zero_filled)} tensor(s) it lacks counted as unchanged" if record.zero_filled else ""
-    click.echo(f"added task {record.number} ({record.name}) to {store}{zero}")
+    click.echo(f"added task {record.number} ({record.name}) to {store}{zero}{_pass_report(opened)}")
 
 
 @main.command()
@@ -212,12 +228,14 @@ def decouple(task, store, out, dtype, force, max_shard_size, quiet):
 @main.command()
 @_task_option
 @_store_option
+@_device_option
 @_quiet_option
 @_one_line_errors
-def remove(task, store, quiet):
+def remove(task, store, device, quiet):
     """Drop a task and re-unify the others; they keep their numbers."""
-    gone = _open(store).remove(task, progress=not quiet)
-    click.echo(f"removed task {gone.number} ({gone.name}) from {store}")
+    opened = _open(store, device=device)
+    gone = opened.remove(task, progress=not quiet)
+    click.echo(f"removed task {gone.number} ({gone.name}) from {store}{_pass_report(opened)}")
 
 
 @main.command()

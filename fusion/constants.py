@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RESCALER_MODES", "KERNELS", "MISSING_MODES", "DEVICES"]
+__all__ = ["RESCALER_MODES", "KERNELS", "MISSING_MODES"]
 
 # How a task's rescaler is taken (fusion.rescale): the paper's whole-model scalar, the official
 # code's sum of per-tensor means, or one per tensor.
@@ -14,6 +14,3 @@ KERNELS = ("reference", "cpu", "triton")
 
 # What a fine-tune lacking a base tensor means: an error, or an unchanged tensor (a zero delta).
 MISSING_MODES = ("error", "zero")
-
-# Where a pass runs: CUDA when there is one (auto), or as asked.
-DEVICES = ("auto", "cpu", "cuda")

@@ -17,12 +17,14 @@ import numpy as np
 
 from .arrays import all_finite, to_host
 from .dtypes import F32, DType, float_dtype
-from .reference import ChunkResult
+from .pipeline import run_stages
+from .reference import ChunkResult, Originals
 
 if TYPE_CHECKING:
+    from .device import DeviceStage
     from .kernels import Kernel
 
-__all__ = ["TensorSpec", "StoredChunk", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
+__all__ = ["TensorSpec", "StoredChunk", "ChunkInputs", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
 
 # Elements per chunk and task: 1M fp32 elements is 4 MiB a task, 64 MiB of input at T = 16.
 DEFAULT_CHUNK = 1 << 20
@@ -72,40 +74,69 @@ def _check_representable(spec: TensorSpec, unified) -> None:
                          "store it in float32 (dtypes={name: 'float32'}, or --dtype float32)")
 
 
+class ChunkInputs(NamedTuple):
+    """What a pass reads for one chunk of one tensor."""
+
+    new: Any  # (T_new, n): new tasks' deltas, or their fine-tuned weights when `base` is given
+    base: Any = None  # (n,) float32 theta0 on the chunk: the kernel takes `new - base` as the deltas
+    stored: StoredChunk | None = None  # the stored tasks to rebuild first (None: a one-shot unify)
+    originals: Originals | None = None  # which tasks' fidelity sums to measure (fusion.reference)
+
+
+def _compute(kernel: "Kernel", spec: TensorSpec, inputs: ChunkInputs) -> ChunkResult:
+    options = dict(unified_dtype=spec.unified_dtype, base=inputs.base, originals=inputs.originals)
+    if inputs.stored is None:
+        return kernel.elect(inputs.new, **options)
+    old = inputs.stored
+    return kernel.continual(old.unified, old.packed_masks, old.rescalers, inputs.new, **options)
+
+
 def fuse_pass(
     specs: Sequence[TensorSpec],
     *,
     num_tasks: int,
-    new_deltas: Callable[[str, int, int], Any],
+    read: Callable[[str, int, int, int], ChunkInputs],
     emit: Callable[[str, int, int, ChunkResult], None],
-    stored: Callable[[str, int, int], StoredChunk] | None = None,
     kernel: "Kernel",
     chunk: int = DEFAULT_CHUNK,
     progress: Callable[[int], None] | None = None,
+    pipelined: bool = False,
+    device: "DeviceStage | None" = None,
 ) -> L1Tables:
-    """Unify `num_tasks` tasks over every tensor in `specs`.
+    """Unify `num_tasks` tasks over every tensor in `specs`, chunk by chunk.
 
-    new_deltas(name, lo, hi) -> (T_new, hi-lo) deltas of the tasks given as full fine-tunes.
-    stored(name, lo, hi)     -> StoredChunk of the tasks to rebuild first (None: one-shot unify).
-    emit(name, lo, hi, r)    receives each chunk's result; r's rows are stored tasks, then new.
-    progress(n)              is told how many elements each chunk covered.
+    read(name, lo, hi, slot) -> ChunkInputs of the chunk [lo, hi) of tensor `name`.
+    emit(name, lo, hi, r)     receives each chunk's result, in order; r's rows are stored tasks, then new.
+    progress(n)               is told how many elements each chunk covered.
+    pipelined=True reads the next chunk on a thread while this one is computed and the one before
+    is emitted on another (fusion.pipeline): `slot` (0 or 1) then alternates, and the arrays read
+    into a slot are not asked for again before the chunk read into them has been computed.
+    device (fusion.device.DeviceStage) runs the kernel on a torch device: chunks are copied up on
+    the reader thread and results come back to the host for `emit`.
     """
     delta_l1 = np.zeros((num_tasks, len(specs)), dtype=np.float64)  # (T, K)
     masked_l1 = np.zeros_like(delta_l1)
-    for k, spec in enumerate(specs):
-        for lo, hi in chunk_ranges(spec.numel, chunk):
-            fresh = new_deltas(spec.name, lo, hi)  # (T_new, n)
-            if stored is None:
-                result = kernel.elect(fresh, unified_dtype=spec.unified_dtype)
-            else:
-                old = stored(spec.name, lo, hi)
-                result = kernel.continual(old.unified, old.packed_masks, old.rescalers, fresh,
-                                          unified_dtype=spec.unified_dtype)
-            assert result.delta_l1.shape == (num_tasks,), "task count of the pass changed mid-way"
-            delta_l1[:, k] += to_host(result.delta_l1)
-            masked_l1[:, k] += to_host(result.masked_l1)
-            emit(spec.name, lo, hi, result)  # the sink checks its inputs first: it names their files
-            _check_representable(spec, result.unified)
-            if progress is not None:
-                progress(hi - lo)
+    chunks = [(k, spec, lo, hi) for k, spec in enumerate(specs) for lo, hi in chunk_ranges(spec.numel, chunk)]
+
+    def read_chunk(item, slot: int) -> ChunkInputs:
+        _, spec, lo, hi = item
+        inputs = read(spec.name, lo, hi, slot)
+        return inputs if device is None else device.upload(inputs)
+
+    def compute(item, inputs: ChunkInputs):
+        _, spec, _, _ = item
+        return _compute(kernel, spec, inputs) if device is None else device.compute(inputs, spec.unified_dtype)
+
+    def finish(item, result) -> None:
+        k, spec, lo, hi = item
+        result = result if device is None else result.wait()
+        assert result.delta_l1.shape == (num_tasks,), "task count of the pass changed mid-way"
+        delta_l1[:, k] += to_host(result.delta_l1)
+        masked_l1[:, k] += to_host(result.masked_l1)
+        emit(spec.name, lo, hi, result)  # the sink checks its inputs first: it names their files
+        _check_representable(spec, result.unified)
+        if progress is not None:
+            progress(hi - lo)
+
+    run_stages(chunks, read_chunk, compute, finish, threaded=pipelined)
     return L1Tables(delta_l1, masked_l1)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .arrays import all_finite, compute_arrays, kind_of, to_host
 from .dtypes import F32, DType, float_dtype, parse_dtype
-from .engine import DEFAULT_CHUNK, StoredChunk, TensorSpec, fuse_pass
+from .engine import DEFAULT_CHUNK, ChunkInputs, StoredChunk, TensorSpec, fuse_pass
 from .kernels import get_kernel
 from .reference import ChunkResult
 from .rescale import check_mode, compute_rescalers
@@ -189,12 +189,12 @@ def _run(shapes, dtypes, flat, num_tasks, mode, stored, kernel, arrays, chunk) -
     """One fuse_pass over in-memory tensors (flat float32 arrays), then the rescalers."""
     specs = [TensorSpec(name, int(np.prod(shape, dtype=np.int64)), dtypes.get(name, F32)) for name, shape in shapes.items()]
 
-    def new_deltas(name: str, lo: int, hi: int):
-        return arrays.stack([d[name][lo:hi] for d in flat], hi - lo)  # (T_new, n)
+    def read(name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
+        new = arrays.stack([d[name][lo:hi] for d in flat], hi - lo)  # (T_new, n)
+        return ChunkInputs(new, stored=None if stored is None else stored(name, lo, hi))
 
     unified, masks, emit = _collect(shapes, num_tasks, arrays)
-    tables = fuse_pass(specs, num_tasks=num_tasks, new_deltas=new_deltas, emit=emit, stored=stored,
-                       kernel=kernel, chunk=chunk)
+    tables = fuse_pass(specs, num_tasks=num_tasks, read=read, emit=emit, kernel=kernel, chunk=chunk)
     rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, np.array([s.numel for s in specs]), mode)
     user = arrays.to_user
     return FusedDeltas(dict(shapes), {n: user(u) for n, u in unified.items()}, {n: user(m) for n, m in masks.items()},

@@ -31,6 +31,9 @@ from .dtypes import F32, as_float32, float_dtype, round_through
 
 __all__ = [
     "ChunkResult",
+    "Originals",
+    "NOT_MEASURED",
+    "OWN_ROW",
     "elect_sign",
     "elect",
     "reconstruct",
@@ -50,6 +53,22 @@ class ChunkResult(NamedTuple):
     packed_masks: np.ndarray  # (T, ceil(n / 8)) uint8, numpy little-endian bit order
     delta_l1: np.ndarray  # (T,) float64: sum |delta_i| over the chunk
     masked_l1: np.ndarray  # (T,) float64: sum |M_i * u| over the chunk
+    fidelity: np.ndarray | None = None  # (T, 5) float64 fidelity sums where asked for (zeros elsewhere)
+
+
+NOT_MEASURED, OWN_ROW = -1, -2
+
+
+class Originals(NamedTuple):
+    """Which tasks' own deltas a chunk's fidelity sums are measured against.
+
+    `index[i]` for task i of the result: NOT_MEASURED; OWN_ROW, its own row of the new deltas
+    (a new task's delta is its original); or r >= 0, row r of `rows` (a stored task whose
+    fine-tune is still at hand). With `base` given, `rows` hold fine-tuned weights as well.
+    """
+
+    rows: np.ndarray  # (R, n)
+    index: np.ndarray  # (T,) int64
 
 
 # ---- unify ----------------------------------------------------------------------------------------
@@ -70,16 +89,25 @@ def agreement_masks(deltas: np.ndarray, sign: np.ndarray) -> np.ndarray:
     return ((deltas > 0) & (sign > 0)) | ((deltas < 0) & (sign < 0))  # (T, n) bool
 
 
-def elect(deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
+def task_deltas(rows: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """Rows as float32 deltas: `rows - base` (one rounding) when they are fine-tuned weights."""
+    rows = as_float32(rows)  # (T, n)
+    return rows if base is None else rows - as_float32(base)  # (T, n)
+
+
+def elect(deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
+          originals: Originals | None = None) -> ChunkResult:
     """Unify stacked deltas `(T, n)`: elect signs and magnitudes, derive masks and L1 sums.
 
     `unified_dtype` (a fusion.dtypes.DType or its name) is the dtype the unified delta is stored
-    in; the masked L1 sums are taken on the stored (rounded) values.
+    in; the masked L1 sums are taken on the stored (rounded) values. With `base` (n,), the rows
+    are fine-tuned weights and their deltas are `rows - base`. With `originals`, the result
+    carries each measured task's fidelity sums.
     """
     if np.ndim(deltas) != 2 or len(deltas) == 0:
         raise ValueError(f"elect expects stacked deltas of shape (T, n) with T >= 1, got {np.shape(deltas)}; "
                          "stack one flattened chunk per task as rows")
-    deltas = as_float32(deltas)  # (T, n)
+    deltas = task_deltas(deltas, base)  # (T, n)
     sign = elect_sign(deltas)  # (n,)
     masks = agreement_masks(deltas, sign)  # (T, n)
     # Magnitude: the largest agreeing |delta| (0 where none agrees).
@@ -88,7 +116,9 @@ def elect(deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
     # L1 sums for the rescalers, in float64.
     delta_l1 = np.abs(deltas.astype(np.float64)).sum(axis=1)  # (T,)
     masked_l1 = np.where(masks, np.abs(unified), np.float32(0.0)).astype(np.float64).sum(axis=1)  # (T,)
-    return ChunkResult(unified, pack_bits(masks), delta_l1, masked_l1)
+    packed = pack_bits(masks)
+    fidelity = None if originals is None else fidelity_table(unified, packed, deltas, originals, base)
+    return ChunkResult(unified, packed, delta_l1, masked_l1, fidelity)
 
 
 # ---- decouple ---------------------------------------------------------------------------------------
@@ -109,17 +139,20 @@ def reconstruct_all(unified: np.ndarray, packed_masks: np.ndarray, rescalers: np
 
 
 def continual_chunk(unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray,
-                    new_deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
+                    new_deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
+                    originals: Originals | None = None) -> ChunkResult:
     """The ConDU step on one chunk: rebuild the stored tasks, then unify them with the new ones.
 
-    unified (n,), packed_masks (T_old, ceil(n/8)) uint8, rescalers (T_old,), new_deltas (T_new, n).
-    T_new may be 0: that re-unifies the stored tasks alone (used by `remove` and to study
-    convergence). Row order of the result: stored tasks first, then the new ones.
+    unified (n,), packed_masks (T_old, ceil(n/8)) uint8, rescalers (T_old,), new_deltas (T_new, n)
+    (fine-tuned weights with `base`, as in `elect`). T_new may be 0: that re-unifies the stored
+    tasks alone (used by `remove` and to study convergence). Row order of the result: stored
+    tasks first, then the new ones.
     """
     n = np.size(unified)
     rebuilt = reconstruct_all(unified, packed_masks, rescalers)  # (T_old, n)
-    stacked = np.concatenate([rebuilt, as_float32(new_deltas).reshape(-1, n)])  # (T, n)
-    return elect(stacked, unified_dtype=unified_dtype)
+    stacked = np.concatenate([rebuilt, task_deltas(np.reshape(new_deltas, (-1, n)), base)])  # (T, n)
+    shifted = None if originals is None else _shifted(originals, base)
+    return elect(stacked, unified_dtype=unified_dtype, originals=shifted)
 
 
 def rebuild(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float) -> np.ndarray:
@@ -144,8 +177,25 @@ def fidelity_sums(unified: np.ndarray, packed: np.ndarray, original: np.ndarray)
     mask = unpack_bits(np.reshape(packed, (1, -1)), np.size(unified))[0]  # (n,) bool
     u, o = as_float32(unified).astype(np.float64), as_float32(original).astype(np.float64)  # (n,)
     um, om = u[mask], o[mask]
-    return np.array([(um * um).sum(), (um * (um - om)).sum(), ((um - om) ** 2).sum(),
-                     (o[~mask] ** 2).sum(), (o * o).sum()])  # (5,)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite original gives NaN sums; callers refuse it
+        return np.array([(um * um).sum(), (um * (um - om)).sum(), ((um - om) ** 2).sum(),
+                         (o[~mask] ** 2).sum(), (o * o).sum()])  # (5,)
+
+
+def fidelity_table(unified: np.ndarray, packed_masks: np.ndarray, deltas: np.ndarray, originals: Originals,
+                   base: np.ndarray | None) -> np.ndarray:
+    """(T, 5) fidelity sums: each measured task's rebuilt delta against its own original delta."""
+    table = np.zeros((len(packed_masks), 5), dtype=np.float64)  # (T, 5)
+    for i, r in enumerate(np.asarray(originals.index)):
+        if r != NOT_MEASURED:
+            original = deltas[i] if r == OWN_ROW else task_deltas(originals.rows[r : r + 1], base)[0]  # (n,)
+            table[i] = fidelity_sums(unified, packed_masks[i], original)
+    return table
+
+
+def _shifted(originals: Originals, base: np.ndarray | None) -> Originals:
+    """The originals of a continual step as `elect` on the stacked (already subtracted) rows sees them."""
+    return Originals(task_deltas(originals.rows, base), originals.index)
 
 
 # ---- mask bits ---------------------------------------------------------------------------------------

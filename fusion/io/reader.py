@@ -9,8 +9,9 @@ reads whole blocks into a window, hashes each block once as it arrives, and hand
 the window. Sequential reads (the store's passes) load each block once: the block a read ends
 in is carried over to the next window. In `record` mode (no digests known yet) the same
 machinery computes the digests of what it reads, for the store to keep, and reads the blocks a
-caller never asked for at the end. A reader's buffers are reused: a view or a slice it returns
-is valid until the next read on the same file, and one file is read by one thread at a time.
+caller never asked for at the end. A reader's buffers are reused, two in turn: a view it returns
+is valid until the second read after it on the same file, so a reader one chunk ahead of its
+consumer never overwrites what is being consumed. One file is read by one thread at a time.
 """
 
 from __future__ import annotations
@@ -41,16 +42,21 @@ def read_exactly(fd: int, buffer: np.ndarray, offset: int, where: str) -> np.nda
 
 
 class _Window:
-    """A run of verified whole blocks of one file, kept while reads stay inside it."""
+    """A run of verified whole blocks of one file, kept while reads stay inside it.
+
+    Loads alternate between two buffers, so a view survives the next load and dies with the one
+    after: a reader one chunk ahead of its consumer never overwrites what is being consumed.
+    """
 
     def __init__(self, fd: int, size: int, where: str, block: int, digests: FileDigests | None,
                  record: dict[int, str] | None):
         self.fd, self.size, self.where, self.block, self.digests, self.record = fd, size, where, block, digests, record
-        self.buffer = np.empty(0, dtype=np.uint8)
+        self.buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self.buffer = self.buffers[0]  # the current one
         self.first, self.count = 0, 0  # block index of buffer[0], blocks held
 
     def bytes(self, begin: int, end: int) -> np.ndarray:
-        """Verified bytes [begin, end) of the file, a view valid until the next call."""
+        """Verified bytes [begin, end) of the file, a view valid until the second load after it."""
         if end <= begin:
             return self.buffer[:0]
         first, last = begin // self.block, (end - 1) // self.block
@@ -61,7 +67,10 @@ class _Window:
 
     def _load(self, first: int, last: int) -> None:
         need = (last - first + 1) * self.block
-        buffer = self.buffer if self.buffer.size >= need else np.empty(need, dtype=np.uint8)
+        spare = 1 if self.buffer is self.buffers[0] else 0
+        if self.buffers[spare].size < need:
+            self.buffers[spare] = np.empty(need, dtype=np.uint8)
+        buffer = self.buffers[spare]
         kept = self._carry(first, last, buffer)  # blocks of the old window the new one starts with
         begin = (first + kept) * self.block
         end = min((last + 1) * self.block, self.size)
@@ -77,7 +86,7 @@ class _Window:
             return 0
         kept = min(self.first + self.count, last + 1) - first
         start = (first - self.first) * self.block
-        buffer[: kept * self.block] = self.buffer[start : start + kept * self.block]  # numpy handles the overlap
+        buffer[: kept * self.block] = self.buffer[start : start + kept * self.block]
         return kept
 
     def _check(self, index: int, data: np.ndarray) -> None:
@@ -114,7 +123,7 @@ class SafetensorsFile:
             checked = digests is not None or self._recorded is not None
             block = digests.block if digests is not None else block
             self._window = _Window(self._fd, self.size, self.where, block, digests, self._recorded) if checked else None
-            self._scratch = np.empty(0, dtype=np.uint8)
+            self._scratch, self._turn = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)], 0
             self._read_header()
         except BaseException:
             os.close(self._fd)
@@ -165,14 +174,16 @@ class SafetensorsFile:
         return info, self.data_start + info.begin + lo * size, self.data_start + info.begin + hi * size
 
     def view_flat(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Elements [lo, hi) in the stored dtype's storage, a read-only view valid until the next read."""
+        """Elements [lo, hi) in the stored dtype's storage: a read-only view, valid until the second
+        read after it on this file."""
         info, begin, end = self._span(name, lo, hi)
         if self._window is not None:
             raw = self._window.bytes(begin, end)
-        else:
-            if self._scratch.size < end - begin:
-                self._scratch = np.empty(end - begin, dtype=np.uint8)
-            raw = read_exactly(self._fd, self._scratch[: end - begin], begin, self.where)
+        else:  # two scratch buffers in turn, as the window's: a view outlives the next read
+            self._turn = 1 - self._turn
+            if self._scratch[self._turn].size < end - begin:
+                self._scratch[self._turn] = np.empty(end - begin, dtype=np.uint8)
+            raw = read_exactly(self._fd, self._scratch[self._turn][: end - begin], begin, self.where)
         view = raw.view(info.dtype.storage)
         view.flags.writeable = False
         return view

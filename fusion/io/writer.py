@@ -19,11 +19,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..dtypes import DType, dtype_of
-from .files import fsync_dir, temporary_name
+from .files import fsync_dir, start_writeback, temporary_name
 from .format import LayoutEntry, encode_header, numel
 from .integrity import DEFAULT_BLOCK, BlockHasher, FileDigests
 
 __all__ = ["SafetensorsWriter", "ShardedWriter", "save", "as_storage"]
+
+_WRITEBACK_BYTES = 8 << 20  # hand written data to the disk every 8 MiB, so the final fsync waits for little
 
 
 def as_storage(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
@@ -49,14 +51,21 @@ class SafetensorsWriter:
         self._data_start = len(header)
         self._hasher = BlockHasher(block) if checksums else None
         self.digests: FileDigests | None = None
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.tmp, "wb", buffering=0)  # chunks are large: no second buffer
         self._pos = 0  # bytes of the data section written so far
+        self._written = self._flushed = 0  # bytes of the file written, and handed to the disk
         self._write(header)
 
     def _write(self, data) -> None:
-        self._file.write(data)
+        view = memoryview(data).cast("B")
+        while view:  # a raw file may take fewer bytes than given
+            view = view[self._file.write(view):]
         if self._hasher is not None:
             self._hasher.update(data)
+        self._written += memoryview(data).nbytes
+        if self._written - self._flushed >= _WRITEBACK_BYTES:
+            start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def write(self, name: str, chunk: np.ndarray) -> None:
         """Append the next elements of tensor `name`; chunks come in header order."""
@@ -69,7 +78,6 @@ class SafetensorsWriter:
     def finish(self) -> Path:
         """fsync the file and give it its name; the folder's entry is made durable by the caller."""
         assert self._data_start + self._pos == self.size, f"{self.path}: wrote {self._pos} data bytes of {self.size - self._data_start}"
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)

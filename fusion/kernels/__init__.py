@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..arrays import device_type
 from ..constants import KERNELS
 from ..dtypes import F32, DType
-from ..reference import ChunkResult
+from ..reference import ChunkResult, Originals
 
 __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name", "preload"]
 
@@ -47,12 +47,17 @@ class Kernel(Protocol):
 
     name: str
 
-    def elect(self, deltas: Any, *, unified_dtype: DType = F32) -> ChunkResult:
-        """Stacked deltas (T, n) -> unified (n,) float32, packed masks (T, ceil(n/8)), L1 sums (T,)."""
+    def elect(self, deltas: Any, *, unified_dtype: DType = F32, base: Any = None,
+              originals: Originals | None = None) -> ChunkResult:
+        """Stacked deltas (T, n) -> unified (n,) float32, packed masks (T, ceil(n/8)), L1 sums (T,).
+
+        With `base` (n,), the rows are fine-tuned weights and the deltas `rows - base`; with
+        `originals`, the result's `fidelity` (T, 5) holds the measured tasks' fidelity sums.
+        """
 
     def continual(self, unified: Any, packed_masks: Any, rescalers: Any, new_deltas: Any, *,
-                  unified_dtype: DType = F32) -> ChunkResult:
-        """Rebuild the T_old stored tasks of a chunk, then elect them with the (T_new, n) new deltas."""
+                  unified_dtype: DType = F32, base: Any = None, originals: Originals | None = None) -> ChunkResult:
+        """Rebuild the T_old stored tasks of a chunk, then elect them with the (T_new, n) new rows."""
 
     def rebuild(self, base: Any, unified: Any, packed: Any, rescaler: float, *, out: Any = None) -> Any:
         """theta0 + lambda * M * u over one chunk of one task: float32 (n,), in `out` if given."""
@@ -61,7 +66,15 @@ class Kernel(Protocol):
         """(5,) float64 sums A, E, D, Z, C of one chunk of one task (fusion.fidelity)."""
 
 
+# Preloads under way, by kernel name: a kernel is handed out only once its warm-up is over, so no
+# two threads run its parallel regions at once (numba's workqueue layer aborts the process on that).
+_PRELOADS: dict[str, Future] = {}
+
+
 def _load(name: str) -> Kernel:
+    pending = _PRELOADS.get(name)
+    if pending is not None and threading.current_thread().name != f"preload-{name}-kernel":
+        pending.exception()  # wait; a failed preload leaves the import below to raise the error itself
     return importlib.import_module(f"{__name__}.{_MODULES[name]}").KERNEL
 
 
@@ -97,11 +110,15 @@ def preload(name: str = "cpu") -> Future:
 
     The cpu kernel's first use costs about a second (numba's import and cached code); a caller
     that starts this before its first reads hides that behind them. `get_kernel(name)` later
-    waits for an import still under way (Python's import lock) rather than starting another.
+    waits for the warm-up to end rather than running the kernel beside it. Preloading a kernel
+    twice starts it once.
     """
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+    if name in _PRELOADS:
+        return _PRELOADS[name]
     future: Future = Future()
+    _PRELOADS[name] = future
 
     def load() -> None:
         try:

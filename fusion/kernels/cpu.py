@@ -48,9 +48,10 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, round_through, to_float32
+from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, to_float32
 from ..fidelity import NUM_SUMS
-from ..reference import ChunkResult
+from .host import rebuild_into
+from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
 
 __all__ = ["CpuKernel", "KERNEL", "DEFAULT_BLOCK"]
 
@@ -72,33 +73,46 @@ _NO_TABLE = np.zeros(1, dtype=np.float32)
 # ---- block phases (njit, inlined by LLVM into the drivers) -------------------------------------
 
 
-@njit(**_SUM)
-def _abs_sum(rows, t, lo, m):
-    """float64 sum of |rows[t, lo:lo+m]|."""
-    row = rows[t, lo : lo + m]  # a contiguous view: plain indices vectorize, offsets did not
-    acc = 0.0
-    for j in range(m):
-        acc += np.float64(abs(row[j]))
-    return acc
+@njit(**_JIT)
+def _stage_rows(src, table, base, lo, m, stage, row0):
+    """stage[row0 + t, :m] = src[t, lo:lo+m] as float32 (decoded through `table` for 16-bit codes),
+    minus base[lo:lo+m] when a base is given (one float32 rounding, as `rows - base`)."""
+    for t in range(src.shape[0]):
+        row = stage[row0 + t]
+        _decode(src[t, lo : lo + m], table, row, m)
+        if base.shape[0]:
+            b = base[lo : lo + m]
+            for j in range(m):
+                row[j] -= b[j]
 
 
-@njit(**_SUM)
-def _masked_sum(masks, t, magnitude, m):
-    """float64 sum of magnitude[j] over the j where masks[t, j] is set."""
-    mask = masks[t, :m]
-    acc = 0.0
-    for j in range(m):
-        acc += np.float64(magnitude[j]) if mask[j] else 0.0
-    return acc
+def _decode(codes, table, out, m):
+    """out[:m] = codes as float32: a copy, or a table lookup for 16-bit float codes."""
+
+
+@overload(_decode, jit_options=_JIT)
+def _decode_impl(codes, table, out, m):
+    if codes.dtype == numba.types.uint16:
+
+        def lookup(codes, table, out, m):
+            for j in range(m):
+                out[j] = table[codes[j]]
+
+        return lookup
+
+    def copy(codes, table, out, m):
+        out[:m] = codes[:m]
+
+    return copy
 
 
 @njit(**_JIT)
-def _elect_sign(rows, lo, m, sign):
+def _elect_sign(rows, m, sign):
     """sign[:m] = +1 where the sequential float32 sum over tasks is > 0, else -1."""
     total = sign[:m]
-    total[:] = rows[0, lo : lo + m]
+    total[:] = rows[0, :m]
     for t in range(1, rows.shape[0]):  # task order, one rounding per task: the reference's sum
-        row = rows[t, lo : lo + m]
+        row = rows[t, :m]
         for j in range(m):
             total[j] += row[j]
     for j in range(m):
@@ -106,17 +120,56 @@ def _elect_sign(rows, lo, m, sign):
 
 
 @njit(**_JIT)
-def _masks_and_magnitude(rows, lo, m, sign, masks, magnitude):
+def _masks_and_magnitude(rows, m, sign, masks, magnitude):
     """masks[t, j] = rows[t, j] agrees strictly with sign[j]; magnitude = max agreeing |value|."""
     magnitude[:m] = 0.0
     for t in range(rows.shape[0]):
-        row, mask = rows[t, lo : lo + m], masks[t, :m]
+        row, mask = rows[t, :m], masks[t, :m]
         for j in range(m):
             x = row[j]
             agree = x * sign[j] > 0  # sign is +-1: the product is exact
             mask[j] = agree
             a = abs(x) if agree else np.float32(0.0)
             magnitude[j] = a if a > magnitude[j] else magnitude[j]
+
+
+@njit(**_JIT)
+def _round_bf16(bits):
+    """float32 bits rounded to bfloat16 (nearest, ties to even), as float32 bits; u is finite."""
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
+
+
+@njit(**_JIT)
+def _f16_bits(bits):
+    """float32 bits -> float16 bits, rounded to nearest, ties to even (numpy's astype(float16))."""
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    exponent = np.int64((bits >> np.uint32(23)) & np.uint32(0xFF)) - 127 + 15
+    mantissa = np.int64(bits & np.uint32(0x7FFFFF))
+    if exponent >= 31:  # beyond float16's range (u is finite): infinity, caught by the pass
+        return sign | np.uint32(0x7C00)
+    if exponent <= 0:  # a float16 subnormal, or zero
+        if exponent < -10:
+            return sign
+        mantissa |= 0x800000
+        shift = 14 - exponent
+        half = np.int64(1) << (shift - 1)
+        rounded = (mantissa + half - 1 + ((mantissa >> shift) & 1)) >> shift
+        return sign | np.uint32(rounded)
+    rounded = (mantissa + 0xFFF + ((mantissa >> 13) & 1)) >> 13  # may carry into the exponent: still right
+    return sign | np.uint32((exponent << 10) + rounded)
+
+
+@njit(**_JIT)
+def _round_block(u, m, rounding, f16_table):
+    """u[:m] rounded to the store's dtype and widened back (0: float32, 1: float16, 2: bfloat16)."""
+    if rounding == 0:
+        return
+    bits = u[:m].view(np.uint32)
+    for j in range(m):
+        if rounding == 2:
+            bits[j] = _round_bf16(bits[j])
+        else:
+            u[j] = f16_table[_f16_bits(bits[j])]
 
 
 @njit(**_JIT)
@@ -137,69 +190,66 @@ def _pack_masks(masks, m, packed, byte_lo):
             out[full] = byte
 
 
-@njit(**_JIT)
-def _elect_block(rows, lo, m, out_lo, scratch, unified, packed, delta_l1, masked_l1, block_id, with_masked):
-    """Elect one block of columns [lo, lo+m) of rows (T, *) into the outputs at out_lo."""
-    sign, magnitude, masks = scratch
-    _elect_sign(rows, lo, m, sign)
-    _masks_and_magnitude(rows, lo, m, sign, masks, magnitude)
+@njit(**_SUM)
+def _abs_sum(row, m):
+    """float64 sum of |row[:m]|."""
+    acc = 0.0
     for j in range(m):
-        unified[out_lo + j] = sign[j] * magnitude[j]
+        acc += np.float64(abs(row[j]))
+    return acc
+
+
+@njit(**_SUM)
+def _masked_sum(mask, u, m):
+    """float64 sum of |u[j]| over the j where mask[j] is set."""
+    acc = 0.0
+    for j in range(m):
+        acc += np.float64(abs(u[j])) if mask[j] else 0.0
+    return acc
+
+
+# The fidelity sums may be reordered (vectorised); they are compared with the reference to a tolerance.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+def _fidelity_block(u, mask, original, base, lo, m, out):
+    """out += A, E, D, Z, C of one block (fusion.fidelity); `original` minus base when one is given."""
+    a = e = d = z = c = 0.0
+    for j in range(m):
+        o = original[j] - base[lo + j] if base.shape[0] else original[j]  # the same float32 rounding
+        uj, oj = np.float64(u[j]), np.float64(o)
+        on = np.float64(mask[j])  # 1.0 or 0.0: no branch on random bits
+        diff = uj - oj
+        a += on * (uj * uj)
+        e += on * (uj * diff)
+        d += on * (diff * diff)
+        z += (1.0 - on) * (oj * oj)
+        c += oj * oj
+    out[0] += a
+    out[1] += e
+    out[2] += d
+    out[3] += z
+    out[4] += c
+
+
+@njit(**_JIT)
+def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base):
+    """Elect one block of stacked deltas stage[:, :m] into the outputs at element out_lo."""
+    unified, packed, delta_l1, masked_l1, fidelity = out
+    sign, magnitude, masks = scratch
+    _elect_sign(stage, m, sign)
+    _masks_and_magnitude(stage, m, sign, masks, magnitude)
+    u = unified[out_lo : out_lo + m]
+    for j in range(m):
+        u[j] = sign[j] * magnitude[j]
+    _round_block(u, m, rounding, f16_table)  # the store's dtype: masked L1 and fidelity see what is stored
     _pack_masks(masks, m, packed, out_lo // 8)
-    for t in range(rows.shape[0]):
-        delta_l1[block_id, t] = _abs_sum(rows, t, lo, m)
-        if with_masked:  # u is stored as float32: |u| is the magnitude itself
-            masked_l1[block_id, t] = _masked_sum(masks, t, magnitude, m)
-
-
-def _stage(src, table, lo, m, stage, row0):
-    """Copy columns [lo, lo+m) of src (T, *) into stage rows row0.. as float32."""
-
-
-@overload(_stage, jit_options=_JIT)
-def _stage_impl(src, table, lo, m, stage, row0):
-    if src.dtype == numba.types.uint16:
-
-        def decode(src, table, lo, m, stage, row0):
-            for t in range(src.shape[0]):
-                codes, row = src[t, lo : lo + m], stage[row0 + t]
-                for j in range(m):
-                    row[j] = table[codes[j]]
-
-        return decode
-
-    def copy(src, table, lo, m, stage, row0):
-        for t in range(src.shape[0]):
-            stage[row0 + t, :m] = src[t, lo : lo + m]
-
-    return copy
-
-
-def _new_stage(src, block):
-    """Scratch rows for decoding 16-bit inputs; none needed for float32."""
-
-
-@overload(_new_stage, jit_options=_JIT)
-def _new_stage_impl(src, block):
-    if src.dtype == numba.types.float32:
-        return lambda src, block: np.empty((0, block), dtype=np.float32)
-    return lambda src, block: np.empty((src.shape[0], block), dtype=np.float32)  # (T, block)
-
-
-def _rows_at(src, table, lo, m, stage):
-    """(rows, offset) holding columns [lo, lo+m) of src as float32: in place, or decoded to stage."""
-
-
-@overload(_rows_at, jit_options=_JIT)
-def _rows_at_impl(src, table, lo, m, stage):
-    if src.dtype == numba.types.float32:
-        return lambda src, table, lo, m, stage: (src, lo)
-
-    def decoded(src, table, lo, m, stage):
-        _stage(src, table, lo, m, stage, 0)
-        return stage, 0
-
-    return decoded
+    for t in range(stage.shape[0]):
+        delta_l1[b, t] = _abs_sum(stage[t], m)
+        masked_l1[b, t] = _masked_sum(masks[t], u, m)
+        r = index[t]
+        if r == OWN_ROW:
+            _fidelity_block(u, masks[t], stage[t], _NO_BASE, 0, m, fidelity[b, t])
+        elif r >= 0:
+            _fidelity_block(u, masks[t], orig[r, out_lo : out_lo + m], base, out_lo, m, fidelity[b, t])
 
 
 @njit(**_JIT)
@@ -222,71 +272,28 @@ def _new_scratch(num_tasks, block):
     return sign, magnitude, masks
 
 
-# ---- parallel drivers: blocks spread over threads, scratch per thread ---------------------------
+_NO_BASE = np.zeros(0, dtype=np.float32)
+
+
+# ---- the parallel driver: blocks spread over threads, scratch per thread ------------------------
 
 
 @njit(parallel=True, **_JIT)
-def _elect_pass(src, table, block, runs, unified, packed, delta_l1, masked_l1, with_masked):
-    num_tasks, n = src.shape
+def _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index):
+    """elect (no stored task) or the continual step over one chunk: rows are the T_old stored tasks
+    rebuilt, then the new rows (minus base), all staged a block at a time into per-thread scratch."""
+    num_old, n = stored_packed.shape[0], out[0].shape[0]
+    num_tasks = num_old + src.shape[0]
     num_blocks = (n + block - 1) // block
     for run in prange(runs):
         scratch = _new_scratch(num_tasks, block)
-        stage = _new_stage(src, block)
-        for b in range(run * num_blocks // runs, (run + 1) * num_blocks // runs):
-            lo = b * block
-            m = min(block, n - lo)
-            rows, offset = _rows_at(src, table, lo, m, stage)
-            _elect_block(rows, offset, m, lo, scratch, unified, packed, delta_l1, masked_l1, b, with_masked)
-
-
-@njit(parallel=True, **_JIT)
-def _continual_pass(stored_u, stored_packed, lam, src, table, block, runs, unified, packed, delta_l1, masked_l1,
-                    with_masked):
-    num_old, num_new, n = stored_packed.shape[0], src.shape[0], stored_u.shape[0]
-    num_blocks = (n + block - 1) // block
-    for run in prange(runs):
-        scratch = _new_scratch(num_old + num_new, block)
-        stage = np.empty((num_old + num_new, block), dtype=np.float32)  # (T, block)
+        stage = np.empty((num_tasks, block), dtype=np.float32)  # (T, block)
         for b in range(run * num_blocks // runs, (run + 1) * num_blocks // runs):
             lo = b * block
             m = min(block, n - lo)
             _rebuild_block(stored_u, stored_packed, lam, lo, m, stage)
-            _stage(src, table, lo, m, stage, num_old)
-            _elect_block(stage, 0, m, lo, scratch, unified, packed, delta_l1, masked_l1, b, with_masked)
-
-
-@njit(parallel=True, **_SUM)
-def _masked_l1_pass(unified, packed, block, masked_l1):
-    """masked_l1[b, t] = sum |u| over the set bits of task t in block b (after u was rounded)."""
-    num_tasks, n = packed.shape[0], unified.shape[0]
-    num_blocks = (n + block - 1) // block
-    for b in prange(num_blocks):
-        lo = b * block
-        m = min(block, n - lo)
-        u = unified[lo : lo + m]
-        for t in range(num_tasks):
-            bits = packed[t, lo // 8 : (lo + m + 7) // 8]
-            acc = 0.0
-            for j in range(m):
-                acc += np.float64(abs(u[j])) if (bits[j >> 3] >> (j & 7)) & 1 else 0.0
-            masked_l1[b, t] = acc
-
-
-# The fidelity sums may be reordered (vectorised); they are compared with the reference to a tolerance.
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
-def _fidelity_pass(u, packed, o, out):
-    """out = A, E, D, Z, C of one chunk (fusion.fidelity), in one pass without temporaries."""
-    a = e = d = z = c = 0.0
-    for j in range(u.shape[0]):
-        uj, oj = np.float64(u[j]), np.float64(o[j])
-        on = np.float64((packed[j >> 3] >> (j & 7)) & 1)  # 1.0 or 0.0: no branch on random bits
-        diff = uj - oj
-        a += on * (uj * uj)
-        e += on * (uj * diff)
-        d += on * (diff * diff)
-        z += (1.0 - on) * (oj * oj)
-        c += oj * oj
-    out[0], out[1], out[2], out[3], out[4] = a, e, d, z, c
+            _stage_rows(src, table, base, lo, m, stage, num_old)
+            _elect_block(stage, m, lo, scratch, out, b, rounding, f16_table, orig, index, base)
 
 
 # ---- the kernel object ---------------------------------------------------------------------------
@@ -335,20 +342,19 @@ class CpuKernel:
         self.block = block
 
     @_keeps_torch_threads
-    def elect(self, deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
+    def elect(self, deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
+              originals: Originals | None = None) -> ChunkResult:
         """Same as fusion.reference.elect: stacked deltas (T, n) -> ChunkResult."""
         if np.ndim(deltas) != 2 or len(deltas) == 0:
             raise ValueError(f"cpu kernel: elect expects stacked deltas (T, n) with T >= 1, got "
                              f"{np.shape(deltas)}; stack one flattened chunk per task as rows")
-        num_tasks, n = deltas.shape
-        src, table = _as_rows(deltas, "deltas")  # (T, n)
-        outputs, dtype = self._outputs(num_tasks, n), float_dtype(unified_dtype)
-        _elect_pass(src, table, self.block, self._runs(n), *outputs, _keeps_float32(dtype))
-        return self._finish(outputs, dtype)
+        no_stored = (np.zeros(0, np.float32), np.zeros((0, 0), np.uint8), np.zeros(0, np.float32))
+        return self._run(no_stored, deltas, base, originals, unified_dtype)
 
     @_keeps_torch_threads
     def continual(self, unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray,
-                  new_deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
+                  new_deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
+                  originals: Originals | None = None) -> ChunkResult:
         """Same as fusion.reference.continual_chunk: rebuild the stored tasks, unify them with the new."""
         n = np.size(unified)
         num_old = len(packed_masks)
@@ -359,38 +365,36 @@ class CpuKernel:
             raise ValueError(f"cpu kernel: packed masks {np.shape(packed_masks)} and {np.size(rescalers)} rescalers "
                              f"do not fit {n} elements; expected ({num_old}, {-(-n // 8)}), one byte per 8 "
                              "elements per stored task, and one rescaler per stored task")
-        stored_u = np.ascontiguousarray(as_float32(unified).reshape(-1))  # (n,)
-        lam = np.asarray(rescalers, dtype=np.float64).reshape(-1).astype(np.float32)  # (T_old,) float32(lambda)
-        src, table = _as_rows(new_deltas, "new_deltas")
-        outputs, dtype = self._outputs(num_old + len(new_deltas), n), float_dtype(unified_dtype)
-        stored_packed = np.ascontiguousarray(packed_masks, dtype=np.uint8)  # (T_old, n/8)
-        _continual_pass(stored_u, stored_packed, lam, src, table, self.block, self._runs(n), *outputs,
-                        _keeps_float32(dtype))
-        return self._finish(outputs, dtype)
+        stored = (np.ascontiguousarray(as_float32(unified).reshape(-1)),  # (n,)
+                  np.ascontiguousarray(packed_masks, dtype=np.uint8),  # (T_old, n/8)
+                  np.asarray(rescalers, dtype=np.float64).reshape(-1).astype(np.float32))  # (T_old,) float32(lambda)
+        return self._run(stored, new_deltas, base, originals, unified_dtype)
+
+    def _run(self, stored, rows, base, originals, unified_dtype) -> ChunkResult:
+        """One `_unify_pass` over the stored tasks (possibly none) and the new rows."""
+        num_tasks, n = len(stored[1]) + len(rows), np.shape(rows)[1] if len(rows) else np.size(stored[0])
+        src, table = _as_rows(rows, "deltas")  # (T_new, n)
+        base32 = _NO_BASE if base is None else np.ascontiguousarray(as_float32(base).reshape(-1))  # (n,)
+        orig, index = _originals(originals, num_tasks, n)
+        out = self._outputs(num_tasks, n)
+        _unify_pass(*stored, src, table, base32, self.block, self._runs(n), out,
+                    _ROUNDING[float_dtype(unified_dtype).code], _TABLES[F16], orig, index)
+        unified, packed, delta_l1, masked_l1, fidelity = out
+        return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0),
+                           None if originals is None else fidelity.sum(axis=0))
 
     def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                 out: np.ndarray | None = None) -> np.ndarray:
-        """fusion.reference.rebuild in numpy on the packed bits, in place in `out` (float32 (n,)) if given.
-
-        `out` may be `unified` itself (a caller that reads u into its output buffer first).
-        """
-        n = np.size(unified)
-        bits = np.unpackbits(np.reshape(packed, -1), count=n, bitorder="little")  # (n,) uint8 0/1
-        keep = np.negative(bits, dtype=np.int32)  # (n,) all 32 bits set where the mask is on, else none
-        result = np.empty(n, dtype=np.float32) if out is None else out
-        np.multiply(as_float32(unified), np.float32(rescaler), out=result)  # u * lambda, one rounding
-        # where(M, u * lambda, +0.0) exactly, as a bit mask (a select in numpy is several times slower)
-        np.bitwise_and(result.view(np.int32), keep, out=result.view(np.int32))
-        # `base + 0` (not a copy) where the mask is off: -0.0 + 0.0 is +0.0, as in the reference
-        np.add(as_float32(base), result, out=result)
-        return result
+        """fusion.reference.rebuild in numpy on the packed bits (fusion.kernels.host), in `out` if given."""
+        return rebuild_into(base, unified, packed, rescaler, out=out)
 
     def fidelity_sums(self, unified: np.ndarray, packed: np.ndarray, original: np.ndarray) -> np.ndarray:
         """fusion.reference.fidelity_sums in one pass: (5,) float64 A, E, D, Z, C."""
         out = np.zeros(NUM_SUMS, dtype=np.float64)
         u = np.ascontiguousarray(as_float32(unified).reshape(-1))  # (n,)
         o = np.ascontiguousarray(as_float32(original).reshape(-1))  # (n,)
-        _fidelity_pass(u, np.ascontiguousarray(np.reshape(packed, -1), dtype=np.uint8), o, out)
+        mask = np.unpackbits(np.reshape(packed, -1), count=u.size, bitorder="little")  # (n,) 0/1 bytes
+        _fidelity_block(u, mask, o, _NO_BASE, 0, u.size, out)
         return out
 
     def warm(self) -> None:
@@ -404,28 +408,31 @@ class CpuKernel:
         """Contiguous runs of blocks handed to threads: a few per thread, for load balance."""
         return max(1, min(-(-n // self.block), 4 * numba.get_num_threads()))
 
-    def _outputs(self, num_tasks: int, n: int):
+    def _outputs(self, num_tasks: int, n: int) -> tuple:
+        """unified (n,), packed masks (T, n/8), and per-block partials of the L1 and fidelity sums."""
         num_blocks = max(1, -(-n // self.block))
-        unified = np.empty(n, dtype=np.float32)  # (n,)
-        packed = np.empty((num_tasks, -(-n // 8)), dtype=np.uint8)  # (T, n/8)
-        delta_l1 = np.zeros((num_blocks, num_tasks), dtype=np.float64)  # per-block partials
-        masked_l1 = np.zeros((num_blocks, num_tasks), dtype=np.float64)
-        return unified, packed, delta_l1, masked_l1
-
-    def _finish(self, outputs, dtype) -> ChunkResult:
-        unified, packed, delta_l1, masked_l1 = outputs
-        if not _keeps_float32(dtype):  # round u to the stored dtype first: the rescalers rebuild what is stored
-            unified = round_through(unified, dtype)
-            _masked_l1_pass(unified, packed, self.block, masked_l1)
-        return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0))
+        return (np.empty(n, dtype=np.float32), np.empty((num_tasks, -(-n // 8)), dtype=np.uint8),
+                np.zeros((num_blocks, num_tasks), dtype=np.float64), np.zeros((num_blocks, num_tasks), dtype=np.float64),
+                np.zeros((num_blocks, num_tasks, NUM_SUMS), dtype=np.float64))
 
     def __repr__(self) -> str:
         return f"CpuKernel(block={self.block})"
 
 
-def _keeps_float32(dtype) -> bool:
-    """Stored as float32 (or wider), u keeps its float32 values: the masked L1 is taken in the pass."""
-    return dtype.itemsize >= 4
+# How the unified delta is rounded to its storage dtype inside the pass (0: it stays float32).
+_ROUNDING = {"F64": 0, "F32": 0, "F16": 1, "BF16": 2}
+
+
+def _originals(originals: Originals | None, num_tasks: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (R, n) float32, index (T,) int64) for the driver; nothing measured without originals."""
+    if originals is None:
+        return np.zeros((0, n), dtype=np.float32), np.full(num_tasks, NOT_MEASURED, dtype=np.int64)
+    index = np.asarray(originals.index, dtype=np.int64).reshape(-1)
+    if index.shape != (num_tasks,):
+        raise ValueError(f"cpu kernel: originals.index has {index.size} entries for {num_tasks} tasks; give one each")
+    rows = np.ascontiguousarray(as_float32(originals.rows)).reshape(-1, n) if np.size(originals.rows) else \
+        np.zeros((0, n), dtype=np.float32)
+    return rows, index
 
 
 KERNEL = CpuKernel()

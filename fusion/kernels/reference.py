@@ -20,12 +20,13 @@ class ReferenceKernel:
 
     name = "reference"
 
-    def elect(self, deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
-        return reference.elect(deltas, unified_dtype=unified_dtype)
+    def elect(self, deltas: np.ndarray, *, unified_dtype=F32, base=None, originals=None) -> ChunkResult:
+        return reference.elect(deltas, unified_dtype=unified_dtype, base=base, originals=originals)
 
     def continual(self, unified: np.ndarray, packed_masks: np.ndarray, rescalers: np.ndarray,
-                  new_deltas: np.ndarray, *, unified_dtype=F32) -> ChunkResult:
-        return reference.continual_chunk(unified, packed_masks, rescalers, new_deltas, unified_dtype=unified_dtype)
+                  new_deltas: np.ndarray, *, unified_dtype=F32, base=None, originals=None) -> ChunkResult:
+        return reference.continual_chunk(unified, packed_masks, rescalers, new_deltas, unified_dtype=unified_dtype,
+                                         base=base, originals=originals)
 
     def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                 out: np.ndarray | None = None) -> np.ndarray:

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .. import reference_torch
 from ..dtypes import BF16, F16, F32, F64, float_dtype
-from ..reference import ChunkResult
+from ..reference import OWN_ROW, ChunkResult, Originals
 
 __all__ = ["KERNEL", "TritonKernel", "DEFAULT_BLOCK", "BIT_TASKS", "is_interpreted"]
 
@@ -244,17 +244,19 @@ class TritonKernel:
         self.block = block
         self.num_warps = num_warps
 
-    def elect(self, deltas: torch.Tensor, *, unified_dtype=F32) -> ChunkResult:
-        """Unify stacked deltas `(T, n)`, as `fusion.reference.elect`."""
+    def elect(self, deltas: torch.Tensor, *, unified_dtype=F32, base: torch.Tensor | None = None,
+              originals: Originals | None = None) -> ChunkResult:
+        """Unify stacked deltas `(T, n)`, as `fusion.reference.elect` (with `base` and `originals` too)."""
         _check_deltas(deltas)
         rounding, device = _rounding_of(unified_dtype), _compute_device(deltas)
-        rows = deltas.to(device).contiguous()  # (T, n)
+        rows = _minus_base(deltas.to(device), base)  # (T, n)
         out = _Outputs.allocate(*rows.shape, self.block, device)
         self._launch(_elect_kernel, out, rows, T=rows.shape[0], ROUNDING=rounding)
-        return out.result(deltas.device)
+        return _with_fidelity(out.result(deltas.device), rows, 0, originals, base)
 
     def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
-                  new_deltas: torch.Tensor, *, unified_dtype=F32) -> ChunkResult:
+                  new_deltas: torch.Tensor, *, unified_dtype=F32, base: torch.Tensor | None = None,
+                  originals: Originals | None = None) -> ChunkResult:
         """Rebuild the stored tasks and unify them with the new deltas, as `fusion.reference.continual_chunk`."""
         rescalers = torch.as_tensor(rescalers)  # the host's numpy table is welcome too
         _check_floating("unified", unified, 1)
@@ -264,11 +266,12 @@ class TritonKernel:
         rounding, device = _rounding_of(unified_dtype), _compute_device(unified)
         # float32(lambda_i), rounded once from float64 as the reference's `reconstruct` does.
         rescalers32 = rescalers.reshape(-1).to(torch.float64).to(torch.float32).to(device)  # (T_old,)
-        inputs = [x.to(device).contiguous() for x in (unified, packed_masks)] + [rescalers32, rows.to(device).contiguous()]
+        rows = _minus_base(rows.to(device), base)  # (T_new, n)
+        inputs = [x.to(device).contiguous() for x in (unified, packed_masks)] + [rescalers32, rows]
         t_old = packed_masks.shape[0]
         out = _Outputs.allocate(t_old + rows.shape[0], n, self.block, device)
         self._launch(_continual_kernel, out, *inputs, T_OLD=t_old, T=t_old + rows.shape[0], ROUNDING=rounding)
-        return out.result(unified.device)
+        return _with_fidelity(out.result(unified.device), rows, t_old, originals, base)
 
     def rebuild(self, base: torch.Tensor, unified: torch.Tensor, packed: torch.Tensor, rescaler: float, *,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,6 +292,29 @@ class TritonKernel:
 
     def __repr__(self) -> str:
         return f"TritonKernel(block={self.block}, num_warps={self.num_warps})"
+
+
+def _minus_base(rows: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """Rows as contiguous deltas: `rows - base` in float32 (one rounding) when they are weights."""
+    if base is None:
+        return rows.contiguous()
+    return (rows.float() - torch.as_tensor(base, device=rows.device).float().reshape(1, -1)).contiguous()
+
+
+def _with_fidelity(result: ChunkResult, rows: torch.Tensor, t_old: int, originals: Originals | None,
+                   base: torch.Tensor | None) -> ChunkResult:
+    """The result with each measured task's fidelity sums (torch operations on the device)."""
+    if originals is None:
+        return result
+    unified, masks = result.unified.to(rows.device), result.packed_masks.to(rows.device)
+    table = torch.zeros((masks.shape[0], 5), dtype=torch.float64, device=rows.device)  # (T, 5)
+    for i, r in enumerate(torch.as_tensor(originals.index).tolist()):
+        if r == OWN_ROW:
+            table[i] = reference_torch.fidelity_sums(unified, masks[i], rows[i - t_old])
+        elif r >= 0:
+            original = _minus_base(torch.as_tensor(originals.rows[r], device=rows.device).reshape(1, -1), base)[0]
+            table[i] = reference_torch.fidelity_sums(unified, masks[i], original)
+    return result._replace(fidelity=table.to(result.unified.device))
 
 
 class _Outputs:

@@ -20,12 +20,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 from ..dtypes import DType, F32, from_float32, to_float32
+from ..device import DeviceStage
 from ..engine import chunk_ranges
+from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
 from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..io.files import atomic_write_text, copy_file_durably, fsync_dir, model_side_files
@@ -37,13 +39,46 @@ from .snapshot import Snapshot
 __all__ = ["TaskStream", "write_file", "write_folder", "check_output", "model_card"]
 
 
-class TaskStream:
-    """A task's full state dict as a stream of flat chunks, in the output dtype's storage."""
+class _Piece(NamedTuple):
+    """One chunk of one output tensor."""
 
-    def __init__(self, snapshot: Snapshot, base: Checkpoint, task: TaskEntry, *, dtype: DType | None, kernel,
-                 chunk: int):
-        self.snapshot, self.base, self.task, self.dtype, self.kernel, self.chunk = (
-            snapshot, base, task, dtype, kernel, chunk)
+    name: str
+    lo: int
+    hi: int
+    rebuilt: bool  # theta0 + lambda * M * u; else copied (a private tensor, or an integer buffer)
+
+
+class _Ring:
+    """Byte buffers handed out in turn: one per result that may still be in flight (fusion.pipeline)."""
+
+    def __init__(self, count: int):
+        self.buffers = [np.empty(0, dtype=np.uint8) for _ in range(count)]
+        self.turn = 0
+
+    def next(self, nbytes: int) -> np.ndarray:
+        k, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        if self.buffers[k].size < nbytes:
+            self.buffers[k] = np.empty(nbytes, dtype=np.uint8)
+        return self.buffers[k][:nbytes]
+
+
+def _as_float32(view: np.ndarray, dtype: DType, buffers: _Ring, n: int) -> np.ndarray:
+    return view if dtype is F32 else to_float32(view, dtype, out=buffers.next(4 * n).view(np.float32))
+
+
+class TaskStream:
+    """A task's full state dict as a stream of flat chunks, in the output dtype's storage.
+
+    Reading (and checking) the next chunk, rebuilding this one and writing the last overlap
+    (fusion.pipeline), so the checks cost little time beside the copies they ride on.
+    """
+
+    def __init__(self, snapshot: Snapshot, base: Checkpoint, task: TaskEntry, *, dtype: DType | None, rebuild,
+                 chunk: int, stage: DeviceStage | None = None):
+        """`rebuild(base, unified, packed, rescaler, *, out)`: a kernel's rebuild (fusion.kernels); with a
+        device `stage`, rebuilt chunks are computed there and come out as torch tensors on it."""
+        self.snapshot, self.base, self.task, self.dtype, self.rebuild, self.chunk, self.stage = (
+            snapshot, base, task, dtype, rebuild, chunk, stage)
         self.fused = {t.name: t for t in snapshot.fused}
         self.private = snapshot.private(task)
         own = self.private.entries if self.private else {}
@@ -51,10 +86,7 @@ class TaskStream:
         self.sources: dict[str, TensorInfo] = {n: own.get(n) or base.info(n) for n in base.keys()}
         self.sources.update({n: i for n, i in own.items() if n not in self.sources})
         self.layout = [(n, self.out_dtype(i.dtype), i.shape) for n, i in self.sources.items()]
-        largest = min(chunk, max((t.numel for t in snapshot.fused), default=0))
-        self._base32 = np.empty(largest, dtype=np.float32)
-        self._theta = np.empty(largest, dtype=np.float32)
-        self._unified32 = np.empty(largest, dtype=np.float32)
+        self.slots, self.results = [_Ring(3), _Ring(3)], _Ring(RESULTS_IN_FLIGHT)
 
     def out_dtype(self, dtype: DType) -> DType:
         return self.dtype if self.dtype is not None and dtype.is_float else dtype
@@ -67,40 +99,61 @@ class TaskStream:
     def nbytes(self) -> int:
         return sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in self.layout)
 
-    def chunks(self, name: str) -> Iterator[np.ndarray]:
-        """Flat chunks of one output tensor; each is valid until the next one is asked for."""
-        if self.private is not None and name in self.private.entries:
-            yield from self._copied(self.private, self.private.entries[name])
-        elif name not in self.fused:  # an integer or bool buffer: the base's
-            yield from self._copied(self.base, self.base.info(name))
-        else:
-            for lo, hi in chunk_ranges(self.fused[name].numel, self.chunk):
-                yield self._rebuilt(name, lo, hi)
+    def pieces(self) -> list[_Piece]:
+        rebuilt = lambda name: name in self.fused and not (self.private and name in self.private.entries)  # noqa: E731
+        return [_Piece(name, lo, hi, rebuilt(name)) for name, _, _ in self.layout
+                for lo, hi in chunk_ranges(self.sources[name].numel, self.chunk)]
 
-    def _rebuilt(self, name: str, lo: int, hi: int) -> np.ndarray:
-        n, spec = hi - lo, self.fused[name]
-        base = self.base.read_flat_into(name, lo, hi, self._base32[:n])  # (n,) checked
-        unified = self.snapshot.unified(name, lo, hi)
-        if spec.unified_dtype is not F32:
-            unified = to_float32(unified, spec.unified_dtype, out=self._unified32[:n])
-        packed = self.snapshot.packed(self.task, name, lo, hi)
-        theta = self.kernel.rebuild(base, unified, packed, self.task.rescaler_of(name), out=self._theta[:n])
-        return from_float32(theta, self.out_dtype(spec.dtype))  # float32 out: the buffer itself
+    # -- the three stages ------------------------------------------------------------------------
 
-    def _copied(self, source, info: TensorInfo) -> Iterator[np.ndarray]:
-        out = self.out_dtype(info.dtype)
-        for lo, hi in chunk_ranges(info.numel, self.chunk):
-            raw = source.view_flat(info.name, lo, hi)
-            yield raw if out is info.dtype else from_float32(to_float32(raw, info.dtype), out)
+    def _read(self, piece: _Piece, slot: int) -> tuple:
+        """The chunk's inputs, copied into the slot's buffers (a reader's window is reused next read)."""
+        name, lo, hi, n = piece.name, piece.lo, piece.hi, piece.hi - piece.lo
+        buffers = self.slots[slot]
+        if not piece.rebuilt:
+            source = self.private if self.private and name in self.private.entries else self.base
+            return (source.view_flat(name, lo, hi),)
+        # Checked views outlive the next read of their file: enough for a reader one chunk ahead.
+        base = _as_float32(self.base.view_flat(name, lo, hi), self.base.info(name).dtype, buffers, n)  # (n,)
+        unified = _as_float32(self.snapshot.unified(name, lo, hi), self.fused[name].unified_dtype, buffers, n)
+        return base, unified, self.snapshot.packed(self.task, name, lo, hi)
+
+    def _read_for(self, piece: _Piece, slot: int) -> tuple:
+        inputs = self._read(piece, slot)
+        return self.stage.upload_arrays(inputs) if self.stage and piece.rebuilt else inputs
+
+    def _compute(self, piece: _Piece, inputs: tuple):
+        """The chunk in the output dtype, in a buffer of its own until it is written (a device tensor
+        for a rebuilt chunk on a device stage)."""
+        info, out = self.sources[piece.name], self.out_dtype(self.sources[piece.name].dtype)
+        n = piece.hi - piece.lo
+        if piece.rebuilt and self.stage:
+            base, unified, packed = inputs
+            theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name))  # (n,) float32 there
+            return theta.to(getattr(self.stage.torch, out.name))
+        if piece.rebuilt:
+            base, unified, packed = inputs
+            theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name),
+                                        out=self.results.next(4 * n).view(np.float32))
+            return from_float32(theta, out)  # float32 out: the buffer itself
+        (raw,) = inputs
+        if out is info.dtype:
+            copy = self.results.next(raw.nbytes).view(raw.dtype)
+            copy[...] = raw
+            return copy
+        return from_float32(to_float32(raw, info.dtype), out)
 
     def write_all(self, write, *, progress: bool) -> None:
+        """write(name, flat chunk) for every chunk, in layout order (on a writer thread)."""
         bar = progress_bar(progress, self.numel, "decouple")
+
+        def finish(piece: _Piece, data: np.ndarray) -> None:
+            write(piece.name, data)
+            if bar:
+                bar.update(data.size)
+
         try:
-            for name, _, _ in self.layout:
-                for piece in self.chunks(name):
-                    write(name, piece)
-                    if bar:
-                        bar.update(piece.size)
+            run_stages(self.pieces(), self._read_for, self._compute, finish)
         finally:
             if bar:
                 bar.close()

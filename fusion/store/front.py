@@ -33,7 +33,10 @@ from ..engine import DEFAULT_CHUNK, chunk_ranges
 from ..io import Checkpoint, as_array, open_checkpoint
 from ..io.files import atomic_write_bytes
 from ..io.integrity import digest_file
-from ..kernels import get_kernel
+from ..constants import KERNELS
+from ..device import DeviceStage, resolve_device
+from ..kernels import default_kernel_name, get_kernel, preload
+from ..kernels.host import rebuild_into
 from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
 from .adapters import base_adapter_config, dense_adapter_deltas, plan_input, space_of
@@ -114,13 +117,79 @@ def _select(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEntry:
     return found
 
 
-def _kernel(name: str | None, work: int):
-    try:
-        return get_kernel(name, work=work)
-    except ImportError:
-        if name is not None:
-            raise
-        return get_kernel("reference")  # the compiled kernels are not installed: the reference still works
+def _rebuild(name: str | None, stage: DeviceStage | None = None):
+    """Decouple's rebuild: on a device torch's; else the kernel asked for, or the host's numpy one
+    (no numba to load)."""
+    if stage is not None:
+        from .. import reference_torch
+
+        return reference_torch.rebuild
+    return rebuild_into if name in (None, "cpu") else get_kernel(name).rebuild
+
+
+def _output_stage(device) -> DeviceStage | None:
+    """Where load_task rebuilds: a device stage for a CUDA device (or one given), else the host."""
+    if isinstance(device, DeviceStage):
+        return device
+    if device is None or str(device) == "cpu":
+        return None
+    resolved = resolve_device(str(device))
+    return None if resolved == "cpu" else DeviceStage(resolved, kernel=None)
+
+
+class _DeferredKernel:
+    """The pass's kernel, fetched when the pass first computes: its reader starts meanwhile, so the
+    kernel's start-up (preloaded on a thread) overlaps the first reads instead of delaying them."""
+
+    def __init__(self, name: str | None, work: int):
+        self.name, self.work, self._kernel = name, work, None
+
+    def __getattr__(self, attribute: str):
+        if self._kernel is None:
+            try:
+                self._kernel = get_kernel(self.name, work=self.work)
+            except ImportError:
+                if self.name is not None:
+                    raise
+                self._kernel = get_kernel("reference")  # no compiled kernel installed: the reference works
+        return getattr(self._kernel, attribute)
+
+
+class _Runner:
+    """Where and with what a change's pass computes: chosen once, from the kernel and device asked for."""
+
+    def __init__(self, kernel: str | None, device: str | DeviceStage):
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+        self.kernel_name, self.device = kernel, device
+        self.stage: DeviceStage | None = None
+        self.report: dict = {}
+
+    def start(self, fused: list[FusedTensor], num_tasks: int) -> None:
+        """Settle the device and start loading the kernel now, so that it overlaps planning and reading."""
+        self.stage = self._stage()
+        self.work = sum(t.numel for t in fused) * num_tasks
+        if self.stage is None and self.kernel_name is None and default_kernel_name("cpu", self.work) == "cpu":
+            preload("cpu")
+
+    def _stage(self) -> DeviceStage | None:
+        if isinstance(self.device, DeviceStage):
+            return self.device
+        if self.kernel_name in ("cpu", "reference"):
+            if str(self.device) not in ("auto", "cpu"):
+                raise ValueError(f"kernel {self.kernel_name!r} runs on the host, not on {self.device}; "
+                                 "use --device cpu, or --kernel triton")
+            return None
+        wanted = "cuda" if self.kernel_name == "triton" and self.device == "auto" else self.device
+        device = resolve_device(wanted)
+        return None if device == "cpu" else DeviceStage(device, get_kernel("triton", device=device))
+
+    def kernel(self):
+        return self.stage.kernel if self.stage else _DeferredKernel(self.kernel_name, self.work)
+
+    def done(self) -> None:
+        self.report = {"device": str(self.stage.device) if self.stage else "cpu",
+                       "peak_device_bytes": self.stage.peak_bytes if self.stage else None}
 
 
 def _default_name(raw: str, taken: Sequence[str]) -> str:
@@ -134,10 +203,15 @@ def _default_name(raw: str, taken: Sequence[str]) -> str:
 class Store:
     """A ConDU store folder. Create one with `Store.unify`, open one with `Store.open`."""
 
-    def __init__(self, path: str | os.PathLike, *, kernel: str | None = None, chunk: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, kernel: str | None = None, chunk: int | None = None,
+                 device: str | DeviceStage = "auto"):
+        """`device`: where passes (unify, add, remove) run: auto (CUDA when there is one), cpu, cuda,
+        cuda:N, or a fusion.device.DeviceStage; `kernel` picks a kernel by name instead."""
         self.path = Path(path)
         self.kernel = kernel
         self.chunk = chunk  # None: sized by the task count
+        self.device = device
+        self.last_pass: dict = {}  # where the last pass ran, and the device memory it peaked at
         self._manifest = load_manifest(self.path)
 
     @classmethod
@@ -176,7 +250,7 @@ class Store:
 
     # -- decouple ----------------------------------------------------------------------------
 
-    def _stream(self, task: int | str, dtype, *, side: bool = False):
+    def _stream(self, task: int | str, dtype, *, side: bool = False, stage: DeviceStage | None = None):
         """Open the generation's unified delta and the task's files, and the base; yield a TaskStream."""
         chosen: list[TaskEntry] = []
 
@@ -194,14 +268,13 @@ class Store:
         except BaseException:
             snapshot.close()
             raise
-        work = sum(t.numel for t in snapshot.fused)
         stream = TaskStream(snapshot, base, chosen[0], dtype=parse_dtype(dtype) if dtype else None,
-                            kernel=_kernel(self.kernel, work), chunk=self.chunk or DEFAULT_CHUNK)
+                            rebuild=_rebuild(self.kernel, stage), chunk=self.chunk or DEFAULT_CHUNK, stage=stage)
         return snapshot, base, stream
 
     @contextlib.contextmanager
-    def _opened(self, task, dtype, *, side: bool = False):
-        snapshot, base, stream = self._stream(task, dtype, side=side)
+    def _opened(self, task, dtype, *, side: bool = False, stage: DeviceStage | None = None):
+        snapshot, base, stream = self._stream(task, dtype, side=side, stage=stage)
         try:
             yield snapshot, base, stream
         finally:
@@ -236,16 +309,40 @@ class Store:
         return protected
 
     def load_task(self, task: int | str, *, dtype=None, device=None) -> dict:
-        """A task's rebuilt full state dict in memory: numpy arrays, or torch tensors on `device`."""
-        out = {}
+        """A task's rebuilt full state dict in memory: numpy arrays, or torch tensors on `device`.
+
+        On a CUDA device the weights are rebuilt there, chunk by chunk, from the checked host
+        reads: the model never exists whole in host memory."""
+        stage = _output_stage(device)
+        if stage is not None:
+            return self._load_onto(task, dtype, stage)
         with self._opened(task, dtype) as (_, _, stream):
-            for name, out_dtype, shape in stream.layout:
-                flat, pos = np.empty(int(np.prod(shape)), dtype=out_dtype.storage), 0
-                for piece in stream.chunks(name):  # pieces are reused buffers: copy each out at once
-                    flat[pos : pos + piece.size] = piece
-                    pos += piece.size
-                out[name] = (flat.reshape(shape), out_dtype)
+            flat = {name: np.empty(int(np.prod(shape)), dtype=d.storage) for name, d, shape in stream.layout}
+            filled = dict.fromkeys(flat, 0)
+
+            def write(name: str, piece: np.ndarray) -> None:  # pieces are reused buffers: copy each out
+                flat[name][filled[name] : filled[name] + piece.size] = piece
+                filled[name] += piece.size
+
+            stream.write_all(write, progress=False)
+            out = {name: (flat[name].reshape(shape), d) for name, d, shape in stream.layout}
         return _as_user_arrays(out, device)
+
+    def _load_onto(self, task, dtype, stage: DeviceStage) -> dict:
+        torch = stage.torch
+        with self._opened(task, dtype, stage=stage) as (_, _, stream):
+            out = {name: torch.empty(int(np.prod(shape)), dtype=getattr(torch, d.name), device=stage.device)
+                   for name, d, shape in stream.layout}
+            kinds = {name: d for name, d, _ in stream.layout}
+            filled = dict.fromkeys(out, 0)
+
+            def write(name: str, piece) -> None:
+                piece = piece if is_torch(piece) else to_torch(piece, kinds[name])
+                out[name][filled[name] : filled[name] + piece.numel()].copy_(piece)
+                filled[name] += piece.numel()
+
+            stream.write_all(write, progress=False)
+            return {name: out[name].reshape(shape) for name, _, shape in stream.layout}
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -253,7 +350,7 @@ class Store:
     def unify(cls, path: str | os.PathLike, base: str | os.PathLike | None, checkpoints: Sequence[str | os.PathLike],
               *, names: Sequence[str] | None = None, rescaler: str = "model", dtype=None, missing: str = "error",
               kernel: str | None = None, chunk: int | None = None, progress: bool = False,
-              max_shard_size: int = DEFAULT_SHARD_SIZE) -> "Store":
+              max_shard_size: int = DEFAULT_SHARD_SIZE, device: str | DeviceStage = "auto") -> "Store":
         """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas.
 
         `base` and the checkpoints are paths or hub ids; `base=None` takes the base the
@@ -263,15 +360,18 @@ class Store:
         base_input = resolve_input(base if base is not None else infer_base(checkpoints))
         inputs = [resolve_input(c) for c in checkpoints]
         created, had_lock = not store_dir.exists(), (store_dir / layout.LOCK).exists()
+        runner = _Runner(kernel, device)
         store_dir.mkdir(parents=True, exist_ok=True)
         try:
             with change(store_dir, lambda: _no_store_yet(store_dir)) as tx:
                 _create(tx, base_input, inputs, names, rescaler,
-                        parse_dtype(dtype) if dtype else None, missing, kernel, chunk, progress, max_shard_size)
+                        parse_dtype(dtype) if dtype else None, missing, runner, chunk, progress, max_shard_size)
         except BaseException:
             remove_new_store(store_dir, created, had_lock)
             raise
-        return cls(store_dir, kernel=kernel, chunk=chunk)
+        store = cls(store_dir, kernel=kernel, chunk=chunk, device=device)
+        store.last_pass = runner.report
+        return store
 
     def add(self, checkpoint: str | os.PathLike, *, name: str | None = None, missing: str | None = None,
             progress: bool = False) -> TaskRecord:
@@ -280,8 +380,10 @@ class Store:
         source = resolve_input(checkpoint)
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
+            fused = [FusedTensor.of(e) for e in manifest.tensors]
+            runner = _Runner(self.kernel, self.device)
+            runner.start(fused, len(manifest.tasks) + 1)
             with open_base(manifest) as base, open_checkpoint(source.path) as ckpt:
-                fused = [FusedTensor.of(e) for e in manifest.tensors]
                 name = name or _default_name(source.default_name(ckpt.name), [t.name for t in manifest.tasks])
                 if manifest.task_by_name(name):
                     raise ValueError(f"{self.path}: a task named {name!r} exists already; pass another --name")
@@ -290,7 +392,8 @@ class Store:
                                  name=name, number=manifest.next_number,
                                  missing=check_missing(missing or manifest.missing), source=source.source, hub=source.hub)
                 self._manifest = _next_generation(tx, base, fused, list(manifest.tasks), [new],
-                                                  self.kernel, self.chunk, progress)
+                                                  runner, self.chunk, progress)
+        self.last_pass = runner.report
         return TaskRecord.of(self._manifest.tasks[-1])
 
     def remove(self, task: int | str, *, progress: bool = False) -> TaskRecord:
@@ -301,10 +404,13 @@ class Store:
             if len(manifest.tasks) == 1:
                 raise ValueError(f"{self.path}: task {gone.number} ({gone.name}) is the only one; delete the store "
                                  "folder instead")
+            keep = [t for t in manifest.tasks if t.number != gone.number]
+            fused = [FusedTensor.of(e) for e in manifest.tensors]
+            runner = _Runner(self.kernel, self.device)
+            runner.start(fused, len(keep))
             with open_base(manifest) as base:
-                keep = [t for t in manifest.tasks if t.number != gone.number]
-                fused = [FusedTensor.of(e) for e in manifest.tensors]
-                self._manifest = _next_generation(tx, base, fused, keep, [], self.kernel, self.chunk, progress)
+                self._manifest = _next_generation(tx, base, fused, keep, [], runner, self.chunk, progress)
+        self.last_pass = runner.report
         return TaskRecord.of(gone)
 
     def attach(self, task: int | str, name: str, tensors: Mapping[str, np.ndarray]) -> None:
@@ -405,7 +511,7 @@ def _refuse_related(path: Path, store_dir: Path, what: str, other: str) -> None:
 
 
 def _create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | None,
-            missing: str, kernel: str | None, chunk: int | None, progress: bool, max_shard_size: int) -> None:
+            missing: str, runner: _Runner, chunk: int | None, progress: bool, max_shard_size: int) -> None:
     """Plan and check everything, then run the first generation's pass and commit it."""
     for p, what in [(base_input.path, "the base"), *((i.path, "a checkpoint") for i in inputs)]:
         _refuse_related(p, tx.store_dir, what, "the store")
@@ -413,6 +519,7 @@ def _create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode
         base = stack.enter_context(Checkpoint(base_input.path, record=True, where=f"base {base_input.text}"))
         fused = plan_tensors(base, dtype)
         space, base_config = space_of(base), base_adapter_config(base)
+        runner.start(fused, len(inputs))
         new, taken = [], []
         for k, source in enumerate(inputs):
             ckpt = stack.enter_context(open_checkpoint(source.path))
@@ -428,25 +535,25 @@ def _create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode
                          rescaler=mode, missing=missing, max_shard_size=max_shard_size,
                          tensors=[t.entry() for t in fused], next_number=1, tasks=[],
                          unified=UnifiedEntry(files=[], weight_map={}), files={})
-        _next_generation(tx, base, fused, [], new, kernel, chunk, progress, first=empty)
+        _next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty)
 
 
 def _next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor], keep: list[TaskEntry],
-                     new: list[NewTask], kernel: str | None, chunk: int | None, progress: bool, *,
+                     new: list[NewTask], runner: _Runner, chunk: int | None, progress: bool, *,
                      first: Manifest | None = None) -> Manifest:
     """Run one pass (carry `keep`, add `new`), write the new generation's files, and commit it."""
     manifest = first or tx.current
     num_tasks = len(keep) + len(new)
     chunk = chunk or _chunk_for(num_tasks)
-    work = sum(t.numel for t in fused) * num_tasks
     with contextlib.ExitStack() as stack:
         old = None
         if keep:
             old = stack.enter_context(reading(tx.store_dir, lambda m: [*m.unified.files, *(t.triggers for t in keep)]))
         sources = [_old_source(task, fused, manifest.space, stack) for task in keep]
-        plan = PassPlan(base, fused, old, keep, new, sources, manifest.rescaler, _kernel(kernel, work), chunk,
-                        manifest.max_shard_size)
+        plan = PassPlan(base, fused, old, keep, new, sources, manifest.rescaler, runner.kernel(), chunk,
+                        manifest.max_shard_size, runner.stage)
         result = run_pass(plan, tx, [t.number for t in keep] + [t.number for t in new], progress=progress)
+        runner.done()
         for task in new:
             _write_task_files(tx, task, chunk)
         base_files = base.recorded() if first else None

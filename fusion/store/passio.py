@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DTYPES, from_float32, to_float32
-from ..engine import StoredChunk, TensorSpec, fuse_pass
+from ..dtypes import DTYPES, F32, from_float32, to_float32
+from ..device import DeviceStage
+from ..engine import ChunkInputs, StoredChunk, TensorSpec, fuse_pass
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
-from ..reference import ChunkResult
+from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
 from ..rescale import compute_rescalers
 from . import faults, layout
 from .manifest import TaskEntry
@@ -62,6 +63,7 @@ class PassPlan:
     kernel: object
     chunk: int
     max_shard_size: int
+    device: DeviceStage | None = None  # a torch device the kernel runs on (None: the host)
 
     @property
     def num_tasks(self) -> int:
@@ -106,81 +108,92 @@ class _Sink:
             self.tx.finished(rel, writer)
 
 
+class _Slot:
+    """The arrays one chunk is read into; a pass alternates between two (fusion.pipeline)."""
+
+    def __init__(self, plan: PassPlan, n: int, num_sources: int):
+        empty = plan.device.host_buffer if plan.device else np.empty  # pinned for a device: async copies
+        self.base = empty(n, np.float32)  # theta0
+        self.new = empty(len(plan.new) * n, np.float32)  # new tasks' rows
+        self.originals = empty(num_sources * n, np.float32)  # kept tasks' sources, for fidelity
+        self.unified = empty(n if plan.old else 0, np.float32)
+        self.packed = empty(len(plan.keep) * -(-n // 8), np.uint8)
+
+    @staticmethod
+    def rows(buffer: np.ndarray, count: int, n: int) -> np.ndarray:
+        return buffer[: count * n].reshape(count, n)  # (count, n)
+
+
+def _float32_view(checkpoint: Checkpoint, name: str, lo: int, hi: int, out: np.ndarray, *, copy: bool) -> np.ndarray:
+    """Elements [lo, hi) as float32: the reader's own (checked) view when stored so, else (or with
+    `copy`, for a device: pinned buffers copy up asynchronously) widened into `out`.
+
+    A view outlives the next read of its file (fusion.io.reader), which is all a pipelined pass
+    needs: the reader is one chunk ahead of the kernel at most."""
+    view = checkpoint.view_flat(name, lo, hi)
+    info = checkpoint.info(name)
+    return view if info.dtype is F32 and not copy else to_float32(view, info.dtype, out=out)
+
+
 class _Reads:
-    """The pass's sources: base chunks, new deltas, stored chunks, and originals for fidelity."""
+    """The pass's inputs, chunk by chunk: theta0, the new tasks' rows, the stored generation, and
+    the sources of kept tasks whose fidelity is measured again.
+
+    Rows are fine-tuned weights, and the kernel subtracts theta0 (`ChunkInputs.base`), when every
+    source can read its weights; otherwise they are deltas (a dense adapter gives only those).
+    Either way the delta is the same float32 subtraction.
+    """
 
     def __init__(self, plan: PassPlan):
         self.plan = plan
         self.spec = {t.name: t for t in plan.fused}
-        rows = len(plan.new) * min(plan.chunk, max((t.numel for t in plan.fused), default=0))
-        self.rows = np.empty(rows, dtype=np.float32)  # new deltas, reused every chunk
-        self.base = np.empty(min(plan.chunk, max((t.numel for t in plan.fused), default=0)), dtype=np.float32)
-        self.base_at: tuple[str, int] | None = None
+        self.measured = [i for i, s in enumerate(plan.sources) if s is not None]  # kept tasks with a source
+        sources = [t.deltas for t in plan.new] + [plan.sources[i].deltas for i in self.measured]
+        self.weights = all(hasattr(source, "read_weights") for source in sources)
+        largest = min(plan.chunk, max((t.numel for t in plan.fused), default=0))
+        self.slots = [_Slot(plan, largest, len(self.measured)) for _ in range(2)]
+        index = [NOT_MEASURED] * len(plan.keep) + [OWN_ROW] * len(plan.new)
+        for r, i in enumerate(self.measured):
+            index[i] = r
+        self.index = np.array(index, dtype=np.int64)  # (T,)
         self.pool = ThreadPoolExecutor(max_workers=_READER_THREADS, thread_name_prefix="condu-read")
 
-    def base_flat(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """theta0 on [lo, hi) in float32, read (and checked) once per chunk."""
-        if self.base_at != (name, lo):
-            self.plan.base.read_flat_into(name, lo, hi, self.base[: hi - lo])
-            self.base_at = (name, lo)
-        return self.base[: hi - lo]
+    def read(self, name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
+        buffers, n = self.slots[slot], hi - lo
+        base = _float32_view(self.plan.base, name, lo, hi, buffers.base[:n], copy=self.plan.device is not None)
+        new = _Slot.rows(buffers.new, len(self.plan.new), n)  # (T_new, n)
+        originals = _Slot.rows(buffers.originals, len(self.measured), n)  # (R, n)
+        jobs = [(task.deltas, task.zero, new[j]) for j, task in enumerate(self.plan.new)]
+        jobs += [(self.plan.sources[i].deltas, self.plan.sources[i].zero, originals[r]) for r, i in enumerate(self.measured)]
+        list(self.pool.map(lambda job: self._row(name, lo, hi, base, *job), jobs))  # each file on its own thread
+        return ChunkInputs(new, base if self.weights else None, self._stored(name, lo, hi, buffers),
+                           Originals(originals, self.index))
 
-    def new_deltas(self, name: str, lo: int, hi: int) -> np.ndarray:
-        new = self.plan.new
-        rows = self.rows[: len(new) * (hi - lo)].reshape(len(new), hi - lo)  # (T_new, n)
-        base = self.base_flat(name, lo, hi)
+    def _row(self, name: str, lo: int, hi: int, base: np.ndarray, source, zero: set[str], out: np.ndarray) -> None:
+        """One task's row: its weights (or delta), or theta0 (a zero delta) for a tensor it lacks."""
+        if name in zero:
+            out[...] = base if self.weights else 0.0
+        elif self.weights:
+            source.read_weights(name, lo, hi, out)
+        else:
+            source.read_delta(name, lo, hi, base, out)
 
-        def load(j: int) -> None:
-            if name in new[j].zero:
-                rows[j] = 0.0
-            else:
-                new[j].deltas.read_delta(name, lo, hi, base, rows[j])
-
-        list(self.pool.map(load, range(len(new))))  # each task's file on its own thread
-        return rows
-
-    def stored(self, name: str, lo: int, hi: int) -> StoredChunk:
+    def _stored(self, name: str, lo: int, hi: int, buffers: _Slot) -> StoredChunk | None:
+        """The stored chunk, copied out of the readers' windows: the next read reuses them."""
         old, keep = self.plan.old, self.plan.keep
-        unified = to_float32(old.unified(name, lo, hi), self.spec[name].unified_dtype)  # (n,)
-        packed = np.stack([old.packed(t, name, lo, hi) for t in keep]) if keep else np.empty((0, -(-(hi - lo) // 8)), np.uint8)
+        if old is None:
+            return None
+        unified = old.unified(name, lo, hi)  # checked; float32 as is, else widened into the slot
+        if self.spec[name].unified_dtype is not F32 or self.plan.device is not None:
+            unified = to_float32(unified, self.spec[name].unified_dtype, out=buffers.unified[: hi - lo])
+        packed = _Slot.rows(buffers.packed, len(keep), -(-(hi - lo) // 8))  # (T_old, n/8)
+        for i, task in enumerate(keep):
+            packed[i] = old.packed(task, name, lo, hi)
         rescalers = np.array([t.rescaler_of(name) for t in keep], dtype=np.float64)  # (T_old,)
         return StoredChunk(unified, packed, rescalers)
 
-    def originals(self, name: str, lo: int, hi: int, fresh: np.ndarray) -> dict[int, np.ndarray]:
-        """Original deltas on [lo, hi) of the tasks whose fine-tune is at hand, by row of the pass."""
-        t_old = len(self.plan.keep)
-        found = {t_old + j: fresh[j] for j in range(len(self.plan.new))}
-        for i, source in enumerate(self.plan.sources):
-            if source is not None:
-                row = np.zeros(hi - lo, dtype=np.float32)
-                if name not in source.zero:
-                    source.deltas.read_delta(name, lo, hi, self.base_flat(name, lo, hi), row)
-                found[i] = row
-        return found
-
     def close(self) -> None:
         self.pool.shutdown()
-
-
-class _Stats:
-    """Per task: mask bits set, and per tensor the fidelity sums (fusion.fidelity), in float64."""
-
-    def __init__(self, num_tasks: int, num_tensors: int, kernel):
-        self.bits = np.zeros(num_tasks, dtype=np.int64)
-        self.sums = np.zeros((num_tasks, num_tensors, NUM_SUMS), dtype=np.float64)
-        self.kernel = kernel
-
-    def count(self, packed: np.ndarray) -> None:
-        self.bits += np.bitwise_count(packed).sum(axis=1, dtype=np.int64)  # (T,)
-
-    def add(self, rows: dict[int, np.ndarray], k: int, result: ChunkResult, pool) -> None:
-        items = list(rows.items())
-
-        def sums(item):
-            return self.kernel.fidelity_sums(result.unified, result.packed_masks[item[0]], item[1])
-
-        for (i, _), chunk_sums in zip(items, pool.map(sums, items)):  # the fast kernel releases the GIL
-            self.sums[i, k] += chunk_sums
 
 
 def _check_finite(plan: PassPlan, name: str, delta_l1: np.ndarray) -> None:
@@ -193,28 +206,23 @@ def _check_finite(plan: PassPlan, name: str, delta_l1: np.ndarray) -> None:
 
 def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: bool) -> PassResult:
     """Stream every fused tensor through fuse_pass into generation tx.generation's files."""
-    reads, stats = _Reads(plan), _Stats(plan.num_tasks, len(plan.fused), plan.kernel)
-    sink = _Sink(plan, tx, numbers)
+    reads, sink = _Reads(plan), _Sink(plan, tx, numbers)
+    bits = np.zeros(plan.num_tasks, dtype=np.int64)
+    sums = np.zeros((plan.num_tasks, len(plan.fused), NUM_SUMS), dtype=np.float64)  # (T, K, 5)
     column = {t.name: k for k, t in enumerate(plan.fused)}
-    fresh: list[np.ndarray] = []
 
-    def new_deltas(name, lo, hi):
-        fresh[:] = [reads.new_deltas(name, lo, hi)]
-        return fresh[0]
-
-    def emit(name, lo, hi, result: ChunkResult) -> None:
+    def emit(name: str, lo: int, hi: int, result: ChunkResult) -> None:
         _check_finite(plan, name, result.delta_l1[len(plan.keep):])
         sink.write(name, result)
-        stats.count(result.packed_masks)
-        stats.add(reads.originals(name, lo, hi, fresh[0]), column[name], result, reads.pool)
+        bits[:] += np.bitwise_count(result.packed_masks).sum(axis=1, dtype=np.int64)  # (T,)
+        sums[:, column[name]] += result.fidelity
         faults.hit("pass-chunk")
 
     specs = [TensorSpec(t.name, t.numel, t.unified_dtype) for t in plan.fused]
     bar = progress_bar(progress, sum(t.numel for t in plan.fused), "fuse")
     try:
-        tables = fuse_pass(specs, num_tasks=plan.num_tasks, new_deltas=new_deltas, emit=emit,
-                           stored=None if plan.old is None else reads.stored, kernel=plan.kernel, chunk=plan.chunk,
-                           progress=bar.update if bar else None)
+        tables = fuse_pass(specs, num_tasks=plan.num_tasks, read=reads.read, emit=emit, kernel=plan.kernel,
+                           chunk=plan.chunk, progress=bar.update if bar else None, pipelined=True, device=plan.device)
     finally:
         reads.close()
         if bar:
@@ -222,16 +230,16 @@ def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: b
     sink.finish()
     numels = np.array([t.numel for t in plan.fused])
     rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, numels, plan.mode)
-    return PassResult(rescalers, tables.delta_l1, stats.bits, _fidelities(plan, stats, rescalers),
+    return PassResult(rescalers, tables.delta_l1, bits, _fidelities(plan, sums, rescalers),
                       [task.deltas.content() for task in plan.new], sink.trigger_names,
                       list(dict.fromkeys(sink.unified.weight_map.values())), dict(sink.unified.weight_map))
 
 
-def _fidelities(plan: PassPlan, stats: _Stats, rescalers: np.ndarray) -> list:
+def _fidelities(plan: PassPlan, sums: np.ndarray, rescalers: np.ndarray) -> list:
     """cosine and rel L2 per task where the original was read whole and unchanged, else None."""
     out = []
     for i in range(plan.num_tasks):
         source = plan.sources[i] if i < len(plan.keep) else None
         measured = i >= len(plan.keep) or (source is not None and source.deltas.content() == source.content)
-        out.append(finish_fidelity(stats.sums[i], rescalers[i]) if measured else None)
+        out.append(finish_fidelity(sums[i], rescalers[i]) if measured else None)
     return out

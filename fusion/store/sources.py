@@ -3,10 +3,13 @@
 A `DeltaSource` fills a float32 row with delta = theta_i - theta0 on elements [lo, hi) of a
 fused tensor, and keeps a digest of the content it read, so that a later pass can tell whether
 the same source still holds the same content (then the task's fidelity is measured again).
+A source that holds the weights themselves also offers `read_weights(name, lo, hi, out)`: a
+pass whose sources all do lets its kernel subtract theta0 (the same float32 subtraction,
+without a pass of its own over memory).
 
     CheckpointDeltas   a full fine-tune (or, in factor space, an adapter's factors): file - base
     AdapterDeltas      a LoRA adapter in a dense store: scaling * B @ A on its target weights,
-                       computed a block of rows at a time (fusion.lora.delta_rows)
+                       computed a block of rows at a time (fusion.lora.delta_rows); deltas only
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ class CheckpointDeltas:
         self.checkpoint = checkpoint
         self._hasher = content_digest()  # over the raw bytes of the fused tensors, in tensor order
 
-    def read_delta(self, name: str, lo: int, hi: int, base: np.ndarray, out: np.ndarray) -> None:
+    def read_weights(self, name: str, lo: int, hi: int, out: np.ndarray) -> None:
+        """out = theta_i on [lo, hi) in float32; a pass may subtract theta0 inside its kernel."""
         _read_hashed(self.checkpoint, name, lo, hi, out, self._hasher)
+
+    def read_delta(self, name: str, lo: int, hi: int, base: np.ndarray, out: np.ndarray) -> None:
+        self.read_weights(name, lo, hi, out)
         np.subtract(out, base, out=out)
 
     def content(self) -> str:

@@ -173,3 +173,59 @@ def test_kernel_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---- theta0 subtracted inside the pass, and fidelity measured in it ---------------------------------
+
+
+def _originals(draw, num_tasks: int, num_new: int, n: int, scale: float) -> reference.Originals:
+    """Measure some tasks: new ones against their own row, stored ones against drawn originals."""
+    num_old = num_tasks - num_new
+    rows = draw(deltas(num_tasks=max(num_old, 1), length=n, scale=scale))
+    index = [draw(st.sampled_from([reference.NOT_MEASURED, i])) for i in range(num_old)]
+    index += [draw(st.sampled_from([reference.NOT_MEASURED, reference.OWN_ROW])) for _ in range(num_new)]
+    return reference.Originals(rows, np.array(index, dtype=np.int64))
+
+
+def assert_same_fidelity(result: reference.ChunkResult, expected: reference.ChunkResult) -> None:
+    assert_same(result, expected)
+    assert result.fidelity.shape == expected.fidelity.shape
+    np.testing.assert_allclose(result.fidelity, expected.fidelity, rtol=1e-10, atol=1e-12)
+
+
+@given(data=st.data(), block=BLOCKS)
+def test_elect_with_base_and_originals_equals_reference(data, block):
+    stacked, unified_dtype, _ = data.draw(elect_cases(max_tasks=8, max_length=200))
+    assume(all_finite(stacked))  # fidelity is measured on finite deltas only: a pass refuses the others
+    assume(all_finite(reference.elect(stacked, unified_dtype=unified_dtype).unified))  # and on a representable u
+    t, n = stacked.shape
+    base = data.draw(deltas(num_tasks=1, length=n, scale=2.0**-3))[0]  # (n,)
+    weights = stacked.astype(np.float32) + base  # what a checkpoint holds
+    originals = _originals(data.draw, t, t, n, 2.0**-6)
+    result = CpuKernel(block=block).elect(weights, unified_dtype=unified_dtype, base=base, originals=originals)
+    assert_same_fidelity(result, reference.elect(weights, unified_dtype=unified_dtype, base=base, originals=originals))
+
+
+@given(data=st.data())
+def test_continual_with_base_and_originals_equals_reference(data):
+    (stored_u, packed, rescalers, new), unified_dtype, block = data.draw(continual_cases())
+    assume(all_finite(new))
+    n = np.size(stored_u)
+    base = data.draw(deltas(num_tasks=1, length=n, scale=2.0**-3))[0]
+    weights = new.astype(np.float32) + base
+    originals = _originals(data.draw, len(packed) + len(new), len(new), n, 2.0**-6)
+    args = (stored_u, packed, rescalers, weights)
+    options = dict(unified_dtype=unified_dtype, base=base, originals=originals)
+    assert_same_fidelity(CpuKernel(block=block).continual(*args, **options), reference.continual_chunk(*args, **options))
+
+
+def test_float16_rounding_in_the_pass_equals_numpy_on_every_kind_of_value():
+    """The pass rounds u to float16 by bits (numba has no float16): ties, subnormals, overflow."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = np.concatenate([values[np.isfinite(values)],
+                             np.float32(2.0**-24) * np.arange(-64, 64, 0.5, dtype=np.float32),  # subnormal ties
+                             np.array([65504, 65519.99, 65520, 1e9, 0.0, -0.0], dtype=np.float32)])
+    values = values[None, :]  # one task: u is each value's rounding (-0.0 where it is not positive-or-negative)
+    assert_same(KERNEL.elect(values, unified_dtype="float16"), reference.elect(values, unified_dtype="float16"))

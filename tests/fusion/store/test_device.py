@@ -1,0 +1,114 @@
+"""The device pass, checked on the CPU: chunks copied up and results copied down by a DeviceStage on
+torch CPU tensors, with the reference behind the kernel contract and with the Triton interpreter.
+The store it writes equals the host pass's: the stages' order and buffer reuse are right."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fusion import Store, reference
+from fusion.device import DeviceStage, resolve_device
+
+from .helpers import manifest, models, stored_unified
+
+
+def _host(x):
+    return None if x is None else (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+
+
+def _tensors(result: reference.ChunkResult) -> reference.ChunkResult:
+    return reference.ChunkResult(*(None if x is None else torch.from_numpy(np.asarray(x)) for x in result))
+
+
+class TorchReference:
+    """fusion.reference behind the kernel contract, on torch tensors: a device kernel with known answers."""
+
+    name = "reference-on-torch"
+
+    def elect(self, deltas, *, unified_dtype, base=None, originals=None):
+        originals = originals and reference.Originals(_host(originals.rows), _host(originals.index))
+        return _tensors(reference.elect(_host(deltas), unified_dtype=unified_dtype, base=_host(base),
+                                        originals=originals))
+
+    def continual(self, unified, packed_masks, rescalers, new_deltas, *, unified_dtype, base=None, originals=None):
+        originals = originals and reference.Originals(_host(originals.rows), _host(originals.index))
+        return _tensors(reference.continual_chunk(_host(unified), _host(packed_masks), _host(rescalers),
+                                                  _host(new_deltas), unified_dtype=unified_dtype, base=_host(base),
+                                                  originals=originals))
+
+
+def _triton_interpreted():
+    """The Triton kernel module under TRITON_INTERPRET=1 (tests/fusion/test_triton_kernel.py explains)."""
+    pytest.importorskip("triton")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module("fusion.kernels.triton_kernels")
+        if not module.is_interpreted():
+            module = importlib.reload(module)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module.TritonKernel(block=16)
+
+
+def _changes(path, base_path, paths, **options):
+    store = Store.unify(path, base_path, paths[:2], chunk=24, **options)
+    store.add(paths[2])
+    store.remove(1)
+    return store
+
+
+def test_a_device_pass_of_the_reference_writes_the_same_store_as_the_host(tmp_path):
+    base_path, paths, _, _ = models(tmp_path, 3)
+    host = _changes(tmp_path / "host", base_path, paths, kernel="reference", device="cpu")
+    device = _changes(tmp_path / "device", base_path, paths, device=DeviceStage("cpu", TorchReference()))
+    assert device.last_pass["device"] == "cpu" and host.last_pass["peak_device_bytes"] is None
+    a, b = manifest(host.path), manifest(device.path)
+    assert [t["rescaler"] for t in a["tasks"]] == [t["rescaler"] for t in b["tasks"]]
+    assert [t["fidelity"] for t in a["tasks"]] == [t["fidelity"] for t in b["tasks"]]
+    ua, ub = stored_unified(host.path), stored_unified(device.path)
+    assert all(np.array_equal(ua[n], ub[n]) for n in ua)
+    for ta, tb in zip(a["tasks"], b["tasks"]):
+        assert all(np.array_equal(x, y) for x, y in zip(load_file(host.path / ta["triggers"]).values(),
+                                                       load_file(device.path / tb["triggers"]).values()))
+
+
+def test_the_triton_kernel_through_a_device_stage_gives_the_hosts_masks_and_unified_delta(tmp_path):
+    base_path, paths, _, _ = models(tmp_path, 2)
+    host = Store.unify(tmp_path / "host", base_path, paths, kernel="reference", device="cpu", chunk=24)
+    device = Store.unify(tmp_path / "device", base_path, paths, device=DeviceStage("cpu", _triton_interpreted()),
+                         chunk=24)
+    ua, ub = stored_unified(host.path), stored_unified(device.path)
+    assert all(np.array_equal(ua[n], ub[n]) for n in ua)
+    for ta, tb in zip(host.tasks, device.tasks):  # L1 sums from float32 partials on the device: 1e-6
+        assert tb.rescaler == pytest.approx(ta.rescaler, rel=1e-6)
+        assert tb.fidelity["cosine"] == pytest.approx(ta.fidelity["cosine"], rel=1e-6)
+
+
+def test_devices_resolve_without_a_gpu():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_load_task_onto_a_device_equals_the_host_rebuild(tmp_path, dtype):
+    base_path, paths, _, _ = models(tmp_path, 3)
+    store = Store.unify(tmp_path / "s", base_path, paths, chunk=24)
+    host = store.load_task(2, dtype=dtype, device="cpu")  # torch tensors from the host rebuild
+    on_device = store.load_task(2, dtype=dtype, device=DeviceStage("cpu", kernel=None))
+    assert set(host) == set(on_device)
+    for name, tensor in host.items():
+        assert on_device[name].dtype == tensor.dtype and torch.equal(on_device[name], tensor), name
