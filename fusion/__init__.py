@@ -25,8 +25,8 @@ _HOMES = {
 __all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", *sorted(_HOMES)]
 
 
-_MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "io", "kernels", "reference", "rescale", "store",
-            "testing", "torch_compat")
+_MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "hub", "io", "kernels", "lora", "reference",
+            "rescale", "store", "testing", "torch_compat")
 
 
 def __getattr__(name: str):

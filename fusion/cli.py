@@ -1,6 +1,6 @@
 """`condu-fuse`: the ConDU store from the command line, a thin layer over `fusion.Store`.
 
-    condu-fuse unify --base BASE CKPT...          a store from one-shot unify (default ./condu-store)
+    condu-fuse unify [--base BASE] CKPT...        a store from one-shot unify (default ./condu-store)
     condu-fuse add CKPT [--name NAME]             the continual step
     condu-fuse decouple --task N|NAME [-o OUT]    a task's full model (default: ./<name>/)
     condu-fuse remove --task N|NAME               drop a task; the others keep their numbers
@@ -9,6 +9,9 @@
     condu-fuse set-base PATH                      point the store at a moved base (same content)
     condu-fuse repair                             restore condu.json from its backup
     condu-fuse migrate                            a version 1 store to version 2
+
+A checkpoint argument is a .safetensors file, a model folder, a PEFT adapter folder or a hub id
+(`org/name[@revision]`). Without --base, unify takes the base the checkpoints record.
 
 Each command parses, makes one library call and prints. Errors print one line on stderr,
 `condu-fuse: error: ...`, and exit with status 1. The library is imported inside the commands,
@@ -105,30 +108,45 @@ def _rescaler_text(rescaler) -> str:
     return f"{rescaler:.4f}"
 
 
+def _hub_text(hub: dict | None) -> str:
+    """`org/name@revision (commit 0123456789ab)`: a hub record as `info` shows it."""
+    text = hub["id"] + (f"@{hub['revision']}" if hub["revision"] else "")
+    return text + (f" (commit {hub['commit'][:12]})" if hub["commit"] else "")
+
+
 def _number(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+SPACE_TEXT = {
+    "dense": "dense: the base is a model; a task is a full checkpoint or a LoRA adapter as scaling * B @ A",
+    "factors": "factor space: the base is a LoRA adapter; every task is an adapter of its configuration",
+}
 
 
 def format_info(info: dict) -> str:
     """The readable table `condu-fuse info` prints."""
     base = info["base"]
     lines = [f"store       {info['store']}  (generation {info['generation']}, format v{info['version']})",
-             f"base        {base['path']}" + (f"  ({base['hub']})" if base.get("hub") else ""),
+             f"space       {SPACE_TEXT[info['space']]}",
+             f"base        {base['path']}" + (f"  (hub {_hub_text(base['hub'])})" if base.get("hub") else ""),
              f"rescaler    {info['rescaler']}    fused: {info['tensors']} tensors, {info['fused_parameters']:,} "
              f"parameters, unified delta in {', '.join(info['unified_dtypes'])}",
              "",
-             f"{'#':>3}  {'name':<24} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} {'at gen':>6}  kept with it"]
+             f"{'#':>3}  {'name':<24} {'kind':<7} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} "
+             f"{'at gen':>6}  kept with it"]
     for t in info["tasks"]:
         kept = [*(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
-                *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"])]
-        lines.append(f"{t['number']:>3}  {t['name']:<24} {_rescaler_text(t['rescaler']):<26} {t['mask_density']:>8.3f} "
-                     f"{_number(t['fidelity']['cosine']):>8} {_number(t['fidelity']['rel_l2']):>8} "
-                     f"{t['fidelity']['generation']:>6}  {', '.join(kept) or '-'}")
-    sizes = info["sizes"]
+                *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"]),
+                *([f"hub {_hub_text(t['hub'])}"] if t["hub"] else [])]
+        lines.append(f"{t['number']:>3}  {t['name']:<24} {t['kind']:<7} {_rescaler_text(t['rescaler']):<26} "
+                     f"{t['mask_density']:>8.3f} {_number(t['fidelity']['cosine']):>8} "
+                     f"{_number(t['fidelity']['rel_l2']):>8} {t['fidelity']['generation']:>6}  {', '.join(kept) or '-'}")
+    sizes, separate = info["sizes"], "adapters" if info["space"] == "factors" else "checkpoints"
     lines += ["",
               f"size        {_size(sizes['total'])}: unified {_size(sizes['unified'])}, triggers {_size(sizes['triggers'])}, "
               f"private {_size(sizes['private'])}, files {_size(sizes['files'])}, attachments {_size(sizes['attachments'])}",
-              f"vs {len(info['tasks'])} separate checkpoints: {_size(info['separate_checkpoints_bytes'])}"
+              f"vs {len(info['tasks'])} separate {separate}: {_size(info['separate_checkpoints_bytes'])}"
               + (f"  ({info['savings']:.2f}x smaller)" if info["savings"] else "")]
     return "\n".join(lines)
 
@@ -140,7 +158,10 @@ def main():
 
 
 @main.command()
-@click.option("--base", required=True, help="The pre-trained checkpoint (a .safetensors file or a model folder).")
+@click.option("--base", default=None,
+              help="The pre-trained checkpoint: a .safetensors file, a model folder, a PEFT adapter folder (the "
+                   "adapters' shared initialisation: fuse in factor space) or a hub id. Default: the base the "
+                   "checkpoints record.")
 @_store_option
 @click.option("--rescaler", type=click.Choice(RESCALER_MODES), default="model", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Unified delta dtype (default: the base's).")
@@ -155,13 +176,20 @@ def main():
 @click.argument("checkpoints", nargs=-1, required=True)
 @_one_line_errors
 def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, quiet, checkpoints):
-    """Create a store from BASE and one or more checkpoints (one-shot unify)."""
+    """Create a store from BASE and one or more checkpoints (one-shot unify).
+
+    CHECKPOINTS are .safetensors files, model folders, PEFT adapter folders or hub ids
+    (org/name[@revision])."""
     from .store import Store
 
     result = Store.unify(store, base, checkpoints, names=list(names) or None, rescaler=rescaler, dtype=dtype,
                          missing=missing, kernel=kernel, chunk=chunk, progress=not quiet, device=device)
+    if base is None:
+        taken = result.info()["base"]
+        click.echo(f"base: {_hub_text(taken['hub']) if taken['hub'] else taken['path']} (recorded by the checkpoints)")
     tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
-    click.echo(f"unified {len(result.tasks)} task(s) into {store}: {tasks}{_pass_report(result)}")
+    click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}"
+               f"{_pass_report(result)}")
 
 
 @main.command()
@@ -174,7 +202,7 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, q
 @click.argument("checkpoint")
 @_one_line_errors
 def add(store, name, missing, device, quiet, checkpoint):
-    """Add CHECKPOINT as a new task: the ConDU continual step."""
+    """Add CHECKPOINT (a path, a PEFT adapter folder or a hub id) as a new task: the ConDU continual step."""
     opened = _open(store, device=device)
     record = opened.add(checkpoint, name=name, missing=missing, progress=not quiet)
     zero = f"; {len(record.zero_filled)} tensor(s) it lacks counted as unchanged" if record.zero_filled else ""
@@ -248,7 +276,7 @@ def verify(store, as_json):
 @_store_option
 @_one_line_errors
 def set_base(path, store):
-    """Point the store at its base in a new place; accepted only if the content is the same."""
+    """Point the store at its base in a new place (a path or a hub id); accepted only if the content is the same."""
     _open(store).set_base(path)
     click.echo(f"{store}: base is now {path}")
 

@@ -4,7 +4,8 @@ and block checksums computed as files are written and checked as they are read.
     format      the safetensors header, parsed strictly and encoded exactly
     integrity   block checksums (XXH3): FileDigests, BlockHasher, IntegrityError
     reader      SafetensorsFile: lazy, checked (or recording) slice reads
-    checkpoint  Checkpoint: a file or a (sharded) Hugging Face model folder
+    checkpoint  Checkpoint: a file, a (sharded) Hugging Face model folder, or a PEFT adapter folder
+    adapter     a PEFT adapter's config (the fields that fix its factors) and its tensors' roles
     writer      SafetensorsWriter, ShardedWriter, save: streaming, atomic, checksummed
     files       fsync, atomic small files, a model folder's side files
 """

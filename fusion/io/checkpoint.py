@@ -1,6 +1,7 @@
 """A checkpoint on disk: one `.safetensors` file or a Hugging Face model folder, read lazily.
 
-A folder holds `model.safetensors`, or shards listed by `model.safetensors.index.json`. The
+A folder holds `model.safetensors`, or shards listed by `model.safetensors.index.json`; a PEFT
+adapter folder (`adapter_config.json` and `adapter_model.safetensors`) holds its factors. The
 index is checked as strictly as the files: its shard names are plain file names inside the
 folder, every tensor it lists is in the shard it names, and every tensor of a shard is listed.
 Pickle formats are refused: loading them can run code.
@@ -27,10 +28,13 @@ from .format import TensorInfo
 from .integrity import FileDigests
 from .reader import SafetensorsFile, open_files
 
-__all__ = ["Checkpoint", "open_checkpoint", "HF_WEIGHTS", "HF_INDEX", "PICKLE_SUFFIXES", "refuse_pickle"]
+__all__ = ["Checkpoint", "open_checkpoint", "HF_WEIGHTS", "HF_INDEX", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG",
+           "PICKLE_SUFFIXES", "refuse_pickle", "is_adapter_folder"]
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
+ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -58,8 +62,16 @@ def _read_index(index: Path) -> dict[str, str]:
     return {str(tensor): _plain_file_name(shard, index) for tensor, shard in weight_map.items()}
 
 
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A PEFT adapter: a folder with adapter_config.json and adapter_model.safetensors."""
+    folder = Path(path)
+    return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
+
+
 def _folder_files(folder: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
     """The safetensors files of a model folder by name, and the index's weight map if sharded."""
+    if is_adapter_folder(folder):
+        return {ADAPTER_WEIGHTS: folder / ADAPTER_WEIGHTS}, None
     index = folder / HF_INDEX
     if index.is_file():
         weight_map = _read_index(index)
@@ -74,7 +86,8 @@ def _folder_files(folder: Path) -> tuple[dict[str, Path], dict[str, str] | None]
     if pickles:
         raise ValueError(f"{folder}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors "
                          "first, e.g. model.save_pretrained(folder, safe_serialization=True)")
-    raise ValueError(f"{folder}: no {HF_WEIGHTS} or {HF_INDEX}; pass a .safetensors file or a Hugging Face model folder")
+    raise ValueError(f"{folder}: no {HF_WEIGHTS}, {HF_INDEX} or {ADAPTER_WEIGHTS} with {ADAPTER_CONFIG}; pass a "
+                     ".safetensors file, a Hugging Face model folder or a PEFT adapter folder")
 
 
 def _check_index(weight_map: Mapping[str, str], files: Mapping[str, SafetensorsFile], index: Path) -> None:
@@ -156,6 +169,11 @@ class Checkpoint:
     @property
     def is_folder(self) -> bool:
         return self.path.is_dir()
+
+    @property
+    def is_adapter(self) -> bool:
+        """A PEFT adapter folder: its tensors are LoRA factors (fusion.io.adapter)."""
+        return self.is_folder and ADAPTER_WEIGHTS in self.files
 
     @property
     def name(self) -> str:

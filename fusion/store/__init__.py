@@ -5,7 +5,10 @@ rescaler, held to a database's standard, because once a fine-tune is in, it is i
     manifest     condu.json: typed schema, canonical checksum, consistency rules
     transaction  the writer lock, one generation's files, the atomic commit, cleanup
     faults       named points where tests make a change fail
+    inputs       checkpoint arguments: paths or hub ids, and the base the checkpoints record
     plan         what a change fuses, keeps private, or refuses, checked before writing
+    adapters     PEFT LoRA adapters: factor space (an adapter base) or dense (a model base)
+    sources      how a pass reads a new task's delta: a checkpoint, or an adapter's B @ A
     snapshot     one generation opened for reading: checked reads, safe against writers
     passio       one generation's pass: reads, unify, the sink, statistics
     export       decouple to a file, a model folder or memory; where outputs may go

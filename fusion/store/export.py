@@ -2,6 +2,9 @@
 
 theta_i = theta0 + lambda_i * M_i * u, tensor by tensor and chunk by chunk, with the task's
 private tensors in place of their base namesakes and the base's integer buffers as they are.
+A folder is a model folder (from_pretrained loads it, and it never holds an adapter_config.json,
+which would make it an adapter) or, for a factor-space store, an adapter folder (PeftModel
+loads it: adapter_model.safetensors and the task's own adapter_config.json).
 Every byte read is checked (fusion.store.snapshot), and the output is written under a temporary
 name and renamed only when complete: a damaged store or base never leaves a model behind.
 
@@ -26,6 +29,7 @@ from ..device import DeviceStage
 from ..engine import chunk_ranges
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
+from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..io.files import atomic_write_text, copy_file_durably, fsync_dir, model_side_files
 from ..io.format import TensorInfo
 from ..progress import progress_bar
@@ -90,6 +94,10 @@ class TaskStream:
     @property
     def numel(self) -> int:
         return sum(int(np.prod(shape)) for _, _, shape in self.layout)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in self.layout)
 
     def pieces(self) -> list[_Piece]:
         rebuilt = lambda name: name in self.fused and not (self.private and name in self.private.entries)  # noqa: E731
@@ -185,14 +193,18 @@ def write_file(stream: TaskStream, out: Path, *, progress: bool) -> Path:
     return out
 
 
-def _write_side_files(tmp: Path, side: dict[str, bytes], base_folder: Path | None) -> None:
-    """The task's own small files, or (for a task added from a lone file) the base folder's."""
+def _write_side_files(tmp: Path, side: dict[str, bytes], base_folder: Path | None, *, adapter: bool) -> None:
+    """The task's own small files, or (for a task added from a lone file or as a dense adapter) the
+    base folder's; an adapter_config.json only in an adapter folder."""
+    wanted = (lambda name: True) if adapter else (lambda name: name != ADAPTER_CONFIG)
     if side:
         for name, data in side.items():
-            (tmp / name).write_bytes(data)
+            if wanted(name):
+                (tmp / name).write_bytes(data)
     elif base_folder is not None:
         for p in model_side_files(base_folder):
-            copy_file_durably(p, tmp / p.name)
+            if wanted(p.name):
+                copy_file_durably(p, tmp / p.name)
 
 
 def _set_config_dtype(tmp: Path, dtype: DType) -> None:
@@ -222,21 +234,23 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 
 def write_folder(stream: TaskStream, out: Path, *, side: dict[str, bytes], base_folder: Path | None, card: str,
-                 config_dtype: DType, max_shard_size: int, progress: bool) -> Path:
-    """A folder from_pretrained loads: model.safetensors (or shards and index), the task's files, a card."""
+                 config_dtype: DType, max_shard_size: int, progress: bool, adapter: bool = False) -> Path:
+    """A folder from_pretrained loads: model.safetensors (or shards and index), the task's files, a card.
+    With `adapter`, a PEFT adapter folder: adapter_model.safetensors, one file (PEFT reads no shards)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    weights, max_shard_size = (ADAPTER_WEIGHTS, stream.nbytes + 1) if adapter else (HF_WEIGHTS, max_shard_size)
     try:
-        with ShardedWriter(tmp, stream.layout, single=HF_WEIGHTS, max_shard_size=max_shard_size,
+        with ShardedWriter(tmp, stream.layout, single=weights, max_shard_size=max_shard_size,
                            shard_name=lambda k, n: f"model-{k:05d}-of-{n:05d}.safetensors",
                            metadata={"format": "pt"}, checksums=False) as writer:
             stream.write_all(writer.write, progress=progress)
         if len(writer.shards) > 1:
             index = {"metadata": {"total_size": writer.total_size}, "weight_map": writer.weight_map}
             atomic_write_text(tmp / HF_INDEX, json.dumps(index, indent=2) + "\n")
-        _write_side_files(tmp, side, base_folder)
+        _write_side_files(tmp, side, base_folder, adapter=adapter)
         _set_config_dtype(tmp, config_dtype)
         atomic_write_text(tmp / "README.md", card)
         fsync_dir(tmp)
@@ -255,12 +269,16 @@ def model_card(store_dir: Path, manifest: Manifest, task: TaskEntry, dtype: DTyp
     cosine = "-" if fidelity.cosine is None else f"{fidelity.cosine:.4f}"
     rel = "-" if fidelity.rel_l2 is None else f"{fidelity.rel_l2:.4f}"
     source = task.source.hub.id if task.source.hub else task.source.path
+    kind = {("factors", "adapter"): "LoRA adapter, fused in factor space (theta: its factors)",
+            ("dense", "adapter"): "LoRA adapter, fused as its dense delta scaling * B @ A (theta: the full model)",
+            }.get((manifest.space, task.kind), "full checkpoint")
     return (f"# {task.name}\n\n"
             f"Rebuilt from a ConDU store: theta = theta0 + lambda * M * u, the base plus this task's masked,\n"
             f"rescaled share of the unified delta. It approximates the fine-tune it came from.\n\n"
             f"| | |\n|---|---|\n"
             f"| store | `{store_dir.resolve()}` (generation {manifest.generation}) |\n"
             f"| task | {task.number} `{task.name}` |\n"
+            f"| kind | {kind} |\n"
             f"| source | `{source}` |\n"
             f"| base | `{manifest.base.hub.id if manifest.base.hub else manifest.base.path}` |\n"
             f"| rescaler | {manifest.rescaler}: {rescaler} |\n"

@@ -9,6 +9,11 @@
 
 Tasks are chosen by number (an int, or a string of digits) or by name; names are never
 numbers, so the two cannot be confused, and a task keeps its number for life.
+
+Every checkpoint argument (the base included) may be a hub id, `org/name[@revision]`
+(fusion.store.inputs); without a base, `unify` takes the one the checkpoints record. A PEFT
+LoRA adapter is a checkpoint too (fusion.store.adapters): with an adapter as the base the store
+fuses adapters in factor space, with a model as the base it counts each adapter as its dense delta.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from ..kernels import default_kernel_name, get_kernel, preload
 from ..kernels.host import rebuild_into
 from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
+from .adapters import base_adapter_config, dense_adapter_deltas, plan_input, space_of
 from .export import TaskStream, check_output, model_card, write_file, write_folder
+from .inputs import Input, infer_base, resolve_input
 from .inspect import Health, audit, info
 from .manifest import (BaseRef, Digests, Fidelity, HubRef, Manifest, ManifestError, SourceRef, TaskEntry, UnifiedEntry,
                        load_manifest, read_manifest_file)
 from .passio import OldSource, PassPlan, PassResult, run_pass
-from .plan import FusedTensor, NewTask, check_missing, plan_task, plan_tensors
+from .plan import FusedTensor, NewTask, check_missing, plan_tensors
 from .snapshot import open_base, open_snapshot, reading
 from .sources import CheckpointDeltas
 from .transaction import Transaction, change, remove_new_store
@@ -74,6 +81,8 @@ class TaskRecord:
     zero_filled: tuple[str, ...] = ()  # base tensors the checkpoint lacked, counted as unchanged
     files: tuple[str, ...] = ()  # its own small files (config.json, tokenizer files)
     attachments: tuple[str, ...] = ()  # names of the data kept with it (fusion.Store.attach)
+    kind: str = "model"  # "adapter": it came from a PEFT LoRA adapter
+    hub: dict | None = None  # {"id", "revision", "commit"} when it came from the hub
 
     @classmethod
     def of(cls, task: TaskEntry) -> "TaskRecord":
@@ -82,7 +91,7 @@ class TaskRecord:
         rescaler = dict(task.rescaler) if isinstance(task.rescaler, dict) else task.rescaler
         return cls(task.number, task.name, source, task.added_generation, rescaler, task.l1, task.mask_density,
                    fidelity, tuple(task.private_tensors), tuple(task.zero_filled), tuple(task.files),
-                   tuple(task.attachments))
+                   tuple(task.attachments), task.kind, msgspec.to_builtins(task.source.hub))
 
     def rescaler_of(self, tensor: str) -> float:
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler
@@ -91,7 +100,8 @@ class TaskRecord:
         return {"number": self.number, "name": self.name, "source": self.source,
                 "added_generation": self.added_generation, "rescaler": self.rescaler, "l1": self.l1,
                 "mask_density": self.mask_density, "fidelity": self.fidelity, "private": list(self.private),
-                "zero_filled": list(self.zero_filled), "files": list(self.files), "attachments": list(self.attachments)}
+                "zero_filled": list(self.zero_filled), "files": list(self.files), "attachments": list(self.attachments),
+                "kind": self.kind, "hub": self.hub}
 
 
 def _select(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEntry:
@@ -182,8 +192,8 @@ class _Runner:
                        "peak_device_bytes": self.stage.peak_bytes if self.stage else None}
 
 
-def _default_name(ckpt: Checkpoint, taken: Sequence[str]) -> str:
-    name, k = layout.clean_task_name(ckpt.name), 2
+def _default_name(raw: str, taken: Sequence[str]) -> str:
+    name, k = layout.clean_task_name(raw), 2
     candidate = name
     while candidate in taken:
         candidate, k = f"{name}-{k}", k + 1
@@ -274,7 +284,8 @@ class Store:
     def decouple(self, task: int | str, out: str | os.PathLike | None = None, *, dtype=None, force: bool = False,
                  progress: bool = False, max_shard_size: int = DEFAULT_MODEL_SHARD_SIZE) -> Path:
         """Write one task's full model: `out` ending in .safetensors is one file, anything else a model
-        folder (default: a folder named after the task in the current directory)."""
+        folder (default: a folder named after the task in the current directory). In factor space
+        the folder is an adapter folder that PeftModel.from_pretrained loads."""
         if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
             raise ValueError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
         with self._opened(task, dtype, side=True) as (snapshot, base, stream):
@@ -290,7 +301,7 @@ class Store:
             base_folder = base.path if base.is_folder else None
             return write_folder(stream, out, side=side, base_folder=base_folder,
                                 card=model_card(self.path, manifest, entry, out_dtype), config_dtype=out_dtype,
-                                max_shard_size=max_shard_size, progress=progress)
+                                max_shard_size=max_shard_size, progress=progress, adapter=manifest.space == "factors")
 
     def _protected(self, manifest: Manifest) -> dict[str, Path]:
         protected = {"the store": self.path, "the base": Path(manifest.base.path)}
@@ -336,19 +347,24 @@ class Store:
     # -- changes -----------------------------------------------------------------------------
 
     @classmethod
-    def unify(cls, path: str | os.PathLike, base: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], *,
-              names: Sequence[str] | None = None, rescaler: str = "model", dtype=None, missing: str = "error",
+    def unify(cls, path: str | os.PathLike, base: str | os.PathLike | None, checkpoints: Sequence[str | os.PathLike],
+              *, names: Sequence[str] | None = None, rescaler: str = "model", dtype=None, missing: str = "error",
               kernel: str | None = None, chunk: int | None = None, progress: bool = False,
               max_shard_size: int = DEFAULT_SHARD_SIZE, device: str | DeviceStage = "auto") -> "Store":
-        """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas."""
+        """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas.
+
+        `base` and the checkpoints are paths or hub ids; `base=None` takes the base the
+        checkpoints record, when they all record the same one and it resolves."""
         store_dir = Path(path)
         _check_unify_args(store_dir, checkpoints, names, rescaler, missing, dtype)
+        base_input = resolve_input(base if base is not None else infer_base(checkpoints))
+        inputs = [resolve_input(c) for c in checkpoints]
         created, had_lock = not store_dir.exists(), (store_dir / layout.LOCK).exists()
         runner = _Runner(kernel, device)
         store_dir.mkdir(parents=True, exist_ok=True)
         try:
             with change(store_dir, lambda: _no_store_yet(store_dir)) as tx:
-                _create(tx, Path(base), [Path(c) for c in checkpoints], names, rescaler,
+                _create(tx, base_input, inputs, names, rescaler,
                         parse_dtype(dtype) if dtype else None, missing, runner, chunk, progress, max_shard_size)
         except BaseException:
             remove_new_store(store_dir, created, had_lock)
@@ -359,19 +375,22 @@ class Store:
 
     def add(self, checkpoint: str | os.PathLike, *, name: str | None = None, missing: str | None = None,
             progress: bool = False) -> TaskRecord:
-        """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta."""
+        """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta.
+        `checkpoint` is a path or a hub id."""
+        source = resolve_input(checkpoint)
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
             fused = [FusedTensor.of(e) for e in manifest.tensors]
             runner = _Runner(self.kernel, self.device)
             runner.start(fused, len(manifest.tasks) + 1)
-            with open_base(manifest) as base, open_checkpoint(checkpoint) as ckpt:
-                name = name or _default_name(ckpt, [t.name for t in manifest.tasks])
+            with open_base(manifest) as base, open_checkpoint(source.path) as ckpt:
+                name = name or _default_name(source.default_name(ckpt.name), [t.name for t in manifest.tasks])
                 if manifest.task_by_name(name):
                     raise ValueError(f"{self.path}: a task named {name!r} exists already; pass another --name")
-                _refuse_related(Path(checkpoint), self.path, "the checkpoint", "the store")
-                new = plan_task(ckpt, base, fused, name=name, number=manifest.next_number,
-                                missing=check_missing(missing or manifest.missing), source=str(Path(checkpoint).resolve()))
+                _refuse_related(source.path, self.path, "the checkpoint", "the store")
+                new = plan_input(ckpt, base, fused, space=manifest.space, base_config=manifest.base.adapter_config,
+                                 name=name, number=manifest.next_number,
+                                 missing=check_missing(missing or manifest.missing), source=source.source, hub=source.hub)
                 self._manifest = _next_generation(tx, base, fused, list(manifest.tasks), [new],
                                                   runner, self.chunk, progress)
         self.last_pass = runner.report
@@ -424,8 +443,9 @@ class Store:
             return {n: _user_array(f.read(n), f.info(n).dtype) for n in f.keys()}
 
     def set_base(self, path: str | os.PathLike) -> None:
-        """Point the store at a moved or copied base; accepted only if its content is the same."""
-        new = Path(path)
+        """Point the store at a moved or copied base (a path or a hub id); accepted only if its content is the same."""
+        new_input = resolve_input(path)
+        new = new_input.path
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
             with open_checkpoint(new) as ckpt:
@@ -438,7 +458,7 @@ class Store:
                 if recorded.file_digests().first_mismatch(found) is not None:
                     raise ValueError(f"{new}: {name} differs from the base the store was made from; point it at a "
                                      "copy of the same base")
-            base = _with(manifest.base, path=str(new.resolve()))
+            base = _with(manifest.base, path=new_input.source, hub=new_input.hub)
             self._manifest = tx.commit(_with(manifest, generation=tx.generation, base=base,
                                              files=dict(manifest.files)))
 
@@ -490,25 +510,28 @@ def _refuse_related(path: Path, store_dir: Path, what: str, other: str) -> None:
         raise ValueError(f"{path}: {what} and {other} ({store_dir}) overlap; keep the store in a folder of its own")
 
 
-def _create(tx: Transaction, base_path: Path, paths: list[Path], names, mode: str, dtype: DType | None, missing: str,
-            runner: _Runner, chunk: int | None, progress: bool, max_shard_size: int) -> None:
+def _create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | None,
+            missing: str, runner: _Runner, chunk: int | None, progress: bool, max_shard_size: int) -> None:
     """Plan and check everything, then run the first generation's pass and commit it."""
-    for p, what in [(base_path, "the base"), *((p, "a checkpoint") for p in paths)]:
+    for p, what in [(base_input.path, "the base"), *((i.path, "a checkpoint") for i in inputs)]:
         _refuse_related(p, tx.store_dir, what, "the store")
     with contextlib.ExitStack() as stack:
-        base = stack.enter_context(Checkpoint(base_path, record=True, where=f"base {base_path}"))
+        base = stack.enter_context(Checkpoint(base_input.path, record=True, where=f"base {base_input.text}"))
         fused = plan_tensors(base, dtype)
-        runner.start(fused, len(paths))
+        space, base_config = space_of(base), base_adapter_config(base)
+        runner.start(fused, len(inputs))
         new, taken = [], []
-        for k, path in enumerate(paths):
-            ckpt = stack.enter_context(open_checkpoint(path))
-            name = names[k] if names is not None else _default_name(ckpt, taken)
+        for k, source in enumerate(inputs):
+            ckpt = stack.enter_context(open_checkpoint(source.path))
+            name = names[k] if names is not None else _default_name(source.default_name(ckpt.name), taken)
             if name in taken:
                 raise ValueError(f"task name {name!r} is given twice; give each checkpoint its own name")
             taken.append(name)
-            new.append(plan_task(ckpt, base, fused, name=name, number=k + 1, missing=missing, source=str(path.resolve())))
-        empty = Manifest(format="condu-store", version=2, generation=-1, hash="xxh3-64",
-                         base=BaseRef(path=str(base_path.resolve()), fingerprint=base.fingerprint(), files={}),
+            new.append(plan_input(ckpt, base, fused, space=space, base_config=base_config, name=name, number=k + 1,
+                                  missing=missing, source=source.source, hub=source.hub))
+        base_ref = BaseRef(path=base_input.source, hub=base_input.hub, fingerprint=base.fingerprint(), files={},
+                           adapter_config=base_config)
+        empty = Manifest(format="condu-store", version=2, generation=-1, hash="xxh3-64", base=base_ref, space=space,
                          rescaler=mode, missing=missing, max_shard_size=max_shard_size,
                          tensors=[t.entry() for t in fused], next_number=1, tasks=[],
                          unified=UnifiedEntry(files=[], weight_map={}), files={})
@@ -526,12 +549,7 @@ def _next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor]
         old = None
         if keep:
             old = stack.enter_context(reading(tx.store_dir, lambda m: [*m.unified.files, *(t.triggers for t in keep)]))
-        sources = []
-        for task in keep:
-            ckpt = _unchanged_source(task)
-            if ckpt is not None:
-                stack.enter_context(ckpt)
-            sources.append(OldSource(CheckpointDeltas(ckpt), _zero_of(task, fused), task.source.content) if ckpt else None)
+        sources = [_old_source(task, fused, manifest.space, stack) for task in keep]
         plan = PassPlan(base, fused, old, keep, new, sources, manifest.rescaler, runner.kernel(), chunk,
                         manifest.max_shard_size, runner.stage)
         result = run_pass(plan, tx, [t.number for t in keep] + [t.number for t in new], progress=progress)
@@ -545,6 +563,21 @@ def _next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor]
 def _zero_of(task: TaskEntry, fused: list[FusedTensor]) -> set[str]:
     names = {t.name for t in fused}
     return (set(task.private_tensors) & names) | set(task.zero_filled)
+
+
+def _old_source(task: TaskEntry, fused: list[FusedTensor], space: str, stack: contextlib.ExitStack) -> OldSource | None:
+    """How a pass reads a kept task's original delta again, if its source is still there unchanged."""
+    ckpt = _unchanged_source(task)
+    if ckpt is None:
+        return None
+    stack.enter_context(ckpt)
+    if task.kind == "adapter" and space == "dense":
+        try:
+            deltas, zero = dense_adapter_deltas(ckpt, fused)
+        except ValueError:  # its config no longer reads: the delta is not measured again
+            return None
+        return OldSource(deltas, zero, task.source.content)
+    return OldSource(CheckpointDeltas(ckpt), _zero_of(task, fused), task.source.content)
 
 
 def _unchanged_source(task: TaskEntry) -> Checkpoint | None:
@@ -596,8 +629,8 @@ def _manifest_after(tx: Transaction, manifest: Manifest, base_files, fused: list
 
 def _new_entry(task: NewTask, g: int, content: str) -> TaskEntry:
     ckpt = task.checkpoint
-    return TaskEntry(number=task.number, name=task.name,
-                     source=SourceRef(path=task.source, fingerprint=ckpt.fingerprint(), content=content),
+    return TaskEntry(number=task.number, name=task.name, kind=task.kind,
+                     source=SourceRef(path=task.source, hub=task.hub, fingerprint=ckpt.fingerprint(), content=content),
                      added_generation=g, rescaler=0.0, l1=0.0, mask_density=0.0,
                      fidelity=Fidelity(cosine=None, rel_l2=None, generation=g), triggers="",
                      private=layout.private_name(task.number) if task.private else None,

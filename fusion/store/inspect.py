@@ -14,6 +14,8 @@ from pathlib import Path
 from ..dtypes import DTYPES
 from ..io import SafetensorsFile
 from ..io.integrity import digest_file
+import msgspec
+
 from .manifest import Manifest, TaskEntry
 from .plan import FusedTensor
 from .snapshot import describe
@@ -125,8 +127,8 @@ def info(store_dir: Path, manifest: Manifest, records: list) -> dict:
     return {
         "store": str(store_dir.resolve()), "format": manifest.format, "version": manifest.version,
         "generation": manifest.generation,
-        "base": {"path": manifest.base.path, "hub": manifest.base.hub and manifest.base.hub.id,
-                 "bytes": manifest.base.nbytes},
+        "base": {"path": manifest.base.path, "hub": msgspec.to_builtins(manifest.base.hub), "bytes": manifest.base.nbytes},
+        "space": manifest.space,
         "rescaler": manifest.rescaler, "missing": manifest.missing,
         "tensors": len(manifest.tensors),
         "fused_parameters": sum(FusedTensor.of(t).numel for t in manifest.tensors),

@@ -1,8 +1,12 @@
 """The manifest `condu.json`: a typed schema, validated once on load, that proves its own content.
 
-The manifest is the store's table of contents: the base (where it is and the checksums of its
-content), the tensor table, and per task its number, name, source, rescaler(s), statistics and
-files, plus the size and block checksums of every file of the generation. It ends with
+The manifest is the store's table of contents: the space (`dense`: the base is a model, and a
+task is a full fine-tune or a LoRA adapter counted as its dense delta; `factors`: the base is a
+LoRA adapter, and every task is an adapter of its configuration), the base (where it is, its hub
+id and commit, the checksums of its content, and in factor space its adapter configuration), the
+tensor table, and per task its number, name, kind (`model` or `adapter`), source (path, hub id
+and commit), rescaler(s), statistics and files, plus the size and block checksums of every file
+of the generation. It ends with
 `checksum`, an XXH3-128 of its canonical content (every other field, keys sorted, compact JSON):
 a changed digit anywhere makes it fail to load. Loading checks, in this order: the JSON, the
 format and version, the checksum, the types (msgspec), then the rules that tie fields together
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import xxhash
@@ -66,6 +70,7 @@ class BaseRef(msgspec.Struct, **_STRICT):
     hub: HubRef | None = None
     fingerprint: str  # of the headers (fusion.io.Checkpoint.fingerprint)
     files: dict[str, Digests]  # content checksums, per file name of the checkpoint
+    adapter_config: dict[str, Any] | None = None  # factor space: the fields every task's adapter shares
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +104,7 @@ class SourceRef(msgspec.Struct, **_STRICT):
 class TaskEntry(msgspec.Struct, **_STRICT):
     number: int  # kept for life; the task's files are named t<number>
     name: str
+    kind: Literal["model", "adapter"] = "model"  # a full checkpoint, or a PEFT LoRA adapter
     source: SourceRef
     added_generation: int
     rescaler: float | dict[str, float]  # one, or one per tensor (rescaler mode "tensor")
@@ -134,6 +140,7 @@ class Manifest(msgspec.Struct, **_STRICT):
     generation: int
     hash: Literal["xxh3-64"]
     base: BaseRef
+    space: Literal["dense", "factors"] = "dense"  # weights of a model, or LoRA factors (the base is an adapter)
     rescaler: Literal["model", "tensor-mean", "tensor"]
     missing: Literal["error", "zero"]
     max_shard_size: int
@@ -282,9 +289,18 @@ def _check_task(m: Manifest, task: TaskEntry, where: str) -> None:
                      f"{rel!r} is not a {kind} file of this task")
 
 
+def _check_space(m: Manifest, where: str) -> None:
+    if m.space == "factors":
+        _require(m.base.adapter_config is not None, where, "a factor-space store needs the base adapter's config")
+        _require(all(t.kind == "adapter" for t in m.tasks), where, "a factor-space store holds adapters only")
+    else:
+        _require(m.base.adapter_config is None, where, "a dense store's base is a model, yet it has an adapter config")
+
+
 def check_manifest(m: Manifest, where: str) -> None:
     """The rules a manifest's fields obey together; a ManifestError names the first one broken."""
     _require(m.version == VERSION and m.generation >= 0 and m.max_shard_size > 0, where, "bad header fields")
+    _check_space(m, where)
     _require(all(_valid(layout.check_token, n, "a file name") for n in m.base.files), where, "bad base file name")
     _check_tensors(m, where)
     numbers, names = [t.number for t in m.tasks], [t.name for t in m.tasks]

@@ -200,7 +200,7 @@ def _check_finite(plan: PassPlan, name: str, delta_l1: np.ndarray) -> None:
     """A NaN or Inf anywhere in a chunk's delta makes its L1 sum NaN or Inf: one cheap test."""
     for task, l1 in zip(plan.new, delta_l1.tolist()):
         if not math.isfinite(l1):
-            raise ValueError(f"{task.checkpoint.file_of(name).where}: tensor {name!r} has NaN or Inf in its delta; "
+            raise ValueError(f"{task.where(name)}: tensor {name!r} has NaN or Inf in its delta; "
                              "fix or re-export the checkpoint")
 
 

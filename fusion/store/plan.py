@@ -19,7 +19,7 @@ from ..dtypes import DTYPES, DType
 from ..io import Checkpoint
 from ..io.files import model_side_files
 from . import layout
-from .manifest import TensorEntry
+from .manifest import HubRef, TensorEntry
 from .sources import CheckpointDeltas, DeltaSource
 
 __all__ = ["FusedTensor", "NewTask", "plan_tensors", "plan_task", "check_missing", "side_files"]
@@ -75,12 +75,18 @@ class NewTask:
     checkpoint: Checkpoint
     name: str
     number: int
-    source: str  # what the user gave: a path (absolute) or a hub id
+    source: str  # where it was read: an absolute path (for a hub id, its snapshot folder)
     deltas: DeltaSource  # how the pass reads its delta
     private: list[str] = field(default_factory=list)
-    zero: set[str] = field(default_factory=set)  # fused tensors with a zero delta (missing or reshaped)
+    zero: set[str] = field(default_factory=set)  # fused tensors with a zero delta (missing, reshaped, not adapted)
     zero_filled: list[str] = field(default_factory=list)  # of those, the ones the checkpoint lacks
     side_files: list[Path] = field(default_factory=list)
+    kind: str = "model"  # or "adapter" (a PEFT LoRA adapter, fused as factors or as scaling * B @ A)
+    hub: HubRef | None = None  # the hub id it was resolved from
+
+    def where(self, name: str) -> str:
+        """The file that holds fused tensor `name`'s delta, for error messages."""
+        return self.checkpoint.file_of(name).where if name in self.checkpoint else str(self.checkpoint.path)
 
 
 def side_files(checkpoint: Checkpoint) -> list[Path]:

@@ -26,6 +26,7 @@ __all__ = [
     "continual_schedules",
     "rescaler_modes",
     "chunk_sizes",
+    "lora_factors",
     "FLOAT_DTYPES",
     "as_dtype",
 ]
@@ -149,3 +150,27 @@ def rescaler_modes() -> st.SearchStrategy[str]:
 def chunk_sizes(*, max_chunk: int = 64) -> st.SearchStrategy[int]:
     """Chunk sizes the engine accepts: positive multiples of 8, shrinking toward 8."""
     return st.integers(1, max(1, max_chunk // 8)).map(lambda m: 8 * m)
+
+
+@st.composite
+def lora_factors(
+    draw,
+    *,
+    rank: st.SearchStrategy[int] | int = st.integers(1, 8),
+    rows: st.SearchStrategy[int] | int = st.integers(1, 12),
+    cols: st.SearchStrategy[int] | int = st.integers(1, 12),
+    transpose: st.SearchStrategy[bool] | bool = st.booleans(),
+    scale: float = 2.0**-3,
+) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """LoRA factors `(A (r, in), B (out, r), scaling, transpose)` whose delta is `(rows, cols)`.
+
+    Entries are small integers times `scale` and the scaling a power of two, so every float32
+    product and sum of a delta entry is exact, whatever order a matmul adds them in.
+    """
+    r, n_rows, n_cols, flip = _draw(draw, rank), _draw(draw, rows), _draw(draw, cols), _draw(draw, transpose)
+    n_out, n_in = (n_cols, n_rows) if flip else (n_rows, n_cols)  # a transposed weight is stored (in, out)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    a = (rng.integers(-8, 9, (r, n_in)) * scale).astype(np.float32)  # (r, in)
+    b = (rng.integers(-8, 9, (n_out, r)) * scale).astype(np.float32)  # (out, r)
+    scaling = draw(st.sampled_from([0.25, 0.5, 1.0, 2.0]))
+    return a, b, scaling, flip

@@ -77,7 +77,7 @@ def test_errors_are_one_line_and_change_nothing(tmp_path, models):
         (["unify", "--base", base, "-q", b], "already holds a ConDU store; use add"),
         (["add", pickle, "-q"], "convert it to safetensors"),
         (["add", b, "--name", "5"], "is a number"),
-        (["add", tmp_path / "nowhere", "-q"], "no such checkpoint"),
+        (["add", tmp_path / "nowhere", "-q"], "no such file or folder, and not a hub id"),
         (["decouple", "--task", "9", "-o", "x.safetensors"], "no task '9'; choose a number or a name: 1 (ckpt_a)"),
         (["remove", "--task", "1"], "is the only one"),
         (["info", "--store", tmp_path / "none"], "no ConDU store here"),

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 MATH_MODULES = ["fusion", "fusion.reference", "fusion.kernels", "fusion.kernels.cpu", "fusion.kernels.reference",
-                "fusion.engine", "fusion.fuse", "fusion.rescale", "fusion.fidelity", "fusion.dtypes"]
+                "fusion.engine", "fusion.fuse", "fusion.rescale", "fusion.fidelity", "fusion.dtypes",
+                "fusion.lora", "fusion.io.adapter", "fusion.store.adapters", "fusion.store.inputs"]
 
 
 def _fresh(code: str) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -14,6 +17,7 @@ from fusion.cli import main
 from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
 
 OPTS = dict(kernel="reference", chunk=16)  # small chunks: tensors span several chunks
+REPO = Path(__file__).resolve().parents[3]
 
 
 def models(tmp_path: Path, num_tasks: int = 3, *, layout: str = "file", dtype=None):
@@ -68,3 +72,24 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
 
 def equal_models(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(np.asarray(a[n]), np.asarray(b[n])) for n in a)
+
+
+def assert_matches_state(store, state):
+    """The stored unified delta, masks and rescalers equal an in-memory FusedDeltas."""
+    unified = stored_unified(store.path)
+    for k, name in enumerate(state.names):
+        assert np.array_equal(unified[name].reshape(-1), state.unified[name]), name
+        for i, task in enumerate(store.tasks):
+            masks = load_file(store.path / task_entry(store.path, task.name)["triggers"])
+            assert np.array_equal(masks[name], state.masks[name][i]), (task.name, name)
+            assert task.rescaler_of(name) == pytest.approx(float(state.rescalers[i, k]), rel=1e-12)
+
+
+def cli_process(args, cwd: Path, *, block: str) -> subprocess.CompletedProcess:
+    """`condu-fuse ARGS` in a fresh process in `cwd`, where importing the package `block` fails."""
+    blocker = cwd / "blocker"
+    (blocker / block).mkdir(parents=True, exist_ok=True)
+    (blocker / block / "__init__.py").write_text(f"raise ImportError('condu-fuse imported {block}')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "fusion.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)

@@ -130,6 +130,11 @@ EDITS = {
     "unknown-field": (lambda m: m.update(extra=1), "unknown field"),
     "wrong-type": (lambda m: m["tasks"][0].update(number="one"), "Expected `int`"),
     "dropped-file-entry": (lambda m: m["files"].pop(m["tasks"][0]["triggers"]), "not in the file table"),
+    "factor-space-of-models": (lambda m: m.update(space="factors"), "needs the base adapter's config"),
+    "factor-space-holding-models": (lambda m: (m.update(space="factors"), m["base"].update(adapter_config={"r": 8})),
+                                    "a factor-space store holds adapters only"),
+    "dense-with-adapter-config": (lambda m: m["base"].update(adapter_config={"r": 8}), "a dense store's base is a model"),
+    "unknown-kind": (lambda m: m["tasks"][0].update(kind="lora"), "Invalid enum value 'lora'"),
 }
 
 

@@ -13,20 +13,9 @@ from fusion.store.front import _chunk_for
 from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
 from fusion.testing.vectors import requires_vectors, vectors_dir
 
-from .helpers import OPTS, manifest, models, stored_unified, task_entry
+from .helpers import OPTS, assert_matches_state, manifest, models, stored_unified, task_entry
 
 MODES = ["model", "tensor-mean", "tensor"]
-
-
-def _assert_matches_state(store, state):
-    """The stored unified delta, masks and rescalers equal an in-memory FusedDeltas."""
-    unified = stored_unified(store.path)
-    for k, name in enumerate(state.names):
-        assert np.array_equal(unified[name].reshape(-1), state.unified[name]), name
-        for i, task in enumerate(store.tasks):
-            masks = load_file(store.path / task_entry(store.path, task.name)["triggers"])
-            assert np.array_equal(masks[name], state.masks[name][i]), (task.name, name)
-            assert task.rescaler_of(name) == pytest.approx(float(state.rescalers[i, k]), rel=1e-12)
 
 
 @requires_vectors()
@@ -53,13 +42,13 @@ def test_store_equals_in_memory_unify_add_remove(tmp_path, mode):
     deltas = [fusion.task_delta(base, ft) for ft in fts]
     store = Store.unify(tmp_path / "s", base_path, paths[:3], rescaler=mode, **OPTS)
     state = fusion.unify(deltas[:3], mode=mode, kernel="reference")
-    _assert_matches_state(store, state)
+    assert_matches_state(store, state)
     store.add(paths[3])
     state = fusion.add(state, deltas[3], kernel="reference")
-    _assert_matches_state(store, state)
+    assert_matches_state(store, state)
     store.remove(2)
     state = fusion.remove(state, 1, kernel="reference")
-    _assert_matches_state(store, state)
+    assert_matches_state(store, state)
     assert [(t.number, t.name) for t in store.tasks] == [(1, "task1"), (3, "task3"), (4, "task4")]
     assert store.verify().ok
 
