@@ -36,7 +36,7 @@ from ..progress import progress_bar
 from .manifest import Manifest, TaskEntry
 from .snapshot import Snapshot
 
-__all__ = ["TaskStream", "write_file", "write_folder", "check_output", "model_card"]
+__all__ = ["TaskStream", "write_file", "write_folder", "check_output", "default_output", "model_card"]
 
 
 class _Piece(NamedTuple):
@@ -165,6 +165,15 @@ class TaskStream:
 def _related(a: Path, b: Path) -> bool:
     """One path is the other, or lies inside it."""
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def default_output(name: str, protected: dict[str, Path]) -> Path:
+    """./<task name>/, or ./<task name>-decoupled/ where the first is the store, the base or a source
+    (fine-tunes often sit in folders named after their tasks)."""
+    out = Path.cwd() / name
+    if any(_related(out.resolve(), path.resolve()) for path in protected.values()):
+        out = Path.cwd() / f"{name}-decoupled"
+    return out
 
 
 def check_output(out: Path, protected: dict[str, Path], *, force: bool) -> None:

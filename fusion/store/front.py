@@ -40,7 +40,7 @@ from ..kernels.host import rebuild_into
 from ..torch_compat import from_torch, is_torch, to_torch
 from . import layout
 from .adapters import base_adapter_config, dense_adapter_deltas, plan_input, space_of
-from .export import TaskStream, check_output, model_card, write_file, write_folder
+from .export import TaskStream, check_output, default_output, model_card, write_file, write_folder
 from .inputs import Input, infer_base, resolve_input
 from .inspect import Health, audit, info
 from .manifest import (BaseRef, Digests, Fidelity, HubRef, Manifest, ManifestError, SourceRef, TaskEntry, UnifiedEntry,
@@ -289,7 +289,7 @@ class Store:
         if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
             raise ValueError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
         with self._opened(task, dtype, side=True) as (snapshot, base, stream):
-            out = Path(out) if out is not None else Path.cwd() / stream.task.name
+            out = Path(out) if out is not None else default_output(stream.task.name, self._protected(snapshot.manifest))
             if out.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt"):
                 raise ValueError(f"{out}: decouple writes safetensors only; name the output .safetensors or a folder")
             check_output(out, self._protected(snapshot.manifest), force=force)

@@ -70,3 +70,16 @@ def test_bf16_output_and_shards(store, tmp_path):
 
     loaded = load(tmp_path / "sharded")
     assert loaded["embed.weight"].dtype.name == "bfloat16" and loaded["position_ids"].dtype == np.int64
+
+
+def test_a_default_output_that_is_a_source_becomes_name_decoupled(tmp_path):
+    from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
+
+    base = tiny_base()
+    write_checkpoint(base, tmp_path / "base", layout="folder")
+    write_checkpoint(tiny_finetune(base, seed=0), tmp_path / "cola", layout="folder")  # named after its task
+    assert run(["unify", "--base", "base", "cola", "-q"], tmp_path).exit_code == 0
+    before = (tmp_path / "cola" / "model.safetensors").read_bytes()
+    result = run(["decouple", "--task", "cola", "-q"], tmp_path)
+    assert result.exit_code == 0 and f"wrote {tmp_path / 'cola-decoupled'}" in result.output
+    assert (tmp_path / "cola" / "model.safetensors").read_bytes() == before
