@@ -10,7 +10,7 @@ from .kernels import KERNELS, get_kernel
 from .reference import ChunkResult, pack_bits, unpack_bits
 from .rescale import RESCALER_MODES, compute_rescalers
 from .store import Store, StoreLockedError, TaskRecord
-from . import io
+from . import hub, io
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "compute_rescalers",
     "fuse_pass",
     "get_kernel",
+    "hub",
     "io",
     "is_fusable",
     "pack_bits",

@@ -1,0 +1,166 @@
+"""Checkpoint arguments that may be Hugging Face hub ids: `org/name` or `org/name@revision`.
+
+    resolved = resolve_checkpoint("openai/clip-vit-base-patch16@main")
+    resolved.path      # the local snapshot folder (or the local path itself)
+    resolved.commit    # the commit it came from, to record next to the id
+
+An existing local path always wins. Anything else that reads as `org/name[@revision]` is fetched
+with `huggingface_hub` into its standard cache (HF_HOME, HF_HUB_CACHE), downloading only weights,
+indexes, configs and tokenizer files (and a PEFT adapter's two files). `HF_HUB_OFFLINE=1` keeps
+it to the cache. Every failure is one `ValueError` line that names the argument and the fix.
+
+Only the standard library is imported here; `huggingface_hub` is imported when an id is
+resolved, so commands that take local paths start without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# What a checkpoint needs; pickled weights (.bin, .pt, .ckpt) and other frameworks' files are left out.
+HUB_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "adapter_config.json",
+)
+# The hub's own rule for repository names (huggingface_hub.utils.validate_repo_id), owner required.
+_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^\s@]+))?$")
+_TRUE = {"1", "on", "yes", "true"}  # the values huggingface_hub reads as true
+ID_FORM = "org/name[@revision]"
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a checkpoint argument lives on disk, and which hub commit it is, if any."""
+
+    path: Path
+    hub_id: str | None = None  # "org/name" when the argument was a hub id
+    revision: str | None = None  # the revision asked for (None: the default branch)
+    commit: str | None = None  # the commit the cached snapshot holds
+
+    @property
+    def from_hub(self) -> bool:
+        return self.hub_id is not None
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """("org/name", revision or None) when `text` has the form of a hub id, else None."""
+    match = _HUB_ID.match(text)
+    if match is None or "--" in match["repo"] or ".." in match["repo"] or match["repo"].endswith(".git"):
+        return None
+    return match["repo"], match["revision"]
+
+
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, when it is first imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_cache_dir() -> str | None:
+    """The hub cache the environment names now; None leaves huggingface_hub's default."""
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    return os.path.join(os.path.expanduser(env["HF_HOME"]), "hub") if env.get("HF_HOME") else None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
+    """A local path as it is, or a hub id's snapshot folder in the cache (downloaded when needed)."""
+    text = os.fspath(name_or_path)
+    local = Path(os.path.expanduser(text))
+    if local.exists():
+        return ResolvedCheckpoint(path=local)
+    parsed = parse_hub_id(text)
+    if parsed is None:
+        raise ValueError(f"{text}: no such file or folder, and not a hub id ({ID_FORM}); fix the path or the id")
+    repo, revision = parsed
+    folder = Path(_download(text, repo, revision))
+    _require_weights(text, folder)
+    return ResolvedCheckpoint(path=folder, hub_id=repo, revision=revision, commit=folder.name)
+
+
+def _download(text: str, repo: str, revision: str | None) -> str:
+    """snapshot_download of the checkpoint files, its errors turned into one line each."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    offline = offline_mode()
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES),
+                                                 cache_dir=hub_cache_dir(), local_files_only=offline)
+    except errors.GatedRepoError:
+        raise ValueError(f"{text}: hub repository {repo} is gated; accept its terms on the hub, then log in "
+                         "with `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"{text}: no such local path, and no hub repository {repo} (or it is private: "
+                         "log in with `hf auth login`); check the path or the id") from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"{text}: hub repository {repo} has no revision {revision!r}; give a branch, tag or "
+                         "commit that exists") from None
+    except getattr(errors, "IncompleteSnapshotError", ()):  # newer huggingface_hub checks completeness
+        raise ValueError(f"{text}: the cached snapshot of {repo} misses files; download it again with network "
+                         "(HF_HUB_OFFLINE unset)") from None
+    except errors.LocalEntryNotFoundError:
+        raise ValueError(_not_cached(text, repo, revision, offline)) from None
+    except errors.HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", "?")
+        raise ValueError(f"{text}: the hub answered HTTP {status} for {repo}; retry later, or give a local "
+                         "folder") from None
+
+
+def _not_cached(text: str, repo: str, revision: str | None, offline: bool) -> str:
+    wanted = f"{repo}@{revision}" if revision else repo
+    where = hub_cache_dir() or "the default hub cache"
+    if offline:
+        return (f"{text}: no such local path, and hub id {wanted} is not in the hub cache ({where}) while "
+                "HF_HUB_OFFLINE is set; download it once with network (unset HF_HUB_OFFLINE), or give a local folder")
+    return (f"{text}: no such local path, and hub id {wanted} is neither reachable (no connection to the hub) "
+            f"nor in the hub cache ({where}); connect once to download it, or give a local folder")
+
+
+def _require_weights(text: str, folder: Path) -> None:
+    if not any(folder.rglob("*.safetensors")):
+        raise ValueError(f"{text}: the hub repository has no .safetensors weights (pickled ones are not read); "
+                         "convert them to safetensors and give the local folder")
+
+
+def recorded_base(path: str | os.PathLike) -> str | None:
+    """The base a checkpoint folder names itself: `base_model_name_or_path` in an adapter's
+    adapter_config.json, else `_name_or_path` in config.json; None when it names none."""
+    folder = Path(path)
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("config.json", "_name_or_path")):
+        record = folder / name
+        if folder.is_dir() and record.is_file():
+            value = _json_field(record, key)
+            if value:
+                return value
+    return None
+
+
+def _json_field(path: Path, key: str) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err.__class__.__name__}); fix or replace the file") from None
+    value = data.get(key) if isinstance(data, dict) else None
+    return (value.strip() or None) if isinstance(value, str) else None
