@@ -16,10 +16,11 @@ def test_run_then_report(tiny_model, tiny_data, tmp_path):
     result = CliRunner().invoke(main, ["run", str(config), "--methods", "zero_shot", "--out", str(out), "--no-progress",
                                    "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert "| zero_shot |" in result.output and (out / "results.md").exists()
+    assert "| zero-shot |" in result.output and (out / "results.md").exists()
+    assert f"config: {config}" in result.output and "Accuracy in %" in result.output
     (out / "heatmap-zero_shot.png").unlink()
     report = CliRunner().invoke(main, ["report", str(out)])
-    assert report.exit_code == 0 and "| zero_shot |" in report.output
+    assert report.exit_code == 0 and "| zero-shot |" in report.output
     assert (out / "heatmap-zero_shot.png").exists()
 
 

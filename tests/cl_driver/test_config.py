@@ -22,7 +22,7 @@ def test_defaults_follow_the_mtil_protocol():
 def test_builtin_tasks_need_no_class_names_and_methods_get_names():
     cfg = parse_config(base(methods=["sequential", {"kind": "condu", "rescaler": "tensor-mean"},
                                      {"kind": "condu", "agnostic": True}, {"kind": "magmax", "scale": "0.5"}]))
-    assert cfg.tasks[0].source == {"kind": "builtin", "task": "shapes"}
+    assert cfg.tasks[0].source_dict == {"kind": "builtin", "task": "shapes"}
     assert [m.name for m in cfg.methods] == ["sequential", "condu-tensor-mean", "condu-model-agnostic", "magmax"]
     assert cfg.methods[3].scale == 0.5
 
@@ -58,8 +58,8 @@ def test_paths_resolve_against_data_root_or_the_config(tmp_path):
     folder_task = {"name": "f", "class_names": ["a"], "templates": ["{}"], "source": {"kind": "folder", "path": "f"}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(base(tasks=[folder_task])))
-    assert load_config(path).tasks[0].source["path"] == str(tmp_path / "f")
-    assert load_config(path, data_root=tmp_path / "data").tasks[0].source["path"] == str(tmp_path / "data" / "f")
+    assert load_config(path).tasks[0].source.path == str(tmp_path / "f")
+    assert load_config(path, data_root=tmp_path / "data").tasks[0].source.path == str(tmp_path / "data" / "f")
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

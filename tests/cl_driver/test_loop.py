@@ -51,7 +51,10 @@ def test_every_method_gives_a_full_matrix_and_the_outputs(full_run, tiny_config)
         assert set(results["summary"][name]) == {"transfer", "average", "last"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["matrices"] == results["matrices"]
-    assert "| condu-model |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| ConDU, model rescaler |" in markdown and "| sequential fine-tuning |" in markdown
+    assert "| ConDU task-agnostic, model rescaler, weighted aggregation (condu-weighted) |" in markdown
+    assert "Accuracy in % on each task" in markdown and "config: tiny.yaml" in markdown
     # routing is reported for the task-agnostic methods only, for the tasks seen so far
     routing = results["routing_top1"]["condu-model-agnostic"]
     assert set(results["routing_top1"]) == {"condu-model-agnostic", "condu-weighted"}
