@@ -38,9 +38,10 @@ def _launch_arguments(argv: list[str]):
     """The options of an `accelerate launch` command line, parsed by accelerate's own parser."""
     from accelerate.commands.launch import launch_command_parser
 
-    if "launch" not in argv:
+    starts = [i for i, word in enumerate(argv) if word in ("launch", "accelerate.commands.launch")]
+    if not starts:  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
         return None
-    args, _ = launch_command_parser().parse_known_args(argv[argv.index("launch") + 1:])
+    args, _ = launch_command_parser().parse_known_args(argv[starts[0] + 1:])
     return args
 
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cl_driver.config import TaskConfig
-from cl_driver.data import as_dataset, folder_split, load_split, resolve_task, subset
+from cl_driver.data import Split, as_dataset, few_shot, folder_split, load_split, resolve_task, subset
 
 from tests.cl_driver.helpers import SIDE, TASKS, TEMPLATES, write_task_folder
 
@@ -34,6 +34,17 @@ def test_subset_is_seeded_and_keeps_order(tmp_path):
     a, b = load_split(spec, "train", seed=3), load_split(spec, "train", seed=3)
     assert len(a) == 5 and a.labels == b.labels == sorted(a.labels)
     assert subset(a, None) is a
+
+
+def test_few_shot_keeps_n_images_of_each_class_seeded_and_in_order():
+    split = Split([0] * 6 + [1] * 3 + [2], lambda i: f"image {i}")
+    chosen = few_shot(split, 2, seed=0)
+    assert sorted(chosen.labels) == [0, 0, 1, 1, 2]  # a class with fewer images keeps them all
+    picked = [int(chosen.load(j).split()[1]) for j in range(len(chosen))]
+    assert picked == sorted(picked) and [split.labels[i] for i in picked] == chosen.labels
+    assert [chosen.load(j) for j in range(len(chosen))] == [few_shot(split, 2, seed=0).load(j) for j in range(5)]
+    draws = {tuple(few_shot(split, 2, seed=seed).load(j) for j in range(5)) for seed in range(8)}
+    assert len(draws) > 1  # the seed chooses
 
 
 def test_small_splits_become_one_pixel_tensor(tmp_path, tiny_model):

@@ -179,3 +179,24 @@ def test_pixel_cache_leaves_the_matrix_unchanged(tiny_model, tiny_data, full_run
     results = run(parse_config(raw, where="tiny.yaml"), tmp_path / "run", progress=False)
     assert results["matrices"]["zero_shot"] == full_run[1]["matrices"]["zero_shot"]
     assert len(list((tmp_path / "run" / "pixels").glob("*-test-*.npy"))) == T
+
+
+def test_shots_train_each_task_on_n_images_a_class(tiny_model, tiny_data, full_run, clip, tmp_path):
+    raw = tiny_config_dict(tiny_data, tiny_model, methods=["individual", {"kind": "condu", "rescaler": "model"}])
+    raw["training"]["shots"] = 2
+    config = parse_config(raw, where="tiny.yaml")
+    out = tmp_path / "run"
+    results = run(config, out, progress=False)
+    view = ContinualRun(config, out, progress=False, clip=clip)
+    store = Store.open(out / "stores" / "model")
+    theta0 = load_file(str(out / "base.safetensors"))
+    for j, spec in enumerate(view.specs):
+        train = view.train_set(j)
+        assert torch.bincount(train.tensors[1]).tolist() == [2] * len(spec.class_names)
+        load_weights(clip.model, theta0)
+        feats, labels = dataset_features(clip, train)  # the prototypes come from those few images too
+        expected = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
+        assert torch.allclose(store.load_prototypes(j + 1)[PROTOTYPES], expected, atol=1e-6)
+    few, full = (load_file(str(root / "checkpoints" / "individual" / "01-colors.safetensors")) for root in (out, full_run[0]))
+    assert any(not torch.equal(few[k], full[k]) for k in few)
+    assert len(results["matrices"]["condu-model"]) == T
