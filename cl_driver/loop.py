@@ -99,7 +99,8 @@ class ContinualRun:
         self.progress, self.bars = progress, progress and console.bars_on_terminal()
         self._log = log if (log and self.main) else (lambda message: None)
         self._check_batch_split()
-        device = self.processes.device if config.device == "auto" else resolve_device(config.device)
+        # `auto` and `cuda` take this process's own GPU under a launcher; `cuda:N` is taken as written
+        device = self.processes.device if config.device in ("auto", "cuda") else resolve_device(config.device)
         with self.processes.main_process_first():  # one download of a hub id, then the cache
             self.clip = clip or load_clip(config.model, device=device)
         self.specs: list[TaskSpec] = [resolve_task(t) for t in config.tasks]

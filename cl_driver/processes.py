@@ -55,7 +55,7 @@ def relaunch_command(argv: list[str] | None = None) -> list[str] | None:
     import psutil
 
     args = _launch_arguments(psutil.Process().parent().cmdline())
-    if args is None or (args.num_processes or 1) <= 1:
+    if args is None or (args.num_processes or 1) <= 1 or args.mpirun_hostfile:  # mpirun starts them all
         return None
     machines = args.num_machines or 1
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.num_processes // machines}",

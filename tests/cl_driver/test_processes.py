@@ -92,3 +92,34 @@ def test_accelerate_launch_on_cpu_really_starts_two_processes(tiny_data, tiny_mo
     assert output.count("2 processes (gloo)") == 1  # said once, by the main process of two
     assert output.count("stopped after 1 tasks") == 1
     assert (tmp_path / "out" / "checkpoints" / "individual" / "01-colors.safetensors").exists()
+
+
+@pytest.mark.parametrize("parent, expected", [
+    (["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "4", "-m", "cl_driver.cli", "run", "c.yaml"], 4),
+    (["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "cl_driver.cli"], 2),
+    (["python", "/bin/accelerate", "launch", "--cpu", "-m", "cl_driver.cli", "run", "c.yaml"], None),  # one process
+    (["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "4", "--mpirun_hostfile", "hosts",
+      "-m", "cl_driver.cli"], None),  # mpirun starts them all itself
+    (["bash", "-c", "condu-cl run c.yaml"], None),  # not accelerate
+])
+def test_relaunch_only_what_accelerate_launch_cpu_left_out(monkeypatch, parent, expected):
+    import types
+
+    import psutil
+
+    from cl_driver.processes import relaunch_command
+
+    for name, value in (("ACCELERATE_USE_CPU", "True"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(psutil.Process, "parent", lambda self: types.SimpleNamespace(cmdline=lambda: parent))
+    command = relaunch_command(["run", "c.yaml"])
+    if expected is None:
+        assert command is None
+        return
+    assert command == [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={expected}", "--nnodes=1",
+                       "--node_rank=0", "--master_addr=127.0.0.1", "--master_port=29511", "-m", "cl_driver.cli",
+                       "run", "c.yaml"]
+    monkeypatch.setenv("RANK", "0")  # a process the relaunch started: never again
+    assert relaunch_command(["run", "c.yaml"]) is None
