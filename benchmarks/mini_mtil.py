@@ -191,6 +191,11 @@ def zero_shot_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prototype_bytes(sizes: dict) -> int:
+    """The prototypes' bytes: the store's attachments (format 2), or its prototypes (format 1 results)."""
+    return sizes["attachments"] if "attachments" in sizes else sizes["prototypes"]
+
+
 def storage_table(results: dict) -> str:
     """ConDU keeps theta0 once plus the store; T separate models are T full checkpoints (and
     theta0 too, for zero-shot on unseen tasks)."""
@@ -200,7 +205,7 @@ def storage_table(results: dict) -> str:
     mb = 1 / 2**20
     for rescaler, st in results.get("stores", {}).items():
         lines.append(f"| {rescaler} | {st['tasks']} | {st['base_bytes'] * mb:.2f} | {st['unified'] * mb:.2f} | "
-                     f"{st['triggers'] * mb:.2f} | {st['prototypes'] * mb:.3f} | {st['total'] * mb:.2f} | "
+                     f"{st['triggers'] * mb:.2f} | {_prototype_bytes(st) * mb:.3f} | {st['total'] * mb:.2f} | "
                      f"{(st['total'] + st['base_bytes']) * mb:.2f} | {st['separate_checkpoints_bytes'] * mb:.2f} | "
                      f"{st['savings']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -212,7 +217,41 @@ def claims_table(claims: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(record: dict) -> str:
+# The paper's other settings on mini-MTIL: (results name, what changes), each written by its own run
+# of this script; the full benchmark's page shows their rows next to its own.
+OTHER_SETTINGS = (
+    ("mini_mtil_lora", "LoRA: rank 64 on the MLP linears of both towers, fused in factor space, lr 1e-3"),
+    ("mini_mtil_fewshot", "5-shot: 5 training images a class, 100 iterations"),
+)
+SETTING_METHODS = ("zero_shot", "individual", "condu-model", "condu-tensor")
+
+
+def settings_section(results_dir: Path) -> str:
+    """Rows of the other settings' runs found next to this page, with the commands that made them."""
+    records = [(json.loads((results_dir / f"{name}.json").read_text()), what) for name, what in OTHER_SETTINGS
+               if (results_dir / f"{name}.json").exists()]
+    if not records:
+        return ""
+    lines = ["| setting | method | Transfer | Average | Last |", "|---|---|---:|---:|---:|"]
+    for record, what in records:
+        summary = record["results"]["summary"]
+        lines += [f"| {what} | {m} | {fmt(summary[m]['transfer'])} | {fmt(summary[m]['average'])} | "
+                  f"{fmt(summary[m]['last'])} |" for m in SETTING_METHODS if m in summary]
+    commands = "\n".join(f"- `{record['command']}`: [{record['name']}.md]({record['name']}.md)" for record, _ in records)
+    return f"""
+## The paper's other settings: LoRA and 5-shot
+
+The same ten tasks and the same evaluation, trained as the official LoRA and few-shot settings
+train (configs `mini_mtil_lora.yaml`, `mini_mtil_fewshot.yaml`). Each setting's own page has all
+its methods, its claims, fidelity, storage and timings.
+
+{chr(10).join(lines)}
+
+{commands}
+"""
+
+
+def markdown(record: dict, results_dir: Path | None = None) -> str:
     r, t = record["results"], record["timing"]
     heatmaps = "\n".join(f"- {n}: [{p}]({p})" for n, p in record["heatmaps"].items())
     return f"""# mini-MTIL results: {record['name']}
@@ -247,7 +286,7 @@ right after the task's own step and after the last step.
 ## Accuracy matrices
 
 {heatmaps}
-{record.get('notes', '')}"""
+{settings_section(results_dir) if results_dir and record['name'] == 'mini_mtil' else ''}{record.get('notes', '')}"""
 
 
 def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: dict, *,
@@ -275,7 +314,7 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
     if notes:
         record["notes"] = "\n## Notes\n\n" + notes.strip() + "\n"
     (results_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (results_dir / f"{name}.md").write_text(markdown(record))
+    (results_dir / f"{name}.md").write_text(markdown(record, results_dir))
     return record
 
 
@@ -288,12 +327,18 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the run (1 is fastest on a busy CPU)")
     p.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to include")
     p.add_argument("--collect-only", action="store_true", help="rewrite the results of a finished run")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite NAME.md from NAME.json alone (and the other settings' records), no run folder")
     p.add_argument("--methods", default=None, help="comma-separated subset of the config's methods")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="run the two method groups that share no checkpoints side by side (2 cores)")
     args = p.parse_args(argv)
     from cl_driver.config import load_config
 
+    if args.render_only:
+        record = json.loads((args.results_dir / f"{args.name}.json").read_text())
+        (args.results_dir / f"{args.name}.md").write_text(markdown(record, args.results_dir))
+        return record
     run_dir = args.run_dir or ROOT / "runs" / args.name
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     saved = args.results_dir / f"{args.name}.json"

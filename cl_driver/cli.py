@@ -9,17 +9,42 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import click
 
 from .config import load_config
+from .processes import is_main_process, relaunch_command
 
 
 def _fail(err: Exception) -> None:
-    click.echo(f"error: {err}", err=True)
+    if is_main_process():  # every process of a launched run meets the same error; one says it
+        click.echo(f"error: {err}", err=True)
     sys.exit(1)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _progress_setup(progress: bool) -> bool:
+    """Bars only on a terminal: no redraw escapes in a log (the loop then writes a line a task)."""
+    from .console import bars_on_terminal, quiet_library_bars
+
+    if not (progress and bars_on_terminal()):
+        quiet_library_bars()
+    return progress
+
+
+def _relaunch_if_single_cpu_process() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process: start the N it asked for."""
+    command = relaunch_command()
+    if command:
+        _say("accelerate launch --cpu starts one process only; starting the processes it asked for with "
+             "torch.distributed.run")
+        sys.exit(subprocess.call(command))
 
 
 def _set_threads(threads: int | None) -> None:
@@ -57,21 +82,23 @@ def main() -> None:
 def run(config, methods, out, data_root, stop_after, progress, threads, aggregate, top_k):
     """Run (or resume) the continual loop of CONFIG (a YAML file, or a shipped name such as mtil)."""
     from .loop import run as run_loop
+    from .metrics import summary_table
 
+    _relaunch_if_single_cpu_process()
     _set_threads(threads)
     try:
         cfg = load_config(config, data_root=data_root).select_methods(_names(methods))
         cfg = cfg.with_evaluation(aggregate=aggregate, top_k=top_k)
         out = out or str(Path("runs") / Path(config).stem)
-        results = run_loop(cfg, out, progress=progress, stop_after=stop_after)
+        results = run_loop(cfg, out, progress=_progress_setup(progress), stop_after=stop_after, log=_say)
     except ValueError as err:
         _fail(err)
+    if not is_main_process():
+        return
     if results is None:
         click.echo(f"stopped after {stop_after} tasks; run the same command to resume ({out})")
         return
-    from .metrics import markdown_table
-
-    click.echo(markdown_table(results["summary"]), nl=False)
+    click.echo(summary_table(results), nl=False)
     click.echo(f"results: {Path(out) / 'results.md'}")
 
 
@@ -95,14 +122,15 @@ def demo(out, progress, threads):
     """Run the quick mini benchmark with the shipped small CLIP and print the table."""
     from .config import packaged_config
     from .loop import run as run_loop
-    from .metrics import markdown_table
+    from .metrics import summary_table
 
     _set_threads(threads)
     try:
-        results = run_loop(load_config(packaged_config("mini_mtil_quick.yaml")), out, progress=progress)
+        results = run_loop(load_config(packaged_config("mini_mtil_quick.yaml")), out,
+                           progress=_progress_setup(progress), log=_say)
     except ValueError as err:
         _fail(err)
-    click.echo(markdown_table(results["summary"]), nl=False)
+    click.echo(summary_table(results), nl=False)
     click.echo(f"results, matrices and heat maps: {out}")
 
 

@@ -1,9 +1,9 @@
-"""The run configuration of `condu-cl run`: one YAML file, validated once, here.
+"""The run configuration of `condu-cl run`: one YAML file, validated once, here, by declared models.
 
 Schema (every key but `model`, `tasks` and `methods` has a default)::
 
-    model: PATH_OR_HUB_ID        # theta0: a local CLIP folder or a hub id; a relative path is
-                                 # resolved against the config file, then the packaged assets
+    model: PATH_OR_HUB_ID        # theta0: a local CLIP folder, or a hub id org/name[@revision]; a
+                                 # relative path is resolved against the config file, then the packaged assets
     device: auto                 # auto | cpu | cuda | cuda:N
     image_size: null             # pixels for builtin tasks (default: the processor's crop size)
     fusion_kernel: null          # reference | cpu | triton; null: fusion picks by device
@@ -24,14 +24,19 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
         max_test: null
         lr: null                         # optional per-task overrides of `training`
         iterations: null
+    task_order: [b, a]           # optional: run these tasks (of tasks_file and tasks), in this order
+    task_overrides:              # optional: per task name, the same overrides as in a task entry
+      a: {lr: 5.0e-5}
     training:
       iterations: 1000
-      batch_size: 64
+      batch_size: 64             # the global batch: split across processes under a launcher
       lr: 1.0e-5
       weight_decay: 0.0
       warmup_steps: 100
       label_smoothing: 0.2
-      train_part: whole          # whole | image | text
+      train_part: whole          # whole | image | text | lora
+      lora: {rank: 64, init_std: 0.01}   # train_part lora: the MLP linears of both towers
+      shots: null                # N: train on N images per class (a seeded choice), few-shot
       train_template: 0          # which template builds the class texts while training
       seed: 0
       num_workers: 0
@@ -52,99 +57,212 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
       - {kind: condu, rescaler: model}            # name defaults to condu-model
       - {kind: condu, rescaler: tensor, agnostic: true, top_k: 4, aggregate: mean}
 
-Method names must be unique; `condu-cl run --methods a,b` selects by name.
+Method names must be unique; `condu-cl run --methods a,b` selects by name. A mistake is one
+`ValueError` line: `FILE: FIELD: what is wrong; the fix`.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError,
+                      field_validator, model_validator)
 
-from fusion import KERNELS as FUSION_KERNELS
-from fusion import RESCALER_MODES as RESCALERS
+from fusion import KERNELS, RESCALER_MODES
 
 SOURCE_KINDS = ("folder", "hf_disk", "builtin")
-TRAIN_PARTS = ("whole", "image", "text")
+TRAIN_PARTS = ("whole", "image", "text", "lora")
 AGGREGATES = ("mean", "weighted")
 METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_RULE = "use letters, digits, '_', '.', '-'"
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    iterations: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    label_smoothing: float = 0.2
-    train_part: str = "whole"
-    train_template: int = 0
-    seed: int = 0
-    num_workers: int = 0
-    mixed_precision: str = "no"
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's yes/no would otherwise count as 1/0
+        raise ValueError(f"expected a number, got {value}")
+    return value
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
-    batch_size: int = 128
-    top_k: int = 4
-    aggregate: str = "mean"
-    cache_size: int = 4
-    max_test: int | None = None
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class _Section(BaseModel):
+    """A mapping with known keys only; frozen, so a config is a value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            extra = sorted(set(data) - set(cls.model_fields))
+            if extra:
+                raise ValueError(f"unknown keys {extra}; allowed: {sorted(cls.model_fields)}")
+        return data
+
+    def replace(self, **changes):
+        """A copy with `changes`, validated like the original."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+class LoraSettings(_Section):
+    rank: Int = Field(64, ge=1)
+    init_std: Float = Field(0.01, gt=0)  # both factors start as N(0, init_std^2), shared by all tasks
+
+
+class TrainingConfig(_Section):
+    iterations: Int = Field(1000, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    lr: Float = Field(1e-5, ge=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    warmup_steps: Int = Field(100, ge=0)
+    label_smoothing: Float = Field(0.2, ge=0)
+    train_part: Literal[TRAIN_PARTS] = "whole"
+    lora: LoraSettings = LoraSettings()
+    shots: Int | None = Field(None, ge=1)
+    train_template: Int = Field(0, ge=0)
+    seed: Int = 0
+    num_workers: Int = Field(0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # a bare `no` in YAML 1.1 reads as false
+
+
+class EvaluationConfig(_Section):
+    batch_size: Int = Field(128, ge=1)
+    top_k: Int = Field(4, ge=1)
+    aggregate: Literal[AGGREGATES] = "mean"
+    cache_size: Int = Field(4, ge=1)
+    max_test: Int | None = Field(None, ge=1)
     pixel_cache: bool = False
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    name: str
-    source: dict
-    class_names: tuple[str, ...] | None = None
-    templates: tuple[str, ...] | None = None
-    max_train: int | None = None
-    max_test: int | None = None
-    lr: float | None = None
-    iterations: int | None = None
+class FolderSource(_Section):
+    kind: Literal["folder"]
+    path: str | None = None
+    train: str | None = None
+    test: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if not (self.path or (self.train and self.test)):
+            raise ValueError("a folder source needs `path` (with train/ and test/) or both `train` and `test`")
+        return self
 
 
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str
-    kind: str
-    alpha: float = 0.3  # task_arithmetic
-    scale: float = 1.0  # magmax
-    rescaler: str = "model"  # condu
+class HfDiskSource(_Section):
+    kind: Literal["hf_disk"]
+    path: str = Field(description="the folder that datasets.save_to_disk wrote")
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+class BuiltinSource(_Section):
+    kind: Literal["builtin"]
+    task: str = Field(min_length=1)
+
+
+Source = Annotated[Union[FolderSource, HfDiskSource, BuiltinSource], Field(discriminator="kind")]
+_OVERRIDES = ("max_train", "max_test", "lr", "iterations")
+
+
+class TaskOverrides(_Section):
+    max_train: Int | None = Field(None, ge=1)
+    max_test: Int | None = Field(None, ge=1)
+    lr: Float | None = Field(None, ge=0)
+    iterations: Int | None = Field(None, ge=1)
+
+
+class TaskConfig(TaskOverrides):
+    name: Name
+    source: Source
+    class_names: tuple[str, ...] | None = Field(None, min_length=1)
+    templates: tuple[str, ...] | None = Field(None, min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, templates):
+        if templates and any(t.count("{}") != 1 for t in templates):
+            raise ValueError("each template needs exactly one '{}' for the class name")
+        return templates
+
+    @model_validator(mode="after")
+    def _texts_given(self):
+        if self.source.kind != "builtin" and (self.class_names is None or self.templates is None):
+            raise ValueError(f"task {self.name!r} needs class_names and templates (only builtin tasks bring their own)")
+        return self
+
+    @property
+    def source_dict(self) -> dict:
+        return self.source.model_dump()
+
+
+def default_method_name(data: dict) -> str:
+    """zero_shot, ..., condu-<rescaler>[-agnostic]."""
+    if data.get("kind") != "condu":
+        return str(data.get("kind"))
+    name = f"condu-{data.get('rescaler', 'model')}"
+    return f"{name}-agnostic" if data.get("agnostic") else name
+
+
+class MethodConfig(_Section):
+    name: Name
+    kind: Literal[METHOD_KINDS]
+    alpha: Float = 0.3  # task_arithmetic
+    scale: Float = 1.0  # magmax
+    rescaler: Literal[RESCALER_MODES] = "model"  # condu
     agnostic: bool = False  # condu: route every task, seen or not
-    top_k: int | None = None  # condu: overrides evaluation.top_k
-    aggregate: str | None = None  # condu: overrides evaluation.aggregate
+    top_k: Int | None = Field(None, ge=1)  # condu: overrides evaluation.top_k
+    aggregate: Literal[AGGREGATES] | None = None  # condu: overrides evaluation.aggregate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        data = {"kind": data} if isinstance(data, str) else data
+        if isinstance(data, dict) and "name" not in data:
+            data = {**data, "name": default_method_name(data)}
+        return data
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    model: str
-    tasks: tuple[TaskConfig, ...]
-    methods: tuple[MethodConfig, ...]
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+class RunConfig(_Section):
+    model: str = Field(description="theta0 as a local CLIP folder or a hub id")
+    tasks: tuple[TaskConfig, ...] = Field(min_length=1)
+    methods: tuple[MethodConfig, ...] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     device: str = "auto"
-    image_size: int | None = None
-    fusion_kernel: str | None = None
+    image_size: Int | None = Field(None, ge=1)
+    fusion_kernel: Literal[KERNELS] | None = None
     path: str = "<config>"  # the file it came from, for messages
+
+    @field_validator("tasks", "methods")
+    @classmethod
+    def _unique_names(cls, entries):
+        names = [e.name for e in entries]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"duplicate names {repeated}; give each entry its own `name`")
+        return entries
 
     def task_training(self, task: TaskConfig) -> TrainingConfig:
         """The training settings of one task, with its overrides applied."""
         overrides = {k: getattr(task, k) for k in ("lr", "iterations") if getattr(task, k) is not None}
-        return replace(self.training, **overrides)
+        return self.training.replace(**overrides) if overrides else self.training
 
     def with_evaluation(self, **overrides) -> "RunConfig":
         """Override evaluation settings (None keeps the config's value)."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return replace(self, evaluation=replace(self.evaluation, **given)) if given else self
+        return self.model_copy(update={"evaluation": self.evaluation.replace(**given)}) if given else self
 
     def select_methods(self, names: list[str] | None) -> "RunConfig":
         """Keep only the named methods (in the config's order)."""
@@ -154,179 +272,79 @@ class RunConfig:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"{self.path}: methods: unknown {unknown}; the config defines {known}")
-        return replace(self, methods=tuple(m for m in self.methods if m.name in names))
+        return self.model_copy(update={"methods": tuple(m for m in self.methods if m.name in names)})
 
 
-# ---------------------------------------------------------------- validation helpers
+class ConfigFile(_Section):
+    """The YAML file as written: RunConfig's keys plus how its tasks are gathered and where
+    their data lives."""
+
+    model: str = Field(description="theta0 as a local CLIP folder or a hub id")
+    tasks: list[Any] = []
+    tasks_file: str | None = None
+    task_order: list[Name] | None = Field(None, min_length=1)
+    task_overrides: dict[str, TaskOverrides] = {}
+    data_root: str | None = None
+    methods: list[Any] = Field(min_length=1, description=f"list at least one method of {', '.join(METHOD_KINDS)}")
+    training: dict | None = None
+    evaluation: dict | None = None
+    device: str = "auto"
+    image_size: Any = None
+    fusion_kernel: Any = None
 
 
-def _fail(where: str, fieldname: str, message: str) -> ValueError:
-    return ValueError(f"{where}: {fieldname}: {message}")
+# ---------------------------------------------------------------- errors
 
 
-def _check_keys(where: str, fieldname: str, data: dict, allowed) -> None:
-    extra = sorted(set(data) - set(allowed))
-    if extra:
-        raise _fail(where, fieldname, f"unknown keys {extra}; allowed: {sorted(allowed)}")
+def _field_path(loc: tuple) -> str:
+    """('tasks', 0, 'source', 'builtin', 'task') -> 'tasks[0].source.task' (union tags dropped)."""
+    text = ""
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] == "source" and part in SOURCE_KINDS:
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
 
 
-def _number(where, fieldname, value, kind, *, minimum=None, optional=False):
-    """Check a number (YAML may give '1e-5' as a string) and convert it to `kind`."""
-    if value is None and optional:
-        return None
+def _message(error: dict) -> str:
+    kind, message = error["type"], error["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        return "missing; " + _hint(error["loc"])
+    if kind in ("string_pattern_mismatch",):
+        return f"{error['input']!r} is not a name; {NAME_RULE}"
+    if kind == "union_tag_invalid":
+        return f"{error['ctx']['tag']!r} is not one of {', '.join(SOURCE_KINDS)}"
+    if kind == "union_tag_not_found":
+        return f"needs `kind`, one of {', '.join(SOURCE_KINDS)}"
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("literal_error", "int_from_float",
+                                                                        "greater_than_equal", "greater_than"):
+        return f"{message}, got {error['input']!r}"
+    return message
+
+
+def _hint(loc: tuple) -> str:
+    hints = {
+        "model": "give theta0 as a local CLIP folder or a hub id (org/name)",
+        "methods": f"list at least one method of {', '.join(METHOD_KINDS)}",
+        "task": "a builtin source needs the task's name, e.g. {kind: builtin, task: NAME}",
+        "path": "an hf_disk source needs the folder that datasets.save_to_disk wrote",
+        "name": "give the entry a `name`",
+        "source": "give the task a source: {kind: builtin|folder|hf_disk, ...}",
+    }
+    return hints.get(str(loc[-1]) if loc else "", "add it")
+
+
+def one_line(where: str, err: ValidationError, prefix: tuple = ()) -> ValueError:
+    """The first problem of a pydantic error as `FILE: FIELD: message`."""
+    first = err.errors()[0]
+    return ValueError(f"{where}: {_field_path(prefix + tuple(first['loc']))}: {_message(first)}")
+
+
+def validated(model, data: Any, where: str, prefix: tuple = ()):
     try:
-        if isinstance(value, bool) or value is None:
-            raise TypeError
-        number = kind(float(value)) if kind is float else kind(value)
-        if kind is int and float(value) != number:
-            raise TypeError
-    except (TypeError, ValueError):
-        raise _fail(where, fieldname, f"expected a {kind.__name__}, got {value!r}") from None
-    if minimum is not None and number < minimum:
-        raise _fail(where, fieldname, f"must be >= {minimum}, got {number}")
-    return number
-
-
-def _flag(where, fieldname, value) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(where, fieldname, f"expected true or false, got {value!r}")
-    return value
-
-
-def _choice(where, fieldname, value, choices):
-    if value not in choices:
-        raise _fail(where, fieldname, f"{value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _mapping(where, fieldname, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _fail(where, fieldname, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-# ---------------------------------------------------------------- sections
-
-
-def parse_training(where: str, data: Any) -> TrainingConfig:
-    data = _mapping(where, "training", data)
-    _check_keys(where, "training", data, TrainingConfig.__dataclass_fields__)
-    d = TrainingConfig()
-    return TrainingConfig(
-        iterations=_number(where, "training.iterations", data.get("iterations", d.iterations), int, minimum=1),
-        batch_size=_number(where, "training.batch_size", data.get("batch_size", d.batch_size), int, minimum=1),
-        lr=_number(where, "training.lr", data.get("lr", d.lr), float, minimum=0.0),
-        weight_decay=_number(where, "training.weight_decay", data.get("weight_decay", d.weight_decay), float, minimum=0.0),
-        warmup_steps=_number(where, "training.warmup_steps", data.get("warmup_steps", d.warmup_steps), int, minimum=0),
-        label_smoothing=_number(where, "training.label_smoothing", data.get("label_smoothing", d.label_smoothing),
-                                float, minimum=0.0),
-        train_part=_choice(where, "training.train_part", data.get("train_part", d.train_part), TRAIN_PARTS),
-        train_template=_number(where, "training.train_template", data.get("train_template", d.train_template), int,
-                               minimum=0),
-        seed=_number(where, "training.seed", data.get("seed", d.seed), int),
-        num_workers=_number(where, "training.num_workers", data.get("num_workers", d.num_workers), int, minimum=0),
-        mixed_precision=_choice(where, "training.mixed_precision", str(data.get("mixed_precision", "no")),
-                                ("no", "fp16", "bf16")),
-    )
-
-
-def parse_evaluation(where: str, data: Any) -> EvaluationConfig:
-    data = _mapping(where, "evaluation", data)
-    _check_keys(where, "evaluation", data, EvaluationConfig.__dataclass_fields__)
-    d = EvaluationConfig()
-    return EvaluationConfig(
-        batch_size=_number(where, "evaluation.batch_size", data.get("batch_size", d.batch_size), int, minimum=1),
-        top_k=_number(where, "evaluation.top_k", data.get("top_k", d.top_k), int, minimum=1),
-        aggregate=_choice(where, "evaluation.aggregate", data.get("aggregate", d.aggregate), AGGREGATES),
-        cache_size=_number(where, "evaluation.cache_size", data.get("cache_size", d.cache_size), int, minimum=1),
-        max_test=_number(where, "evaluation.max_test", data.get("max_test"), int, minimum=1, optional=True),
-        pixel_cache=_flag(where, "evaluation.pixel_cache", data.get("pixel_cache", False)),
-    )
-
-
-def _parse_source(where: str, fieldname: str, source: Any) -> dict:
-    source = _mapping(where, fieldname, source)
-    kind = _choice(where, f"{fieldname}.kind", source.get("kind"), SOURCE_KINDS)
-    allowed = {
-        "folder": {"kind", "path", "train", "test"},
-        "hf_disk": {"kind", "path", "image_column", "label_column", "train_split", "test_split"},
-        "builtin": {"kind", "task"},
-    }[kind]
-    _check_keys(where, fieldname, source, allowed)
-    if kind == "builtin" and not source.get("task"):
-        raise _fail(where, f"{fieldname}.task", "a builtin source needs the task's name, e.g. {kind: builtin, task: NAME}")
-    if kind == "hf_disk" and not source.get("path"):
-        raise _fail(where, f"{fieldname}.path", "an hf_disk source needs the folder that datasets.save_to_disk wrote")
-    if kind == "folder" and not (source.get("path") or (source.get("train") and source.get("test"))):
-        raise _fail(where, fieldname, "a folder source needs `path` (with train/ and test/) or both `train` and `test`")
-    return dict(source)
-
-
-def _string_list(where: str, fieldname: str, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-        raise _fail(where, fieldname, "expected a non-empty list of strings")
-    return tuple(value)
-
-
-def parse_task(where: str, index: int, data: Any) -> TaskConfig:
-    prefix = f"tasks[{index}]"
-    data = _mapping(where, prefix, data)
-    _check_keys(where, prefix, data, TaskConfig.__dataclass_fields__)
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise _fail(where, f"{prefix}.name", f"{name!r} is not a name; use letters, digits, '_', '.', '-'")
-    source = _parse_source(where, f"{prefix}.source", data.get("source"))
-    class_names = _string_list(where, f"{prefix}.class_names", data.get("class_names"))
-    templates = _string_list(where, f"{prefix}.templates", data.get("templates"))
-    if source["kind"] != "builtin" and (class_names is None or templates is None):
-        raise _fail(where, prefix, f"task {name!r} needs class_names and templates (only builtin tasks bring their own)")
-    if templates and any(t.count("{}") != 1 for t in templates):
-        raise _fail(where, f"{prefix}.templates", "each template needs exactly one '{}' for the class name")
-    return TaskConfig(
-        name=name, source=source, class_names=class_names, templates=templates,
-        max_train=_number(where, f"{prefix}.max_train", data.get("max_train"), int, minimum=1, optional=True),
-        max_test=_number(where, f"{prefix}.max_test", data.get("max_test"), int, minimum=1, optional=True),
-        lr=_number(where, f"{prefix}.lr", data.get("lr"), float, minimum=0.0, optional=True),
-        iterations=_number(where, f"{prefix}.iterations", data.get("iterations"), int, minimum=1, optional=True),
-    )
-
-
-def _default_method_name(kind: str, data: dict) -> str:
-    if kind != "condu":
-        return kind
-    name = f"condu-{data.get('rescaler', 'model')}"
-    return f"{name}-agnostic" if data.get("agnostic") else name
-
-
-def parse_method(where: str, index: int, data: Any) -> MethodConfig:
-    prefix = f"methods[{index}]"
-    data = {"kind": data} if isinstance(data, str) else _mapping(where, prefix, data)
-    _check_keys(where, prefix, data, MethodConfig.__dataclass_fields__)
-    kind = _choice(where, f"{prefix}.kind", data.get("kind"), METHOD_KINDS)
-    d = MethodConfig(name="", kind=kind)
-    name = data.get("name", _default_method_name(kind, data))
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise _fail(where, f"{prefix}.name", f"{name!r} is not a name; use letters, digits, '_', '.', '-'")
-    return MethodConfig(
-        name=name, kind=kind,
-        alpha=_number(where, f"{prefix}.alpha", data.get("alpha", d.alpha), float),
-        scale=_number(where, f"{prefix}.scale", data.get("scale", d.scale), float),
-        rescaler=_choice(where, f"{prefix}.rescaler", data.get("rescaler", d.rescaler), RESCALERS),
-        agnostic=_flag(where, f"{prefix}.agnostic", data.get("agnostic", False)),
-        top_k=_number(where, f"{prefix}.top_k", data.get("top_k"), int, minimum=1, optional=True),
-        aggregate=None if data.get("aggregate") is None else _choice(where, f"{prefix}.aggregate",
-                                                                      data["aggregate"], AGGREGATES),
-    )
-
-
-def _unique(where: str, fieldname: str, names: list[str]) -> None:
-    seen = {n for n in names if names.count(n) > 1}
-    if seen:
-        raise _fail(where, fieldname, f"duplicate names {sorted(seen)}; give each entry its own `name`")
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise one_line(where, err, prefix) from None
 
 
 # ---------------------------------------------------------------- files
@@ -356,22 +374,42 @@ def _expand(path: str | os.PathLike) -> str:
 def _resolve_source_paths(source: dict, data_root: Path) -> dict:
     resolved = dict(source)
     for key in ("path", "train", "test"):
-        if key in resolved and source["kind"] != "builtin":
+        if resolved.get(key) and source["kind"] != "builtin":
             resolved[key] = str((data_root / _expand(resolved[key])).resolve())
     return resolved
 
 
-def _task_entries(where: str, data: dict, base_dir: Path) -> list:
-    entries = list(data.get("tasks") or [])
-    if data.get("tasks_file"):
-        tasks_path = base_dir / data["tasks_file"]
+def _task_entries(where: str, raw: ConfigFile, base_dir: Path) -> list:
+    entries = list(raw.tasks)
+    if raw.tasks_file:
+        tasks_path = base_dir / raw.tasks_file
         if not tasks_path.exists():
-            raise _fail(where, "tasks_file", f"{tasks_path} does not exist; give a path relative to the config")
+            raise ValueError(f"{where}: tasks_file: {tasks_path} does not exist; give a path relative to the config")
         loaded = _read_yaml(tasks_path)
         entries = list(loaded.get("tasks", []) if isinstance(loaded, dict) else loaded or []) + entries
     if not entries:
-        raise _fail(where, "tasks", "no tasks; list them under `tasks:` or point `tasks_file:` at a list")
+        raise ValueError(f"{where}: tasks: no tasks; list them under `tasks:` or point `tasks_file:` at a list")
     return entries
+
+
+def _ordered(where: str, entries: list, order: list[str] | None) -> list:
+    """The task entries named by `task_order`, in its order (all of them, as listed, without it)."""
+    if order is None:
+        return entries
+    by_name = {e.get("name"): e for e in entries if isinstance(e, dict)}
+    for i, name in enumerate(order):
+        if name not in by_name:
+            raise ValueError(f"{where}: task_order[{i}]: no task {name!r}; choose from {', '.join(map(str, by_name))}")
+    return [by_name[name] for name in order]
+
+
+def _with_overrides(where: str, entries: list, overrides: dict[str, TaskOverrides]) -> list:
+    names = [e.get("name") for e in entries if isinstance(e, dict)]
+    for name, given in overrides.items():
+        if name not in names:
+            raise ValueError(f"{where}: task_overrides.{name}: no such task; choose from {', '.join(map(str, names))}")
+    return [{**e, **overrides[e["name"]].model_dump(exclude_none=True)}
+            if isinstance(e, dict) and e.get("name") in overrides else e for e in entries]
 
 
 def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathLike = ".",
@@ -381,29 +419,17 @@ def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathL
     `data_root` (a command-line override) replaces the config's own `data_root`.
     """
     base_dir = Path(base_dir)
-    data = _mapping(where, "<top level>", data)
-    _check_keys(where, "<top level>", data, set(RunConfig.__dataclass_fields__) - {"path"} | {"tasks_file", "data_root"})
-    if not isinstance(data.get("model"), str):
-        raise _fail(where, "model", "give theta0 as a local CLIP folder or a hub id")
-    tasks = tuple(parse_task(where, i, t) for i, t in enumerate(_task_entries(where, data, base_dir)))
-    root = Path(_expand(data_root)) if data_root else base_dir / _expand(data.get("data_root") or ".")
-    tasks = tuple(replace(t, source=_resolve_source_paths(t.source, root)) for t in tasks)
-    _unique(where, "tasks", [t.name for t in tasks])
-    methods = data.get("methods")
-    if not isinstance(methods, list) or not methods:
-        raise _fail(where, "methods", f"list at least one method of {', '.join(METHOD_KINDS)}")
-    methods = tuple(parse_method(where, i, m) for i, m in enumerate(methods))
-    _unique(where, "methods", [m.name for m in methods])
-    return RunConfig(
-        model=_resolve_model(data["model"], base_dir), tasks=tasks, methods=methods,
-        training=parse_training(where, data.get("training")),
-        evaluation=parse_evaluation(where, data.get("evaluation")),
-        device=str(data.get("device", "auto")),
-        image_size=_number(where, "image_size", data.get("image_size"), int, minimum=1, optional=True),
-        fusion_kernel=None if data.get("fusion_kernel") is None else _choice(
-            where, "fusion_kernel", data["fusion_kernel"], FUSION_KERNELS),
-        path=where,
-    )
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: <top level>: expected a mapping of settings, got {type(data).__name__}")
+    raw = validated(ConfigFile, data, where)
+    entries = _with_overrides(where, _ordered(where, _task_entries(where, raw, base_dir), raw.task_order),
+                              raw.task_overrides)
+    settings = {k: v for k, v in raw.model_dump(include=set(RunConfig.model_fields)).items() if v is not None}
+    config = validated(RunConfig, {**settings, "tasks": entries, "path": where}, where)
+    root = Path(_expand(data_root)) if data_root else base_dir / _expand(raw.data_root or ".")
+    tasks = tuple(t.model_copy(update={"source": type(t.source).model_validate(
+        _resolve_source_paths(t.source_dict, root))}) for t in config.tasks)
+    return config.model_copy(update={"tasks": tasks, "model": _resolve_model(config.model, base_dir)})
 
 
 def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None) -> RunConfig:

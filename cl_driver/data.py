@@ -46,12 +46,12 @@ class Split:
 
 def resolve_task(task: TaskConfig) -> TaskSpec:
     """Fill class names and templates of builtin tasks from the task's own definition."""
-    class_names, templates = task.class_names, task.templates
-    if task.source["kind"] == "builtin":
-        builtin = _builtin(task.source["task"])
+    class_names, templates, source = task.class_names, task.templates, task.source_dict
+    if source["kind"] == "builtin":
+        builtin = _builtin(source["task"])
         class_names = class_names or tuple(builtin.class_names)
         templates = templates or tuple(builtin.templates)
-    return TaskSpec(task.name, tuple(class_names), tuple(templates), task.source, task.max_train, task.max_test)
+    return TaskSpec(task.name, tuple(class_names), tuple(templates), source, task.max_train, task.max_test)
 
 
 def _builtin(name: str):
@@ -134,6 +134,19 @@ def subset(split: Split, limit: int | None, *, seed: int = 0) -> Split:
         return split
     generator = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(split), generator=generator)[:limit].tolist())
+    return Split([split.labels[i] for i in keep], lambda j: split.load(keep[j]))
+
+
+def few_shot(split: Split, shots: int, *, seed: int = 0) -> Split:
+    """`shots` images of every class (all of a class that has fewer), a seeded choice, kept in
+    their original order."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(split.labels)
+    keep = []
+    for label in sorted(set(split.labels)):
+        members = (labels == label).nonzero().flatten()  # (n_c,)
+        keep += members[torch.randperm(len(members), generator=generator)[:shots]].tolist()
+    keep.sort()
     return Split([split.labels[i] for i in keep], lambda j: split.load(keep[j]))
 
 

@@ -3,7 +3,10 @@
 Run folder layout::
 
     base.safetensors                    theta0, the base of every store
-    checkpoints/individual/NN-task.safetensors   fine-tuned from theta0 (individual, task arithmetic, ConDU)
+    base-adapter/                       LoRA runs instead: the initial adapter every task starts from,
+                                        the base of every store (theta0 is CLIP with it merged)
+    checkpoints/individual/NN-task.safetensors   fine-tuned from theta0 (individual, task arithmetic, ConDU);
+                                        LoRA runs: NN-task/, an adapter folder
     checkpoints/sequential/NN-task.safetensors   fine-tuned from the previous one (sequential, MagMax)
     stores/<rescaler>/                  one ConDU store per rescaler mode in the config
     pixels/<task>-test-N-side.npy       uint8 test pixels, when evaluation.pixel_cache is on
@@ -19,23 +22,25 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+from functools import partial
+from typing import Callable
+
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import baselines, metrics
+from . import baselines, console, metrics
 from .config import MethodConfig, RunConfig
-from .data import TaskSpec, as_dataset, load_split, resolve_task
+from .data import TaskSpec, as_dataset, few_shot, load_split, resolve_task
+from .finetunes import finetunes_for, weights_file
 from .inference import ModelRunner, accuracy, combine_routed, rows_selecting, top_k_experts
-from .models import Clip, image_size, load_clip, resolve_device, state_dict_cpu
+from .models import Clip, describe_model, image_size, load_clip, resolve_device, state_dict_cpu
+from .processes import process_state
 from .prototypes import compute_prototypes, dataset_features, routing_weights
-from .train import finetune, save_checkpoint
 
 STATE_VERSION = 1
-PROTOTYPES = "prototypes"  # the tensor name under which a task's (C, D) prototypes are stored
+PROTOTYPES = "prototypes"  # the attachment (and its tensor) that holds a task's (C, D) prototypes
 
 
 # ---------------------------------------------------------------- small helpers
@@ -53,12 +58,7 @@ def write_json(data: dict, path: Path) -> None:
 
 def config_fingerprint(config: RunConfig) -> dict:
     """What a resumed run must share with the interrupted one."""
-    return json.loads(json.dumps({
-        "model": config.model, "tasks": [asdict(t) for t in config.tasks],
-        "methods": [asdict(m) for m in config.methods], "training": asdict(config.training),
-        "evaluation": asdict(config.evaluation), "image_size": config.image_size,
-        "fusion_kernel": config.fusion_kernel,
-    }))
+    return config.model_dump(mode="json", exclude={"device", "path"})
 
 
 def needs(config: RunConfig) -> dict:
@@ -85,42 +85,57 @@ def fidelity_of(store) -> list[dict]:
 # ---------------------------------------------------------------- the run
 
 
-def _process_state():
-    """accelerate's view of the processes: one on a plain run, several under `accelerate launch`."""
-    from accelerate import PartialState
-
-    return PartialState()
-
-
 class ContinualRun:
-    """One run folder: its config, its on-disk state, and the models it trains and evaluates."""
+    """One run folder: its config, its on-disk state, and the models it trains and evaluates.
+
+    Under a launcher every process makes one; all of them train, the main one alone writes,
+    evaluates and reports (`log` is called on the main process only)."""
 
     def __init__(self, config: RunConfig, out: str | os.PathLike, *, progress: bool = True,
-                 clip: Clip | None = None):
-        self.config, self.root, self.progress = config, Path(out), progress
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.processes = _process_state()
-        device = self.processes.device if config.device == "auto" else resolve_device(config.device)
-        self.clip = clip or load_clip(config.model, device=device)
-        self.theta0 = state_dict_cpu(self.clip.model)
+                 clip: Clip | None = None, log: Callable[[str], None] | None = None):
+        self.config, self.root = config, Path(out)
+        self.processes = process_state(cpu=resolve_device(config.device).type == "cpu")
+        self.main = self.processes.is_main_process
+        self.progress, self.bars = progress, progress and console.bars_on_terminal()
+        self._log = log if (log and self.main) else (lambda message: None)
+        self._check_batch_split()
+        # `auto` and `cuda` take this process's own GPU under a launcher; `cuda:N` is taken as written
+        device = self.processes.device if config.device in ("auto", "cuda") else resolve_device(config.device)
+        with self.processes.main_process_first():  # one download of a hub id, then the cache
+            self.clip = clip or load_clip(config.model, device=device)
         self.specs: list[TaskSpec] = [resolve_task(t) for t in config.tasks]
         self.side = config.image_size or image_size(self.clip.processor)
         self.plan = needs(config)
+        self.state = self._load_state()
+        self.finetunes = finetunes_for(self.root, state_dict_cpu(self.clip.model), config.training)
+        if self.main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.finetunes.write_base(self.clip)
+        self.processes.wait_for_everyone()
+        self.base_state = self.finetunes.base_state()
+        self.theta0 = self.finetunes.weights(self.base_state)
         ev = config.evaluation
         self.runner = ModelRunner(self.clip, self.theta0, cache_size=ev.cache_size, batch_size=ev.batch_size,
-                                  num_workers=config.training.num_workers, progress=progress)
+                                  num_workers=config.training.num_workers, progress=self.bars)
         self._tests: dict[int, object] = {}
         self._base_eval: dict[int, tuple] = {}
-        self.state = self._load_state()
+
+    def _check_batch_split(self) -> None:
+        count, batch = self.processes.num_processes, self.config.training.batch_size
+        if batch % count:
+            raise ValueError(f"{self.config.path}: training.batch_size: {batch} does not split evenly across "
+                             f"{count} processes; make it a multiple of {count}")
 
     # -- paths ----------------------------------------------------------------------------
 
     @property
     def base_path(self) -> Path:
-        return self.root / "base.safetensors"
+        """The base of every store: theta0, or the initial adapter in LoRA runs."""
+        return self.finetunes.base_path
 
     def checkpoint(self, kind: str, i: int) -> Path:
-        return self.root / "checkpoints" / kind / f"{i + 1:02d}-{self.specs[i].name}.safetensors"
+        stem = f"{i + 1:02d}-{self.specs[i].name}"
+        return self.root / "checkpoints" / kind / self.finetunes.checkpoint_name(stem)
 
     def store_dir(self, rescaler: str) -> Path:
         return self.root / "stores" / rescaler
@@ -156,7 +171,11 @@ class ContinualRun:
         return self._tests[j]
 
     def train_set(self, i: int):
-        split = load_split(self.specs[i], "train", image_size=self.side, seed=self.config.training.seed)
+        """Task i's training images: all of them, or `training.shots` of each class (seeded)."""
+        settings = self.config.training
+        split = load_split(self.specs[i], "train", image_size=self.side, seed=settings.seed)
+        if settings.shots:
+            split = few_shot(split, settings.shots, seed=settings.seed)
         return as_dataset(split, self.clip.processor, self.side)
 
     def base_eval(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,23 +190,30 @@ class ContinualRun:
 
     # -- training ---------------------------------------------------------------------------
 
-    def _train(self, kind: str, i: int, start: dict, train_set) -> Path:
+    def _train(self, kind: str, i: int, start: Path | None, train_set) -> Path:
+        """Fine-tune task i from `start` (None: the base) unless an earlier attempt left its checkpoint."""
         path = self.checkpoint(kind, i)
-        if not path.exists():
-            settings = self.config.task_training(self.config.tasks[i])
-            began = time.perf_counter()
-            finetune(self.clip, start, self.specs[i], train_set, settings, path,
-                     seed=settings.seed + i, progress=self.progress)
-            self.state["seconds"][f"train/{kind}/{i + 1}"] = time.perf_counter() - began
-            self.runner.invalidate()
+        if path.exists():
+            if i >= self.state["completed"]:
+                self._log(f"reused {path.relative_to(self.root)}, trained before the interruption")
+            return path
+        settings = self.config.task_training(self.config.tasks[i])
+        began = time.perf_counter()
+        self.finetunes.train(self.clip, start, self.specs[i], train_set, settings, path, seed=settings.seed + i,
+                             progress=self.bars)
+        self.state["seconds"][f"train/{kind}/{i + 1}"] = time.perf_counter() - began
+        self.runner.invalidate()
         return path
 
     def train_step(self, i: int, train_set) -> None:
         if self.plan["individual"]:
-            self._train("individual", i, self.theta0, train_set)
+            self._train("individual", i, None, train_set)
         if self.plan["sequential"]:
-            start = self.theta0 if i == 0 else load_file(str(self.checkpoint("sequential", i - 1)))
-            self._train("sequential", i, start, train_set)
+            self._train("sequential", i, None if i == 0 else self.checkpoint("sequential", i - 1), train_set)
+
+    def model_weights(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        """The CLIP weights of a fine-tuned checkpoint."""
+        return self.finetunes.weights(self.finetunes.fused_state(checkpoint))
 
     # -- ConDU stores -----------------------------------------------------------------------
 
@@ -195,13 +221,15 @@ class ContinualRun:
         """(C, D) prototypes of task i, computed with theta0 (REFERENCE.md)."""
         self.runner.activate("theta0")
         feats, labels = dataset_features(self.clip, train_set, batch_size=self.config.evaluation.batch_size,
-                                         desc=f"prototypes {self.specs[i].name}" if self.progress else None)
+                                         desc=f"prototypes {self.specs[i].name}" if self.bars else None)
         return compute_prototypes(self.clip, feats, labels, self.specs[i].class_names, self.specs[i].templates)
 
     def store_step(self, i: int, protos: torch.Tensor) -> None:
         """Unify (first task) or add task i to every store; skip what an interrupted run already did."""
         from fusion import Store
 
+        # A checkpoint file, or an adapter folder: with the initial adapter as base, the store
+        # fuses adapters in factor space.
         name, ckpt = self.specs[i].name, self.checkpoint("individual", i)
         for rescaler in self.plan["rescalers"]:
             began = time.perf_counter()
@@ -213,8 +241,8 @@ class ContinualRun:
                 store = Store.open(path, kernel=self.config.fusion_kernel)
                 if name not in [t.name for t in store.tasks]:
                     store.add(ckpt, name=name)
-            if not store.task(name).has_prototypes:
-                store.save_prototypes(name, {PROTOTYPES: protos.contiguous()})
+            if PROTOTYPES not in store.task(name).attachments:
+                store.attach(name, PROTOTYPES, {PROTOTYPES: protos.contiguous()})
             self.state["seconds"][f"store/{rescaler}/{i + 1}"] = time.perf_counter() - began
             self.state["fidelity"].setdefault(rescaler, []).append(fidelity_of(store))
             self.state["stores"][rescaler] = store_sizes(store.info())
@@ -242,23 +270,27 @@ class ContinualRun:
 
     def individual_row(self, i: int) -> list[float]:
         zero = self.zero_shot_row()
-        return [self.eval_model(("individual", j), lambda j=j: load_file(str(self.checkpoint("individual", j))), j)
+        return [self.eval_model(("individual", j), lambda j=j: self.model_weights(self.checkpoint("individual", j)), j)
                 if j <= i else zero[j] for j in range(len(self.specs))]
+
+    def merged(self, merge, checkpoints: list[Path]) -> dict[str, torch.Tensor]:
+        """A merging baseline's model: `merge` applied in fusion's space, then made CLIP weights."""
+        return self.finetunes.weights(merge(self.base_state, [weights_file(c) for c in checkpoints]))
 
     def merged_row(self, method: MethodConfig, i: int) -> list[float]:
         if method.kind == "sequential":
-            return self.one_model_row(("sequential", i), lambda: load_file(str(self.checkpoint("sequential", i))))
+            return self.one_model_row(("sequential", i), lambda: self.model_weights(self.checkpoint("sequential", i)))
         if method.kind == "task_arithmetic":
             paths = [self.checkpoint("individual", t) for t in range(i + 1)]
-            return self.one_model_row(("task_arithmetic", method.alpha, i),
-                                      lambda: baselines.task_arithmetic(self.theta0, paths, alpha=method.alpha))
+            merge = partial(baselines.task_arithmetic, alpha=method.alpha)
+            return self.one_model_row(("task_arithmetic", method.alpha, i), lambda: self.merged(merge, paths))
         paths = [self.checkpoint("sequential", t) for t in range(i + 1)]
-        return self.one_model_row(("magmax", method.scale, i),
-                                  lambda: baselines.magmax(self.theta0, paths, scale=method.scale))
+        merge = partial(baselines.magmax, scale=method.scale)
+        return self.one_model_row(("magmax", method.scale, i), lambda: self.merged(merge, paths))
 
     def routes(self, store, method: MethodConfig, i: int, routed: list[int]) -> dict[int, tuple]:
         """Per routed task j: each test image's top-K experts among tasks 1..i+1, and their weights."""
-        protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]  # T x (C_t, D)
+        protos = [torch.from_numpy(store.attachment(t + 1, PROTOTYPES)[PROTOTYPES]) for t in range(i + 1)]  # T x (C_t, D)
         top_k = method.top_k or self.config.evaluation.top_k
         return {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
 
@@ -301,10 +333,11 @@ class ContinualRun:
         return [100.0 * (routes[j][0][:, 0] == j).double().mean().item() if j <= i else None
                 for j in range(len(self.specs))]
 
-    @staticmethod
-    def load_expert(store, t: int) -> dict[str, torch.Tensor]:
-        """Task t's (0-based) full model as the store decouples it."""
-        return store.load_task(t + 1)
+    def load_expert(self, store, t: int) -> dict[str, torch.Tensor]:
+        """Task t's (0-based) CLIP weights, from the state the store decouples: rebuilt straight onto
+        the model's device for whole-model fine-tunes, on the host for adapters (merged there)."""
+        device = next(self.clip.model.parameters()).device if self.finetunes.rebuilds_on_model_device else "cpu"
+        return self.finetunes.weights(store.load_task(t + 1, device=device))
 
     def row(self, method: MethodConfig, i: int) -> list[float]:
         if method.kind == "zero_shot":
@@ -331,28 +364,41 @@ class ContinualRun:
         self.state["completed"] = i + 1
         self._save_state()
 
-    def run(self, *, stop_after: int | None = None) -> dict | None:
-        """Run (or resume) the loop; return the results, or None when stopped after `stop_after` tasks.
+    def _announce(self) -> None:
+        """Say how the run is spread over processes, and what a resumed run reuses."""
+        count, batch = self.processes.num_processes, self.config.training.batch_size
+        if count > 1:
+            self._log(f"{count} processes ({self.processes.backend}): each task's global batch of {batch} is "
+                      f"split {batch // count} per process; the main process writes and evaluates")
+        done, total = self.state["completed"], len(self.specs)
+        if done:
+            names = ", ".join(s.name for s in self.specs[:done])
+            rest = (f"continuing at task {done + 1} of {total}" if done < total
+                    else "nothing left to train; the results are rebuilt from it")
+            self._log(f"resumed {self.root}: reused the finished work of {done} task(s) ({names}): their "
+                      f"checkpoints, stores and accuracy rows; {rest}")
 
-        Under `accelerate launch` every process trains; the main one alone updates the stores,
-        evaluates and writes, while the others wait for it at the end of each task.
-        """
-        main = self.processes.is_main_process
-        if main and not self.base_path.exists():
-            save_checkpoint(self.theta0, self.base_path)
+    def run(self, *, stop_after: int | None = None) -> dict | None:
+        """Run (or resume) the loop; return the results, or None when stopped after `stop_after` tasks
+        (and in every process but the main one)."""
+        self._announce()
         total = len(self.specs)
-        bar = tqdm(range(self.state["completed"], total), desc="tasks", disable=not self.progress or not main,
+        bar = tqdm(range(self.state["completed"], total), desc="tasks", disable=not self.bars or not self.main,
                    initial=self.state["completed"], total=total)
         for i in bar:
             bar.set_postfix(task=self.specs[i].name)
-            self.step(i) if main else self.train_step(i, self.train_set(i))
+            began = time.perf_counter()
+            self.step(i) if self.main else self.train_step(i, self.train_set(i))
             self.processes.wait_for_everyone()
+            if self.progress and not self.bars:
+                self._log(f"task {i + 1}/{total} {self.specs[i].name}: done in {time.perf_counter() - began:.1f} s")
             if stop_after is not None and i + 1 >= stop_after and i + 1 < total:
                 return None
-        return self.finish() if main else None
+        return self.finish() if self.main else None
 
     def finish(self) -> dict:
         results = build_results(self.config, self.state, [s.name for s in self.specs])
+        results["model"] = describe_model(self.clip)
         write_outputs(results, self.root)
         return results
 
@@ -383,8 +429,9 @@ def cost_summary(seconds: dict) -> dict:
 def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
     matrices = {name: rows for name, rows in state["rows"].items()}
     return {
+        "config_file": config.path,
         "tasks": tasks,
-        "methods": {m.name: asdict(m) for m in config.methods},
+        "methods": {m.name: m.model_dump(mode="json") for m in config.methods},
         "matrices": matrices,
         "summary": {name: metrics.summarize(rows) for name, rows in matrices.items()},
         "fidelity": fidelity_summary(state["fidelity"], tasks),
@@ -424,9 +471,10 @@ def routing_table(routing: dict, tasks: list[str]) -> str:
 
 
 def results_markdown(results: dict) -> str:
-    parts = ["# Continual learning results\n", metrics.markdown_table(results["summary"])]
+    parts = ["# Continual learning results\n\n", metrics.summary_table(results)]
     for name, matrix in results["matrices"].items():
-        parts.append(f"\n## {name}: accuracy matrix (rows: after step i; columns: task j)\n")
+        label = metrics.method_label(name, results["methods"].get(name))
+        parts.append(f"\n## {label} (`{name}`): accuracy matrix in % (rows: after step i; columns: task j)\n")
         parts.append(metrics.matrix_table(matrix, results["tasks"]))
     if results["fidelity"]:
         parts.append("\n## Reconstruction fidelity of the rebuilt deltas\n")
@@ -446,8 +494,9 @@ def write_outputs(results: dict, root: str | os.PathLike) -> str:
     write_json(results, root / "results.json")
     (root / "results.md").write_text(results_markdown(results), encoding="utf-8")
     for name, matrix in results["matrices"].items():
-        metrics.heatmap(matrix, results["tasks"], root / f"heatmap-{name}.png", title=name)
-    return metrics.markdown_table(results["summary"])
+        metrics.heatmap(matrix, results["tasks"], root / f"heatmap-{name}.png",
+                        title=metrics.method_label(name, results["methods"].get(name)))
+    return metrics.summary_table(results)
 
 
 def report(root: str | os.PathLike) -> str:
@@ -459,6 +508,7 @@ def report(root: str | os.PathLike) -> str:
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, progress: bool = True, stop_after: int | None = None,
-        clip: Clip | None = None) -> dict | None:
-    """Run or resume the continual loop of `config` in the folder `out`."""
-    return ContinualRun(config, out, progress=progress, clip=clip).run(stop_after=stop_after)
+        clip: Clip | None = None, log: Callable[[str], None] | None = None) -> dict | None:
+    """Run or resume the continual loop of `config` in the folder `out`; `log` receives what the
+    run has to say (processes, reused work, one line a task when no progress bars show)."""
+    return ContinualRun(config, out, progress=progress, clip=clip, log=log).run(stop_after=stop_after)

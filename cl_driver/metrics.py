@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .config import default_method_name
+
 METRICS = ("transfer", "average", "last")
 
 
@@ -50,12 +52,44 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
-def markdown_table(summaries: Mapping[str, Mapping[str, float]]) -> str:
+def markdown_table(summaries: Mapping[str, Mapping[str, float]], labels: Mapping[str, str] | None = None) -> str:
     """| Method | Transfer | Average | Last | with one row per method, in the given order."""
     lines = ["| Method | Transfer | Average | Last |", "|---|---:|---:|---:|"]
     for method, values in summaries.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(values[m]) for m in METRICS) + " |")
+        label = (labels or {}).get(method, method)
+        lines.append(f"| {label} | " + " | ".join(_fmt(values[m]) for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
+
+
+KIND_LABELS = {
+    "zero_shot": "zero-shot",
+    "sequential": "sequential fine-tuning",
+    "task_arithmetic": "continual task arithmetic",
+    "magmax": "MagMax",
+    "individual": "individual experts (upper bound)",
+}
+
+
+def method_label(name: str, method: Mapping | None) -> str:
+    """A method as people say it ("ConDU, model rescaler"); the config's name follows when the
+    config gave it one of its own."""
+    if not method:
+        return name
+    if method["kind"] == "condu":
+        label = f"ConDU{' task-agnostic' if method.get('agnostic') else ''}, {method['rescaler']} rescaler"
+        label += "".join(f", {part}" for part in (method.get("aggregate") and f"{method['aggregate']} aggregation",
+                                                   method.get("top_k") and f"top {method['top_k']}") if part)
+    else:
+        label = KIND_LABELS[method["kind"]]
+    return label if name == default_method_name(method) else f"{label} ({name})"
+
+
+def summary_table(results: Mapping) -> str:
+    """The Transfer / Average / Last table of a run, saying what the numbers are and which config ran."""
+    labels = {name: method_label(name, results.get("methods", {}).get(name)) for name in results["summary"]}
+    config = results.get("config_file", "not recorded")
+    return (f"Accuracy in % on each task's test set (MTIL's Transfer / Average / Last); config: {config}\n\n"
+            + markdown_table(results["summary"], labels))
 
 
 def matrix_table(accuracy, tasks: Sequence[str]) -> str:

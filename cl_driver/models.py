@@ -23,6 +23,7 @@ class Clip:
     tokenizer: object
     processor: object
     source: str
+    resolved: object = None  # fusion.hub.ResolvedCheckpoint: the folder, and the hub id and commit if any
 
     @property
     def device(self) -> torch.device:
@@ -41,14 +42,32 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_clip(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Clip:
-    """Load CLIPModel, tokenizer and image processor (a local folder or a hub id)."""
+    """Load CLIPModel, tokenizer and image processor from a local folder or a hub id
+    (org/name[@revision], resolved by fusion.hub: one line on any error)."""
+    from fusion import hub
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    source = str(name_or_path)
-    model = CLIPModel.from_pretrained(source).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    processor = AutoImageProcessor.from_pretrained(source)
-    return Clip(model, tokenizer, processor, source)
+    resolved = hub.resolve_checkpoint(name_or_path)
+    folder = str(resolved.path)
+    try:
+        model = CLIPModel.from_pretrained(folder).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        processor = AutoImageProcessor.from_pretrained(folder)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{name_or_path}: not a CLIP folder that transformers loads ({reason}); give a CLIP "
+                         "model folder or hub id") from None
+    if resolved.from_hub:
+        model.config._name_or_path = resolved.hub_id  # what adapters saved from it record as their base
+    return Clip(model, tokenizer, processor, str(name_or_path), resolved)
+
+
+def describe_model(clip: Clip) -> dict:
+    """Where theta0 came from: the argument, its folder, and its hub id, revision and commit if any."""
+    resolved = clip.resolved
+    return {"source": clip.source, "path": str(resolved.path) if resolved else clip.source,
+            "hub_id": getattr(resolved, "hub_id", None), "revision": getattr(resolved, "revision", None),
+            "commit": getattr(resolved, "commit", None)}
 
 
 def image_size(processor) -> int:

@@ -1,8 +1,10 @@
 """Fine-tune CLIP on one task: cross-entropy with label smoothing over its text classifier.
 
 AdamW and a cosine schedule with linear warmup, for a fixed number of iterations (MTIL's
-protocol). Training goes through Hugging Face `accelerate`, so `accelerate launch` spreads it
-over GPUs; one process on a CPU is a plain loop. The result is written as safetensors.
+protocol). Training goes through Hugging Face `accelerate`: under a launcher every process takes
+its share of each batch (the config's batch size is the global one) and the main process alone
+writes the result; one process on a CPU is a plain loop. Whole-model (or one-tower) fine-tunes are
+written as safetensors, LoRA fine-tunes as PEFT adapter folders.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import lora
 from .config import TrainingConfig
 from .data import TaskSpec
 from .models import Clip, image_features, load_weights, state_dict_cpu
@@ -104,9 +107,9 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     return path
 
 
-def _training_parts(clip: Clip, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int):
-    """The logits module, AdamW, the schedule and a seeded shuffling loader for one task."""
-    params = select_trainable(clip.model, settings.train_part)
+def _training_parts(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int):
+    """The logits module, AdamW over `params`, the schedule and a seeded shuffling loader for one task.
+    The loader draws the config's batch, the global one: a launcher splits it across processes."""
     tokens = _class_tokens(clip, spec, settings)
     fixed = _fixed_classifier(clip, tokens) if settings.train_part == "image" else None
     module = ClassifierLogits(clip.model, tokens, fixed).train()
@@ -136,21 +139,45 @@ def _freeze(model) -> None:
         param.requires_grad_(False)
 
 
-def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
-             out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
-    """Fine-tune from the weights `start` on `dataset` and write the result to `out` (safetensors)."""
+def _fit(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int, progress: bool):
+    """Train `params` of the model in place on every process of the run; returns the accelerator."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
-    torch.manual_seed(seed)
-    load_weights(clip.model, start)
-    accelerator = Accelerator(cpu=clip.device.type == "cpu", mixed_precision=settings.mixed_precision)
-    parts = accelerator.prepare(*_training_parts(clip, spec, dataset, settings, seed))
+    accelerator = Accelerator(cpu=clip.device.type == "cpu", mixed_precision=settings.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    parts = accelerator.prepare(*_training_parts(clip, params, spec, dataset, settings, seed))
     show = progress and accelerator.is_main_process
     with tqdm(total=settings.iterations, desc=f"train {spec.name}", disable=not show, leave=False) as bar:
         _optimize(accelerator, *parts, settings, bar)
     _freeze(clip.model)
-    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return accelerator
+
+
+def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
+             out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
+    """Fine-tune from the weights `start` on `dataset` and write the result to `out` (safetensors)."""
+    torch.manual_seed(seed)
+    load_weights(clip.model, start)
+    accelerator = _fit(clip, select_trainable(clip.model, settings.train_part), spec, dataset, settings, seed,
+                       progress)
     if accelerator.is_main_process:
-        save_checkpoint(state_dict_cpu(accelerator.unwrap_model(parts[0]).clip), out)
+        save_checkpoint(state_dict_cpu(clip.model), out)
     accelerator.wait_for_everyone()
+    return Path(out)
+
+
+def finetune_lora(clip: Clip, dense: dict[str, torch.Tensor], start: str | os.PathLike, spec: TaskSpec, dataset,
+                  settings: TrainingConfig, out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
+    """Train the LoRA factors of the adapter folder `start` on top of the frozen weights `dense`,
+    and write the result to `out` as an adapter folder."""
+    torch.manual_seed(seed)
+    load_weights(clip.model, dense)
+    with lora.attached(clip.model, start, trainable=True) as peft_model:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        accelerator = _fit(clip, params, spec, dataset, settings, seed, progress)
+        if accelerator.is_main_process:
+            lora.save_adapter(peft_model, out)
+        accelerator.wait_for_everyone()
     return Path(out)

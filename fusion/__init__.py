@@ -22,7 +22,7 @@ _HOMES = {
     "load": "io", "save": "io",
 }
 
-__all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", *sorted(_HOMES)]
+__all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", "hub", *sorted(_HOMES)]  # hub: ids the driver resolves too
 
 
 _MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "hub", "io", "kernels", "lora", "reference",

@@ -100,7 +100,7 @@ class DeviceStage:
     def _up(self, array):
         if array is None:
             return None
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # keeps a 0-d shape
         if not array.flags.writeable:  # a reader's checked view: torch takes only arrays it may write
             array = array.copy()
         tensor = self.torch.from_numpy(array)

@@ -27,7 +27,7 @@ def to_torch(array: np.ndarray, dtype: DType, device="cpu"):
     import torch
 
     if dtype.storage == np.uint16 and dtype.is_float:
-        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(getattr(torch, dtype.name))
+        tensor = torch.from_numpy(np.require(array, requirements="C").view(np.int16)).view(getattr(torch, dtype.name))
     else:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.require(array, requirements="C"))  # keeps a 0-d shape
     return tensor.to(device)

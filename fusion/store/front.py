@@ -673,7 +673,7 @@ def _host_array(value) -> tuple[np.ndarray, DType]:
     """A numpy array (or a torch tensor, brought to the host) and its dtype, for writing."""
     if is_torch(value):
         return from_torch(value)
-    return np.ascontiguousarray(value), dtype_of(value)
+    return np.require(value, requirements="C"), dtype_of(value)  # keeps a 0-d shape
 
 
 def _user_array(raw: np.ndarray, dtype: DType) -> np.ndarray:

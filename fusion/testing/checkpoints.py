@@ -55,7 +55,7 @@ def _write_file(tensors: Mapping[str, np.ndarray], path: Path, dtype: DType | No
         kind = dtype_of(array)
         return (dtype, from_float32(array.astype(np.float32), dtype)) if dtype and kind.is_float else (kind, array)
 
-    items = {name: stored(np.ascontiguousarray(a)) for name, a in tensors.items()}
+    items = {name: stored(np.require(a, requirements="C")) for name, a in tensors.items()}
     with SafetensorsWriter(path, [(n, d, a.shape) for n, (d, a) in items.items()], metadata=metadata,
                            checksums=False) as writer:
         for name, (_, array) in items.items():

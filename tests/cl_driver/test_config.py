@@ -22,7 +22,7 @@ def test_defaults_follow_the_mtil_protocol():
 def test_builtin_tasks_need_no_class_names_and_methods_get_names():
     cfg = parse_config(base(methods=["sequential", {"kind": "condu", "rescaler": "tensor-mean"},
                                      {"kind": "condu", "agnostic": True}, {"kind": "magmax", "scale": "0.5"}]))
-    assert cfg.tasks[0].source == {"kind": "builtin", "task": "shapes"}
+    assert cfg.tasks[0].source_dict == {"kind": "builtin", "task": "shapes"}
     assert [m.name for m in cfg.methods] == ["sequential", "condu-tensor-mean", "condu-model-agnostic", "magmax"]
     assert cfg.methods[3].scale == 0.5
 
@@ -58,8 +58,8 @@ def test_paths_resolve_against_data_root_or_the_config(tmp_path):
     folder_task = {"name": "f", "class_names": ["a"], "templates": ["{}"], "source": {"kind": "folder", "path": "f"}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(base(tasks=[folder_task])))
-    assert load_config(path).tasks[0].source["path"] == str(tmp_path / "f")
-    assert load_config(path, data_root=tmp_path / "data").tasks[0].source["path"] == str(tmp_path / "data" / "f")
+    assert load_config(path).tasks[0].source.path == str(tmp_path / "f")
+    assert load_config(path, data_root=tmp_path / "data").tasks[0].source.path == str(tmp_path / "data" / "f")
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
@@ -85,3 +85,81 @@ def test_command_line_overrides_of_the_evaluation():
     cfg = parse_config(base()).with_evaluation(aggregate="weighted", top_k=None)
     assert (cfg.evaluation.aggregate, cfg.evaluation.top_k) == ("weighted", 4)
     assert parse_config(base()).with_evaluation(top_k=None) == parse_config(base())
+
+
+def test_lora_and_few_shot_settings():
+    cfg = parse_config(base(training={"train_part": "lora", "shots": 5, "lora": {"rank": 8}}))
+    assert (cfg.training.train_part, cfg.training.shots) == ("lora", 5)
+    assert (cfg.training.lora.rank, cfg.training.lora.init_std) == (8, 0.01)
+    assert parse_config(base()).training.lora.rank == 64 and parse_config(base()).training.shots is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training": {"shots": 0}}, "training.shots: Input should be greater than or equal to 1"),
+    ({"training": {"lora": {"rank": 64, "alpha": 2}}}, r"training.lora: unknown keys \['alpha'\]"),
+    ({"training": {"iterations": True}}, "training.iterations: expected a number"),
+    ({"task_order": ["shapes", "nope"]}, r"task_order\[1\]: no task 'nope'"),
+    ({"task_overrides": {"nope": {"lr": 1e-3}}}, "task_overrides.nope: no such task"),
+    ({"task_overrides": {"shapes": {"momentum": 1}}}, r"task_overrides.shapes: unknown keys \['momentum'\]"),
+    ({"tasks": [{"name": "x", "source": {"kind": "tape"}}]}, r"tasks\[0\].source: 'tape' is not one of"),
+    ({"methods": []}, "methods: "),
+])
+def test_new_fields_are_checked_with_one_line(change, message):
+    with pytest.raises(ValueError, match=message) as err:
+        parse_config(base(**change), where="run.yaml")
+    assert str(err.value).startswith("run.yaml: ") and "\n" not in str(err.value)
+
+
+def test_yaml_no_is_no_mixed_precision(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base()).replace("methods:", "training: {mixed_precision: no}\nmethods:"))
+    assert load_config(path).training.mixed_precision == "no"
+
+
+def test_task_order_and_overrides_pick_from_a_tasks_file(tmp_path):
+    tasks = [{"name": n, "source": {"kind": "builtin", "task": n}} for n in ("a", "b", "c")]
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump({"tasks": tasks}))
+    raw = {"model": "m", "methods": ["zero_shot"], "tasks_file": "tasks.yaml", "task_order": ["c", "a"],
+           "task_overrides": {"a": {"lr": 3e-4, "iterations": 7}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "run.yaml")
+    assert [t.name for t in cfg.tasks] == ["c", "a"]
+    assert (cfg.task_training(cfg.tasks[1]).lr, cfg.task_training(cfg.tasks[1]).iterations) == (3e-4, 7)
+    assert cfg.task_training(cfg.tasks[0]) == cfg.training
+
+
+MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
+                "cars", "sun397"]
+
+
+def lrs(cfg):
+    return {t.name: cfg.task_training(t).lr for t in cfg.tasks}
+
+
+def test_the_shipped_mtil_order_ii():
+    cfg = load_config("mtil_order2")  # ZSCL's mtil/scripts/ZSCL_minus.sh
+    assert [t.name for t in cfg.tasks] == ["cars", "food", "mnist", "oxford_pet", "flowers", "sun397", "aircraft",
+                                           "caltech101", "dtd", "eurosat", "cifar100"]
+    assert lrs(cfg) == {**{n: 1e-5 for n in MTIL_ORDER_I}, "mnist": 5e-5, "aircraft": 5e-5}
+    assert {t.name: t.class_names for t in cfg.tasks} == {t.name: t.class_names for t in load_config("mtil").tasks}
+
+
+def test_the_shipped_mtil_lora_and_few_shot_settings():
+    lora = load_config("mtil_lora")
+    assert [t.name for t in lora.tasks] == MTIL_ORDER_I
+    assert (lora.training.train_part, lora.training.lora.rank, lora.training.iterations) == ("lora", 64, 1000)
+    assert list(lrs(lora).values()) == [1e-3, 5e-4, 2e-3, 2e-3, 1.5e-4, 1e-5, 2e-3, 1e-3, 1.5e-4, 2e-3, 1.5e-3]
+    few = load_config("mtil_fewshot")
+    assert [t.name for t in few.tasks] == MTIL_ORDER_I
+    assert (few.training.shots, few.training.iterations, few.training.train_part) == (5, 500, "whole")
+    assert lrs(few) == {**{n: 1e-5 for n in MTIL_ORDER_I}, "aircraft": 5e-5, "oxford_pet": 5e-5}
+    for cfg in (lora, few):
+        assert (cfg.training.batch_size, cfg.training.label_smoothing) == (64, 0.2)
+
+
+def test_the_mini_settings_differ_from_the_full_mini_benchmark_only_where_they_say():
+    full, lora, few = (load_config(n) for n in ("mini_mtil", "mini_mtil_lora", "mini_mtil_fewshot"))
+    assert [t.name for t in lora.tasks] == [t.name for t in few.tasks] == [t.name for t in full.tasks]
+    assert lora.training == full.training.replace(train_part="lora", lr=1e-3)
+    assert few.training == full.training.replace(shots=5, iterations=100, warmup_steps=10)
+    assert lora.evaluation == few.evaluation == full.evaluation

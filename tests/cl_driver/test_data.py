@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cl_driver.config import TaskConfig
-from cl_driver.data import as_dataset, folder_split, load_split, resolve_task, subset
+from cl_driver.data import Split, as_dataset, few_shot, folder_split, load_split, resolve_task, subset
 
 from tests.cl_driver.helpers import SIDE, TASKS, TEMPLATES, write_task_folder
 
@@ -29,11 +29,22 @@ def test_folders_named_otherwise_are_taken_in_sorted_order(tmp_path):
 
 def test_subset_is_seeded_and_keeps_order(tmp_path):
     write_task_folder(tmp_path, "colors", n_train=6, n_test=1)
-    spec = resolve_task(TaskConfig("colors", {"kind": "folder", "path": str(tmp_path / "colors")},
-                                   tuple(TASKS["colors"]), tuple(TEMPLATES), max_train=5))
+    spec = resolve_task(TaskConfig(name="colors", source={"kind": "folder", "path": str(tmp_path / "colors")},
+                                   class_names=TASKS["colors"], templates=TEMPLATES, max_train=5))
     a, b = load_split(spec, "train", seed=3), load_split(spec, "train", seed=3)
     assert len(a) == 5 and a.labels == b.labels == sorted(a.labels)
     assert subset(a, None) is a
+
+
+def test_few_shot_keeps_n_images_of_each_class_seeded_and_in_order():
+    split = Split([0] * 6 + [1] * 3 + [2], lambda i: f"image {i}")
+    chosen = few_shot(split, 2, seed=0)
+    assert sorted(chosen.labels) == [0, 0, 1, 1, 2]  # a class with fewer images keeps them all
+    picked = [int(chosen.load(j).split()[1]) for j in range(len(chosen))]
+    assert picked == sorted(picked) and [split.labels[i] for i in picked] == chosen.labels
+    assert [chosen.load(j) for j in range(len(chosen))] == [few_shot(split, 2, seed=0).load(j) for j in range(5)]
+    draws = {tuple(few_shot(split, 2, seed=seed).load(j) for j in range(5)) for seed in range(8)}
+    assert len(draws) > 1  # the seed chooses
 
 
 def test_small_splits_become_one_pixel_tensor(tmp_path, tiny_model):
@@ -60,7 +71,7 @@ def test_hf_disk_source_reads_splits_through_load_from_disk(tmp_path, monkeypatc
                                  load_from_disk=lambda path: FakeDatasetDict(train=FakeSplit(rows), valid=FakeSplit(rows[:2])))
     monkeypatch.setitem(sys.modules, "datasets", fake)
     source = {"kind": "hf_disk", "path": str(tmp_path), "image_column": "img", "label_column": "y", "test_split": "valid"}
-    spec = resolve_task(TaskConfig("t", source, ("even", "odd"), ("{}",)))
+    spec = resolve_task(TaskConfig(name="t", source=source, class_names=("even", "odd"), templates=("{}",)))
     train, test = load_split(spec, "train"), load_split(spec, "test")
     assert train.labels == [0, 1, 0, 1] and test.labels == [0, 1]
     assert train.load(2).getpixel((0, 0)) == (80, 0, 0)
@@ -70,12 +81,12 @@ def test_builtin_source_uses_the_task_own_names_and_templates():
     from cl_driver.mini.tasks import BUILTIN_TASKS, get_task
 
     name = BUILTIN_TASKS[0]
-    spec = resolve_task(TaskConfig(name, {"kind": "builtin", "task": name}))
+    spec = resolve_task(TaskConfig(name=name, source={"kind": "builtin", "task": name}))
     assert list(spec.class_names) == list(get_task(name).class_names)
     split = load_split(spec, "test", image_size=SIDE, limit=6)
     assert len(split) == 6 and split.load(0).size == (SIDE, SIDE)
     with pytest.raises(ValueError, match="no builtin task"):
-        resolve_task(TaskConfig("x", {"kind": "builtin", "task": "no-such-task"}))
+        resolve_task(TaskConfig(name="x", source={"kind": "builtin", "task": "no-such-task"}))
 
 
 def test_pixel_cache_gives_the_processor_pixels(tmp_path, tiny_model, monkeypatch):

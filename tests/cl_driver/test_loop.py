@@ -51,7 +51,10 @@ def test_every_method_gives_a_full_matrix_and_the_outputs(full_run, tiny_config)
         assert set(results["summary"][name]) == {"transfer", "average", "last"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["matrices"] == results["matrices"]
-    assert "| condu-model |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| ConDU, model rescaler |" in markdown and "| sequential fine-tuning |" in markdown
+    assert "| ConDU task-agnostic, model rescaler, weighted aggregation (condu-weighted) |" in markdown
+    assert "Accuracy in % on each task" in markdown and "config: tiny.yaml" in markdown
     # routing is reported for the task-agnostic methods only, for the tasks seen so far
     routing = results["routing_top1"]["condu-model-agnostic"]
     assert set(results["routing_top1"]) == {"condu-model-agnostic", "condu-weighted"}
@@ -104,7 +107,7 @@ def test_prototypes_are_computed_with_theta0(full_run, loop_view, clip):
     store = Store.open(out / "stores" / "model")
     theta0 = load_file(str(out / "base.safetensors"))
     for j, spec in enumerate(loop_view.specs):
-        stored = store.load_prototypes(j + 1)[PROTOTYPES]
+        stored = torch.from_numpy(store.attachment(j + 1, PROTOTYPES)[PROTOTYPES])
         train = loop_view.train_set(j)
         load_weights(clip.model, theta0)
         feats, labels = dataset_features(clip, train)
@@ -122,8 +125,8 @@ def test_routed_inference_equals_computing_every_expert_then_selecting(full_run,
     out, results = full_run
     store = Store.open(out / "stores" / "model")
     theta0 = load_file(str(out / "base.safetensors"))
-    experts = [store.load_task(t + 1) for t in range(T)]
-    protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(T)]
+    experts = [store.load_task(t + 1, device="cpu") for t in range(T)]
+    protos = [torch.from_numpy(store.attachment(t + 1, PROTOTYPES)[PROTOTYPES]) for t in range(T)]
     for j, spec in enumerate(loop_view.specs):
         dataset, labels = loop_view.test_set(j)
 
@@ -176,3 +179,25 @@ def test_pixel_cache_leaves_the_matrix_unchanged(tiny_model, tiny_data, full_run
     results = run(parse_config(raw, where="tiny.yaml"), tmp_path / "run", progress=False)
     assert results["matrices"]["zero_shot"] == full_run[1]["matrices"]["zero_shot"]
     assert len(list((tmp_path / "run" / "pixels").glob("*-test-*.npy"))) == T
+
+
+def test_shots_train_each_task_on_n_images_a_class(tiny_model, tiny_data, full_run, clip, tmp_path):
+    raw = tiny_config_dict(tiny_data, tiny_model, methods=["individual", {"kind": "condu", "rescaler": "model"}])
+    raw["training"]["shots"] = 2
+    config = parse_config(raw, where="tiny.yaml")
+    out = tmp_path / "run"
+    results = run(config, out, progress=False)
+    view = ContinualRun(config, out, progress=False, clip=clip)
+    store = Store.open(out / "stores" / "model")
+    theta0 = load_file(str(out / "base.safetensors"))
+    for j, spec in enumerate(view.specs):
+        train = view.train_set(j)
+        assert torch.bincount(train.tensors[1]).tolist() == [2] * len(spec.class_names)
+        load_weights(clip.model, theta0)
+        feats, labels = dataset_features(clip, train)  # the prototypes come from those few images too
+        expected = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
+        assert torch.allclose(torch.from_numpy(store.attachment(j + 1, PROTOTYPES)[PROTOTYPES]), expected, atol=1e-6)
+    few, full = (load_file(str(root / "checkpoints" / "individual" / "01-colors.safetensors")) for root in (out, full_run[0]))
+    assert any(not torch.equal(few[k], full[k]) for k in few)
+    assert len(results["matrices"]["condu-model"]) == T
+

@@ -88,3 +88,18 @@ def test_merging_method_groups_keeps_the_config_order():
     merged = bench.merge_results([part_a, part_b], ["zero_shot", "condu-model"])
     assert list(merged["matrices"]) == list(merged["summary"]) == ["zero_shot", "condu-model"]
     assert merged["fidelity"] == {"model": []} and merged["seconds"] == {"x": 1, "y": 2}
+
+
+def test_the_full_page_shows_the_other_settings_rows_and_their_commands(tmp_path):
+    bench = load_benchmark()
+    summary = {m: {"transfer": 50.0 + i, "average": 60.0 + i, "last": 70.0 + i}
+               for i, m in enumerate(("zero_shot", "sequential", "individual", "condu-model"))}
+    record = {"name": "mini_mtil_lora", "command": "python benchmarks/mini_mtil.py --config mini_mtil_lora "
+              "--name mini_mtil_lora", "results": {"summary": summary}}
+    (tmp_path / "mini_mtil_lora.json").write_text(json.dumps(record))
+    section = bench.settings_section(tmp_path)
+    assert "| LoRA: rank 64 on the MLP linears of both towers, fused in factor space, lr 1e-3 | condu-model | "\
+           "53.0 | 63.0 | 73.0 |" in section
+    assert "| sequential |" not in section and "| 5-shot" not in section  # only the runs that exist, their key rows
+    assert "`python benchmarks/mini_mtil.py --config mini_mtil_lora --name mini_mtil_lora`" in section
+    assert bench.settings_section(tmp_path / "nothing-here") == ""

@@ -42,7 +42,8 @@ def fake_torchvision(monkeypatch):
 
 
 def folder_task(path, names):
-    return resolve_task(TaskConfig("t", {"kind": "folder", "path": str(path)}, tuple(names), ("{}",)))
+    return resolve_task(TaskConfig(name="t", source={"kind": "folder", "path": str(path)}, class_names=tuple(names),
+                                   templates=("{}",)))
 
 
 def test_prepare_torchvision_writes_folders_the_folder_source_reads(tmp_path, fake_torchvision):

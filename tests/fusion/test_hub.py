@@ -1,12 +1,7 @@
-"""Hub ids: resolved from a hub cache laid out on disk as huggingface_hub lays it out, offline.
+"""Hub ids: resolved from a hub cache laid out on disk as huggingface_hub lays it out
+(tests/hub_cache.py), under a temporary HF_HOME, offline."""
 
-The cache is built by hand under a temporary HF_HOME: models--org--name/{blobs,refs,snapshots},
-blobs named by their hash, snapshot files as relative symlinks to them, refs holding commits.
-"""
-
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from fusion.hub import ResolvedCheckpoint, parse_hub_id, recorded_base, resolve_checkpoint
+
+from tests.hub_cache import add_to_cache
 
 MAIN_COMMIT = "a" * 40
 TAGGED_COMMIT = "b" * 40
@@ -30,23 +27,6 @@ def checkpoint_folder(folder: Path, seed: int) -> Path:
     (folder / "tokenizer.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"pickled weights are never fetched")
     return folder
-
-
-def add_to_cache(cache: Path, repo: str, commit: str, source: Path, refs: tuple[str, ...] = ()) -> Path:
-    """Put `source`'s files into the cache as one snapshot of `repo`, with `refs` pointing at it."""
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(source.iterdir()):
-        data = file.read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    for ref in refs:
-        (repo_dir / "refs").mkdir(exist_ok=True)
-        (repo_dir / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture

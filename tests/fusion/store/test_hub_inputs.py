@@ -16,7 +16,9 @@ from safetensors.numpy import save_file
 from fusion import Store
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
-from ..test_hub import MAIN_COMMIT, TAGGED_COMMIT, add_to_cache
+from tests.hub_cache import add_to_cache
+
+from ..test_hub import MAIN_COMMIT, TAGGED_COMMIT
 from .helpers import OPTS, cli_process, manifest, one_line_error, run
 
 def _record(folder: Path, base: str) -> Path:

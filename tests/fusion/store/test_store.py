@@ -228,3 +228,14 @@ def test_the_default_chunk_shares_one_budget_between_the_tasks():
     assert _chunk_for(1) == 4 * fusion.engine.DEFAULT_CHUNK
     assert _chunk_for(16) * 16 <= 4 * fusion.engine.DEFAULT_CHUNK and _chunk_for(16) % 8 == 0
     assert _chunk_for(10_000) == 1 << 16
+
+
+def test_scalar_tensors_keep_their_shape_everywhere(tmp_path):
+    base = {**tiny_base(), "logit_scale": np.array(2.5, np.float32)}
+    ft = {**tiny_finetune(base, seed=0), "logit_scale": np.array(3.0, np.float32)}
+    store = Store.unify(tmp_path / "s", write_checkpoint(base, tmp_path / "base.safetensors"),
+                        [write_checkpoint(ft, tmp_path / "ft.safetensors")], **OPTS)
+    store.attach(1, "scalars", {"t": np.array(7.0, np.float32)})
+    assert store.load_task(1)["logit_scale"].shape == () == store.load_task(1, device="cpu")["logit_scale"].shape
+    assert load_file(store.decouple(1, tmp_path / "d.safetensors"))["logit_scale"].shape == ()
+    assert store.attachment(1, "scalars")["t"].shape == ()
