@@ -9,3 +9,7 @@ folders), `cli` (`condu-cl`), `mini` (the built-in benchmark).
     from cl_driver.loop import run
     results = run(load_config("mini_mtil_quick"), "runs/quick")
 """
+
+from fusion import passive_waiting
+
+passive_waiting()  # before any module of the package imports torch: fusion.threads says why

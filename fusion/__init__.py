@@ -20,13 +20,14 @@ _HOMES = {
     "get_kernel": "kernels", "preload": "kernels",
     "Store": "store", "TaskRecord": "store", "StoreLockedError": "store",
     "load": "io", "save": "io",
+    "passive_waiting": "threads",
 }
 
 __all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", "hub", *sorted(_HOMES)]  # hub: ids the driver resolves too
 
 
 _MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "hub", "io", "kernels", "lora", "reference",
-            "rescale", "store", "testing", "torch_compat")
+            "rescale", "store", "testing", "threads", "torch_compat")
 
 
 def __getattr__(name: str):

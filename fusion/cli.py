@@ -28,6 +28,9 @@ import sys
 import click
 
 from .constants import KERNELS, MISSING_MODES, RESCALER_MODES
+from .threads import passive_waiting
+
+passive_waiting()  # before numba (or torch, for CUDA) is imported: fusion.threads says why
 
 DEFAULT_STORE = "./condu-store"
 DTYPES = ("float32", "float16", "bfloat16")
