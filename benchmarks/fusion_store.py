@@ -771,7 +771,7 @@ def targets_section(res: dict) -> list[str]:
 def markdown(res: dict) -> str:
     cfg, wl = res["config"], res["workload"]
     check = res.get("equality") or {}
-    lines = [f"# ConDU store figures", "",
+    lines = ["# ConDU store figures", "",
              f"Workload: a base and T fine-tuned fp32 checkpoints of {wl['params'] / MiB:.1f}M parameters "
              f"({fmt_bytes(wl['checkpoint_bytes'])} each, {wl['tensors']} tensors). Store rescaler: "
              f"`{cfg['rescaler']}` (the official rule, so both sides compute the same state). "

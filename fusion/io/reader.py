@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..dtypes import DType, to_float32
+from ..dtypes import to_float32
 from .format import PREFIX_BYTES, TensorInfo, header_length, parse_header
 from .integrity import DEFAULT_BLOCK, FileDigests, IntegrityError, block_digest
 

@@ -25,7 +25,7 @@ import xxhash
 
 from ..constants import MISSING_MODES, RESCALER_MODES
 from ..dtypes import DTYPES
-from ..io.integrity import DIGEST_HEX, HASH_NAME, FileDigests
+from ..io.integrity import DIGEST_HEX, FileDigests
 from . import layout
 
 __all__ = ["FORMAT", "VERSION", "Digests", "HubRef", "BaseRef", "TensorEntry", "Fidelity", "SourceRef", "TaskEntry",

@@ -18,7 +18,7 @@ from fusion.testing.strategies import deltas
 @settings(max_examples=20, deadline=None)
 @given(count=st.integers(0, 12), delays=st.lists(st.floats(0, 0.003), min_size=3, max_size=3))
 def test_threaded_stages_finish_every_item_in_order_and_never_reuse_a_busy_slot(count, delays):
-    in_use, finished, log = set(), [], []
+    in_use, finished = set(), []
     lock = threading.Lock()
 
     def read(item, slot):

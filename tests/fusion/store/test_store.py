@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 import fusion
 from fusion import Store
 from fusion.dtypes import BF16, to_float32
-from fusion.store.front import _chunk_for
+from fusion.store.generation import chunk_for
 from fusion.testing.checkpoints import tiny_base, tiny_finetune, write_checkpoint
 from fusion.testing.vectors import requires_vectors, vectors_dir
 
@@ -225,9 +225,9 @@ def test_info_reports_sizes_and_savings(tmp_path):
 
 
 def test_the_default_chunk_shares_one_budget_between_the_tasks():
-    assert _chunk_for(1) == 4 * fusion.engine.DEFAULT_CHUNK
-    assert _chunk_for(16) * 16 <= 4 * fusion.engine.DEFAULT_CHUNK and _chunk_for(16) % 8 == 0
-    assert _chunk_for(10_000) == 1 << 16
+    assert chunk_for(1) == 4 * fusion.engine.DEFAULT_CHUNK
+    assert chunk_for(16) * 16 <= 4 * fusion.engine.DEFAULT_CHUNK and chunk_for(16) % 8 == 0
+    assert chunk_for(10_000) == 1 << 16
 
 
 def test_scalar_tensors_keep_their_shape_everywhere(tmp_path):
