@@ -88,6 +88,9 @@ class Runner:
             return None
         wanted = "cuda" if self.kernel_name == "triton" and self.device == "auto" else self.device
         device = resolve_device(wanted)
+        if device == "cpu" and self.kernel_name == "triton":
+            raise ValueError("kernel 'triton' runs on a CUDA device, not on the cpu; use --device cuda, "
+                             "or --kernel cpu")
         return None if device == "cpu" else DeviceStage(device, get_kernel("triton", device=device))
 
     def kernel(self):

@@ -98,3 +98,12 @@ def test_load_task_onto_a_device_equals_the_host_rebuild(tmp_path, dtype):
     assert set(host) == set(on_device)
     for name, tensor in host.items():
         assert on_device[name].dtype == tensor.dtype and torch.equal(on_device[name], tensor), name
+
+
+@pytest.mark.parametrize("kernel, device, phrase", [("cpu", "cuda", "runs on the host"),
+                                                    ("triton", "cpu", "runs on a CUDA device")])
+def test_a_kernel_on_the_wrong_device_is_one_line(tmp_path, kernel, device, phrase):
+    base_path, paths, _, _ = models(tmp_path, 1)
+    with pytest.raises(ValueError, match=phrase):
+        Store.unify(tmp_path / "s", base_path, paths, kernel=kernel, device=device)
+    assert not (tmp_path / "s").exists()
