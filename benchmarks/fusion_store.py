@@ -371,33 +371,39 @@ def run_isolated(op: str, **kwargs) -> dict:
     return {**payload, "peak_anon": peak_anon}
 
 
+# Runs a command and reports its peak RSS. The measuring process is this small one, not the
+# benchmark: a child forked from a large process would count the parent's pages (shared until
+# exec) in its own ru_maxrss.
+# It times the command itself too, so its own start-up is not counted.
+LAUNCHER = ("import resource, subprocess, sys, time; start = time.perf_counter(); code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter() - start, "
+            "file=sys.stderr); sys.exit(code)")
+
+
 def run_process(command: list[str]) -> dict:
-    """One command as a fresh process, start-up included: wall seconds, its own ru_maxrss (from
-    wait4), and the peak of its anonymous memory sampled from outside."""
+    """One command as a fresh process, start-up included: wall seconds, its peak RSS (ru_maxrss, through
+    a small launcher), and the peak of its anonymous memory sampled from outside."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's Python caches bytecode: start-up is measured that way
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    watched, peak_anon = psutil.Process(proc.pid), 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    launcher, peak_anon = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
         try:
-            peak_anon = max(peak_anon, _memory_sample(watched)[1])
+            peak_anon = max([peak_anon] + [_memory_sample(c)[1] for c in launcher.children()])
         except psutil.Error:
             pass
         time.sleep(0.01)
-    seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    error = proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:] if proc.returncode else []
+    lines = proc.stderr.read().decode(errors="replace").strip().splitlines()
     proc.stderr.close()
     name = " ".join(Path(command[1]).name if i == 1 else c for i, c in enumerate(command[:4]))
-    if error:
-        print(f"  ! {name}: {error[0]}", file=sys.stderr)
-        return {"error": error[0] if error else f"exit code {proc.returncode}"}
-    print(f"  {name}: {seconds:.2f} s, peak RSS {usage.ru_maxrss * 1024 / MiB:.0f} MiB", file=sys.stderr)
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "peak_anon": peak_anon}
+    if proc.returncode:
+        error = lines[-2] if len(lines) > 1 else f"exit code {proc.returncode}"
+        print(f"  ! {name}: {error}", file=sys.stderr)
+        return {"error": error}
+    peak_rss, seconds = int(lines[-1].split()[0]), float(lines[-1].split()[1])
+    print(f"  {name}: {seconds:.2f} s, peak RSS {peak_rss / MiB:.0f} MiB", file=sys.stderr)
+    return {"seconds": seconds, "peak_rss": peak_rss, "peak_anon": peak_anon}
 
 
 def store_command(*args: str) -> list[str]:
