@@ -78,12 +78,10 @@ def _stage_rows(src, table, base, lo, m, stage, row0):
     """stage[row0 + t, :m] = src[t, lo:lo+m] as float32 (decoded through `table` for 16-bit codes),
     minus base[lo:lo+m] when a base is given (one float32 rounding, as `rows - base`)."""
     for t in range(src.shape[0]):
-        row = stage[row0 + t]
-        _decode(src[t, lo : lo + m], table, row, m)
         if base.shape[0]:
-            b = base[lo : lo + m]
-            for j in range(m):
-                row[j] -= b[j]
+            _decode_minus(src[t, lo : lo + m], table, base[lo : lo + m], stage[row0 + t], m)
+        else:
+            _decode(src[t, lo : lo + m], table, stage[row0 + t], m)
 
 
 def _decode(codes, table, out, m):
@@ -101,9 +99,31 @@ def _decode_impl(codes, table, out, m):
         return lookup
 
     def copy(codes, table, out, m):
-        out[:m] = codes[:m]
+        for j in range(m):
+            out[j] = codes[j]
 
     return copy
+
+
+def _decode_minus(codes, table, base, out, m):
+    """out[:m] = codes as float32 minus base: the decode and the subtraction in one loop."""
+
+
+@overload(_decode_minus, jit_options=_JIT)
+def _decode_minus_impl(codes, table, base, out, m):
+    if codes.dtype == numba.types.uint16:
+
+        def lookup(codes, table, base, out, m):
+            for j in range(m):
+                out[j] = table[codes[j]] - base[j]
+
+        return lookup
+
+    def subtract(codes, table, base, out, m):
+        for j in range(m):
+            out[j] = codes[j] - base[j]
+
+    return subtract
 
 
 @njit(**_JIT)
@@ -121,16 +141,18 @@ def _elect_sign(rows, m, sign):
 
 @njit(**_JIT)
 def _masks_and_magnitude(rows, m, sign, masks, magnitude):
-    """masks[t, j] = rows[t, j] agrees strictly with sign[j]; magnitude = max agreeing |value|."""
+    """masks[t, j] = rows[t, j] agrees strictly with sign[j]; magnitude = max agreeing |value|.
+
+    sign is +-1, so x * sign is exact and equals |x| exactly where x agrees, <= 0 elsewhere: the
+    largest of them, started from +0.0, is the largest agreeing |x|, or +0.0 (a -0.0 never wins
+    the strict comparison). One multiply, one compare, one select: the loop vectorizes."""
     magnitude[:m] = 0.0
     for t in range(rows.shape[0]):
         row, mask = rows[t, :m], masks[t, :m]
         for j in range(m):
-            x = row[j]
-            agree = x * sign[j] > 0  # sign is +-1: the product is exact
-            mask[j] = agree
-            a = abs(x) if agree else np.float32(0.0)
-            magnitude[j] = a if a > magnitude[j] else magnitude[j]
+            agreeing = row[j] * sign[j]
+            mask[j] = np.uint8(agreeing > 0)
+            magnitude[j] = agreeing if agreeing > magnitude[j] else magnitude[j]
 
 
 @njit(**_JIT)
