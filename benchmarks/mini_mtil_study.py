@@ -40,6 +40,7 @@ RUNS_DIR = ROOT / "runs" / "study"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 BASE_CONFIG = ROOT / "cl_driver" / "configs" / "mini_mtil.yaml"
 ORDER2_CONFIG = ROOT / "benchmarks" / "configs" / "mini_mtil_order2.yaml"
+DESIGN_RECORD = RESULTS_DIR / f"{NAME}_design.json"  # the gated rule's first design, kept as it measured
 
 # Mini CLIPs of one recipe (cl_driver/mini/pretrain.py, 5000 steps of batch 64, seed 0); only the
 # widths differ. The shipped one is M; S is about 4x smaller, L the largest that one CPU hour allows.
@@ -128,8 +129,8 @@ class StudyRun(ContinualRun):
 
     One routing pass a step: the top-K experts (K the largest of the study), each run once on the
     images that chose it. Each aggregation is a weight per slot on that pass: mean K = (1 for the
-    first K slots), weighted K = (similarity for the first K slots), gated = (1 where the
-    similarity is above the calibrated tau), all combined by `combine_routed`.
+    first K slots), weighted K = (similarity for the first K slots), gated = (1 where the expert
+    passes its calibrated gate), all combined by `combine_routed`.
     """
 
     def condu_row(self, method, i):
@@ -143,26 +144,46 @@ class StudyRun(ContinualRun):
             acc[t], logits = self.expert_pass(store, method, i, t, routes)
             for j, values in logits.items():
                 expert_logits[j][t] = values
-        tau = self.gate_threshold(store, method, i)
+        thresholds = self.gate_thresholds(store, method, i)
         for aggregate, k in AGGREGATIONS:
             row = dict(acc)
             for j in routed:
                 logits0, _, labels = self.base_eval(j)
                 selection, values = routes[j]
-                weights = slot_weights(values, aggregate, k, tau)
+                weights = slot_weights(selection, values, aggregate, k, thresholds)
                 row[j] = accuracy(combine_routed(logits0, selection, weights, expert_logits[j], "weighted"), labels)
             self.state["rows"].setdefault(variant_name(aggregate, k), []).append([row[j] for j in range(len(self.specs))])
+        self.state.setdefault("gate_joins", []).append(gate_joins(routes, thresholds))
         return self.state["rows"][variant_name(*OFFICIAL)][-1]
 
+    def finish(self) -> dict:
+        from cl_driver.loop import build_results, write_outputs
 
-def slot_weights(values, aggregate: str, k: int, tau: float):
-    """(N, K) similarities -> (N, K) non-negative weights of one aggregation (theta0 weighs 1)."""
+        results = build_results(self.config, self.state, [s.name for s in self.specs])
+        results["gate_joins"] = self.state.get("gate_joins", [])
+        write_outputs(results, self.root)
+        return results
+
+
+def gate_joins(routes: dict, thresholds) -> dict:
+    """How many unseen test images of a step let at least one expert through the gated rule's gate."""
+    from cl_driver.gating import passes
+
+    joined = [passes(selection, values, thresholds).any(dim=1) for selection, values in routes.values()]
+    return {"images": sum(len(j) for j in joined), "joined": int(sum(j.sum() for j in joined))}
+
+
+def slot_weights(selection, values, aggregate: str, k: int, thresholds):
+    """(N, K) selected experts and similarities -> (N, K) non-negative weights of one aggregation
+    (theta0 weighs 1); `thresholds` are the gated rule's per-expert taus."""
+    from cl_driver.gating import passes
+
     first_k = (values.new_ones(values.shape[1]).cumsum(0) <= k).to(values.dtype)  # (K,)
     if aggregate == "mean":
         return values.new_ones(values.shape) * first_k
     if aggregate == "weighted":
         return values.clamp(min=0) * first_k
-    return (values > tau).to(values.dtype) * first_k  # gated
+    return passes(selection, values, thresholds).to(values.dtype) * first_k  # gated
 
 
 def child(run_id: str) -> None:
@@ -288,6 +309,7 @@ def collect(timings: dict) -> dict:
         timing = timings.get(run_id) or old.get("runs", {}).get(run_id, {}).get("timing")
         runs[run_id] = {**fields, "command": command, "timing": timing, "tasks": results["tasks"],
                         "matrices": results["matrices"], "gates": results.get("gates", {}),
+                        "gate_joins": results.get("gate_joins", []),
                         "fidelity": results["fidelity"], "seconds": results["seconds"]}
         rows += summary_rows(spec, results)
         fidelity += fidelity_rows(spec, results)
@@ -296,7 +318,8 @@ def collect(timings: dict) -> dict:
               "plan": {"widths": WIDTHS, "strengths": {f"{lr:.0e}": it for lr, it in STRENGTHS.items()},
                        "aggregations": AGGREGATIONS, "official": OFFICIAL, "seeds": "training and data seed 0 "
                        "(one run with seed 1); pre-training seed 0"},
-              "models": models, "runs": runs, "rows": rows, "fidelity": fidelity}
+              "models": models, "runs": runs, "rows": rows, "fidelity": fidelity,
+              "design_history": json.loads(DESIGN_RECORD.read_text()) if DESIGN_RECORD.exists() else None}
     record["claims"] = check_claims(record)
     return record
 
@@ -381,6 +404,36 @@ def check_claims(record: dict) -> list[dict]:
               all(gaps[a] < gaps[b] for a, b in zip(lrs, lrs[1:])),
               ", ".join(f"lr {lr:.0e}: {gaps[lr]:+.1f} (experts' Last {experts[lr]:.1f}, zero-shot {zero:.1f})"
                         for lr in lrs))
+    for width in widths:
+        runs = {record["runs"][r]["lr"]: r for r in grid_runs(record, width=width)}
+        if len(runs) < 2:
+            continue
+        lrs = sorted(runs, reverse=True)
+        cos = {lr: mean(f["cosine_last"] for f in record["fidelity"] if f["run"] == runs[lr]) for lr in lrs}
+        claim(f"{width}: a gentler fine-tune rebuilds the experts more faithfully (mean cosine, last step)",
+              all(cos[a] < cos[b] for a, b in zip(lrs, lrs[1:])), ", ".join(f"lr {lr:.0e}: {cos[lr]:.3f}" for lr in lrs))
+    runs = [r for r in grid_runs(record)]
+    if runs:
+        ks = sorted({k for a, k in AGGREGATIONS if a == "mean"})
+        monotone = [r for r in runs if all(transfer_gap(record, r, "mean", a) > transfer_gap(record, r, "mean", b)
+                                           for a, b in zip(ks, ks[1:]))]
+        claim("Fewer experts keep more zero-shot skill: with the mean rule, Transfer falls as K grows (every grid run)",
+              len(monotone) == len(runs), f"{len(monotone)} of {len(runs)} runs; K = {', '.join(map(str, ks))} "
+              f"mean gap over the runs: " + ", ".join(f"{mean(transfer_gap(record, r, 'mean', k) for r in runs):+.1f}"
+                                                      for k in ks))
+        better = [(r, k) for r in runs for k in ks
+                  if transfer_gap(record, r, "weighted", k) >= transfer_gap(record, r, "mean", k)]
+        claim("Weighting by similarity keeps at least as much as the plain mean at the same K (every run and K > 1)",
+              all((r, k) in better for r in runs for k in ks if k > 1),
+              f"{len([b for b in better if b[1] > 1])} of {len(runs) * len([k for k in ks if k > 1])} (run, K > 1); "
+              f"mean gain of weighted over mean at K = 4: "
+              f"{mean(transfer_gap(record, r, 'weighted', 4) - transfer_gap(record, r, 'mean', 4) for r in runs):+.1f}")
+    if "M-lr1e-04" in record["runs"] and "M-lr1e-04-seed1" in record["runs"]:
+        a, b = transfer_gap(record, "M-lr1e-04"), transfer_gap(record, "M-lr1e-04-seed1")
+        la = row(record, "M-lr1e-04", "ConDU", *OFFICIAL)["last"]
+        lb = row(record, "M-lr1e-04-seed1", "ConDU", *OFFICIAL)["last"]
+        claim("Seed noise (M, lr 1e-4; seed 1 draws other training batches, test and held-out images)", None,
+              f"official Transfer - zero-shot: seed 0 {a:+.1f}, seed 1 {b:+.1f}; ConDU Last {la:.1f} vs {lb:.1f}")
     closest = max(((r, a, k) for r in grid_runs(record) for a, k in AGGREGATIONS if a != "gated"),
                   key=lambda t: transfer_gap(record, *t), default=None)
     if closest:
@@ -401,10 +454,12 @@ def check_claims(record: dict) -> list[dict]:
             continue
         zero, official = row(record, run, "zero-shot"), row(record, run, "ConDU", *OFFICIAL)
         beside = f", official {official['transfer']:.1f} / {official['average']:.1f}" if official else ""
+        entries = gated_entries(record, run)
         claim(f"{run} (order {record['runs'][run]['order']}): the gated rule's Transfer is at least zero-shot's",
               gated["transfer"] >= zero["transfer"] - 1e-9,
               f"gated {gated['transfer']:.1f} / {gated['average']:.1f} / {gated['last']:.1f} (Transfer / Average / "
-              f"Last), zero-shot {zero['transfer']:.1f}{beside}")
+              f"Last), zero-shot {zero['transfer']:.1f} / {zero['average']:.1f}{beside}; unseen entries below "
+              f"zero-shot: {entries['below']} of {entries['entries']} (worst {entries['worst']:+.1f})")
     return claims
 
 
@@ -514,12 +569,31 @@ def gated_table(record: dict) -> str:
         if gated is None:
             continue
         e = gated_entries(record, run)
-        gates = r["gates"].get(CONDU, [])
-        shown = ", ".join("inf" if g is None else f"{g:.3f}" for g in gates)
+        taus = [t for step in r["gates"].get(CONDU, []) for t in step if t is not None]
+        joins = r.get("gate_joins") or []
+        joined = f"{sum(j['joined'] for j in joins)} of {sum(j['images'] for j in joins)}" if joins else "-"
         lines.append([run, r["order"], " / ".join(fmt(gated[m]) for m in ("transfer", "average", "last")),
-                      f"{e['below']} of {e['entries']}", fmt(e["worst"]), fmt(e["best"]), shown])
+                      f"{e['below']} of {e['entries']}", fmt(e["worst"]), fmt(e["best"]),
+                      f"{fmt(min(taus), 3)} to {fmt(max(taus), 3)}" if taus else "-", joined])
     return table(["run", "order", "gated T / A / L", "unseen entries below zero-shot", "worst entry - zero-shot",
-                  "best entry - zero-shot", "tau per step (inf: no expert joins)"], lines)
+                  "best entry - zero-shot", "finite taus", "unseen test images with an expert through the gate"],
+                 lines)
+
+
+def design_section(record: dict) -> str:
+    """The gated rule's first design and what it measured on the design order."""
+    d = record.get("design_history")
+    if not d:
+        return ""
+    s = d["summary"]
+    return (f"The gate was designed on order I. Its first design ({d['rule']}) measured, on {d['run']}: "
+            f"Transfer {s['condu-gated-k4']['transfer']:.1f} against zero-shot's {s['zero_shot']['transfer']:.1f} "
+            f"(official rule {s['condu-mean-k4']['transfer']:.1f}), with {d['below_zero_shot']} of "
+            f"{d['unseen_entries']} unseen entries below zero-shot, the worst {d['worst']['task']} after "
+            f"{d['worst']['step']} at {d['worst']['difference']:+.1f}: a threshold under which the learned tasks "
+            "lost nothing still let experts into an unseen task they damaged. The rule was then changed to the "
+            "per-expert gate of `cl_driver/gating.py`, which keeps every expert out of every learned task but its "
+            f"own; order II was not looked at before that. Command: `{d['command']}`.\n")
 
 
 def claims_table(claims: list[dict]) -> str:
@@ -588,6 +662,7 @@ Per task at lr 1e-4, after the last step:
 ## The gated rule entry by entry
 
 {gated_table(record)}
+{design_section(record)}
 ## Every run: Transfer / Average / Last
 
 {rows_table(record)}

@@ -112,7 +112,7 @@ class ContinualRun:
                                   num_workers=config.training.num_workers, progress=progress)
         self._tests: dict[int, object] = {}
         self._base_eval: dict[int, tuple] = {}
-        self._held_out: dict[int, tuple] = {}
+        self._held_out: dict[int, torch.Tensor] = {}
         self.state = self._load_state()
 
     # -- paths ----------------------------------------------------------------------------
@@ -171,9 +171,8 @@ class ContinualRun:
             self._base_eval[j] = (logits, feats, labels)
         return self._base_eval[j]
 
-    def held_out_eval(self, s: int) -> tuple:
-        """Task s's held-out calibration images: the dataset, theta0's logits (N, C) and features
-        (N, D), and the labels (N,) (cached)."""
+    def held_out_features(self, s: int) -> torch.Tensor:
+        """theta0's (N, D) features of task s's held-out calibration images (cached)."""
         if s not in self._held_out:
             try:
                 split = load_split(self.specs[s], "val", image_size=self.side, seed=self.config.training.seed,
@@ -182,10 +181,9 @@ class ContinualRun:
                 raise ValueError(f"task {self.specs[s].name!r}: the gated aggregate calibrates on held-out `val` "
                                  "images and found none; add a val/ folder beside train/ and test/ (a `val` split "
                                  "for a saved dataset), or use --aggregate mean") from None
-            dataset = as_dataset(split, self.clip.processor, self.side)
             self.runner.activate("theta0")
-            logits, feats = self.runner.logits(dataset, self.specs[s].class_names, self.specs[s].templates)
-            self._held_out[s] = (dataset, logits, feats, torch.tensor(split.labels))
+            self._held_out[s], _ = dataset_features(self.clip, as_dataset(split, self.clip.processor, self.side),
+                                                    batch_size=self.config.evaluation.batch_size)
         return self._held_out[s]
 
     # -- training ---------------------------------------------------------------------------
@@ -276,41 +274,23 @@ class ContinualRun:
                                   lambda: baselines.magmax(self.theta0, paths, scale=method.scale))
 
     def routes(self, store, method: MethodConfig, i: int, routed: list[int],
-               threshold: float | None = None) -> dict[int, tuple]:
+               thresholds: torch.Tensor | None = None) -> dict[int, tuple]:
         """Per routed task j: each test image's top-K experts among tasks 1..i+1, and their weights;
-        with a threshold, the experts at or below it are taken out (-1)."""
+        with per-expert thresholds, the experts that do not pass theirs are taken out (-1)."""
         protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]  # T x (C_t, D)
         top_k = method.top_k or self.config.evaluation.top_k
         routes = {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
-        if threshold is None:
+        if thresholds is None:
             return routes
-        return {j: (gating.gate_selection(sel, values, threshold), values) for j, (sel, values) in routes.items()}
+        return {j: (gating.gate_selection(sel, values, thresholds), values) for j, (sel, values) in routes.items()}
 
-    def gate_cases(self, store, method: MethodConfig, i: int) -> list:
-        """Each learned task 0..i, on its held-out images, routed to the other learned experts."""
+    def gate_thresholds(self, store, method: MethodConfig, i: int) -> torch.Tensor:
+        """The gated aggregate's (i + 1,) taus at step i, from held-out images of tasks 0..i only."""
         protos = [store.load_prototypes(t + 1)[PROTOTYPES] for t in range(i + 1)]
-        top_k = method.top_k or self.config.evaluation.top_k
-        routes = {s: gating.leave_one_out(routing_weights(self.held_out_eval(s)[2], protos), s, top_k)
-                  for s in range(i + 1)} if i > 0 else {}
-        logits = {s: {} for s in routes}
-        for t in reversed(range(i + 1)):  # reversed: the row's own pass then starts on cached experts
-            wanted = [s for s in routes if (routes[s][0] == t).any()]
-            if wanted:
-                self.runner.activate(("condu", method.rescaler, i, t), lambda t=t: self.load_expert(store, t))
-            for s in wanted:
-                rows, _ = rows_selecting(routes[s][0], t)
-                logits[s][t], _ = self.runner.logits(self.held_out_eval(s)[0], self.specs[s].class_names,
-                                                     self.specs[s].templates, rows=rows)
-        return [gating.GateCase(self.held_out_eval(s)[1], self.held_out_eval(s)[3], routes[s][1],
-                                gating.slot_logits(routes[s][0], logits[s], len(self.specs[s].class_names)))
-                for s in routes]
-
-    def gate_threshold(self, store, method: MethodConfig, i: int) -> float:
-        """The gated aggregate's tau at step i, calibrated on held-out images of tasks 0..i only."""
-        threshold = gating.calibrate_threshold(self.gate_cases(store, method, i))
-        self.state.setdefault("gates", {}).setdefault(method.name, []).append(
-            None if threshold == float("inf") else threshold)  # None: no expert joins
-        return threshold
+        weights = {s: routing_weights(self.held_out_features(s), protos) for s in range(i + 1)}
+        thresholds = gating.expert_thresholds(weights, i + 1)
+        self.state.setdefault("gates", {}).setdefault(method.name, []).append(gating.recorded(thresholds))
+        return thresholds
 
     def expert_pass(self, store, method: MethodConfig, i: int, t: int, routes: dict) -> tuple[float | None, dict]:
         """Load expert t once: its own task's accuracy (with task identity) and its logits on the
@@ -333,8 +313,8 @@ class ContinualRun:
         store = self.open_store(method.rescaler)
         routed = [j for j in range(len(self.specs)) if method.agnostic or j > i]
         aggregate = method.aggregate or self.config.evaluation.aggregate
-        threshold = self.gate_threshold(store, method, i) if aggregate == "gated" else None
-        routes = self.routes(store, method, i, routed, threshold)
+        thresholds = self.gate_thresholds(store, method, i) if aggregate == "gated" else None
+        routes = self.routes(store, method, i, routed, thresholds)
         acc, expert_logits = {}, {j: {} for j in routed}
         for t in range(i + 1):  # each expert is loaded once per step
             acc[t], logits = self.expert_pass(store, method, i, t, routes)

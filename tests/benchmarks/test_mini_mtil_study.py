@@ -42,10 +42,11 @@ def test_each_run_is_the_full_config_with_its_own_settings():
 
 
 def test_slot_weights_of_each_rule():
-    values = torch.tensor([[0.9, 0.4, -0.2, 0.1]])
-    assert study.slot_weights(values, "mean", 2, 0.0).tolist() == [[1, 1, 0, 0]]
-    assert torch.allclose(study.slot_weights(values, "weighted", 4, 0.0), torch.tensor([[0.9, 0.4, 0.0, 0.1]]))
-    assert study.slot_weights(values, "gated", 4, 0.3).tolist() == [[1, 1, 0, 0]]
+    selection, values = torch.tensor([[2, 0, 3, 1]]), torch.tensor([[0.9, 0.4, -0.2, 0.1]])
+    bars = torch.tensor([0.5, 0.0, 0.3, -1.0])  # per expert: 2 passes (0.9 > 0.3), 0 does not (0.4 <= 0.5), ...
+    assert study.slot_weights(selection, values, "mean", 2, bars).tolist() == [[1, 1, 0, 0]]
+    assert torch.allclose(study.slot_weights(selection, values, "weighted", 4, bars), torch.tensor([[0.9, 0.4, 0.0, 0.1]]))
+    assert study.slot_weights(selection, values, "gated", 4, bars).tolist() == [[1, 0, 1, 1]]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def test_one_pass_equals_the_loop_run_once_per_rule(tiny_study):
         assert results["matrices"][study.variant_name(aggregate, k)] == plain["matrices"][f"{aggregate}{k}"], (aggregate, k)
     assert results["matrices"][study.CONDU] == plain["matrices"]["mean4"]
     assert results["gates"][study.CONDU] == plain["gates"]["gated4"]
+    joins = results["gate_joins"]  # one count a step, of the unseen images only
+    assert [j["images"] for j in joins] == [sum(5 * len(TASKS[t]) for t in list(TASKS)[i + 1:]) for i in range(len(TASKS))]
 
 
 def test_report_is_built_from_the_finished_runs_only(tiny_study, tmp_path, monkeypatch):

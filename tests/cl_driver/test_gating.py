@@ -9,11 +9,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from cl_driver import gating
 from cl_driver.cli import main
 from cl_driver.config import AGGREGATES, parse_config
-from cl_driver.gating import GateCase, calibrate_threshold, gate_selection, leave_one_out, prefix_correct
-from cl_driver.inference import accuracy, combine_all_experts, combine_routed, rows_selecting, top_k_experts
+from cl_driver.gating import expert_thresholds, gate_selection, passes, recorded
+from cl_driver.inference import accuracy, combine_all_experts, combine_routed, top_k_experts
 from cl_driver.loop import ContinualRun, run
 
 from tests.cl_driver.helpers import TASKS, tiny_config_dict, write_task_folder
@@ -21,100 +20,47 @@ from tests.cl_driver.helpers import TASKS, tiny_config_dict, write_task_folder
 T = len(TASKS)
 
 
-def case(base, labels, values, slots) -> GateCase:
-    return GateCase(torch.tensor(base, dtype=torch.float32), torch.tensor(labels), torch.tensor(values),
-                    torch.tensor(slots, dtype=torch.float32))
-
-
 # ---------------------------------------------------------------- calibration, pure
 
 
-def test_prefix_correct_averages_theta0_with_the_first_m_experts():
-    # theta0 says class 0; expert 1 pushes to class 1, expert 2 pushes back to class 0
-    c = case([[1.0, 0.0]], [1], [[0.9, 0.5]], [[[0.0, 3.0], [4.0, 0.0]]])
-    assert prefix_correct(c).tolist() == [[False, True, False]]
+def test_each_experts_bar_is_its_best_fit_to_another_learned_tasks_images():
+    held_out = {0: torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.5, 0.3]]),  # task 0's images: (N, T) weights
+                1: torch.tensor([[0.6, 0.7, 0.2]]),
+                2: torch.tensor([[0.1, 0.4, 0.95]])}
+    # expert 0: best on tasks 1, 2 is 0.6; expert 1: 0.5 (task 0); expert 2: 0.3 (task 0)
+    assert expert_thresholds(held_out, 3).tolist() == pytest.approx([0.6, 0.5, 0.3])
 
 
-def test_the_gate_admits_an_expert_that_helps_and_keeps_out_one_that_hurts():
-    # Two images of one learned task, each routed to one expert: the one at similarity 0.8 turns
-    # a wrong answer right, the one at 0.3 turns a right answer wrong. Only tau in [0.3, 0.8) is safe.
-    c = case([[1.0, 0.0], [1.0, 0.0]], [1, 0], [[0.8], [0.3]], [[[0.0, 5.0]], [[0.0, 5.0]]])
-    tau = calibrate_threshold([c])
-    assert tau == pytest.approx(0.3)
-    assert (c.values > tau).flatten().tolist() == [True, False]
+def test_with_one_task_learned_the_gate_is_shut():
+    assert expert_thresholds({0: torch.tensor([[0.9], [0.1]])}, 1).tolist() == [math.inf]
+    assert recorded(torch.tensor([math.inf, 0.25])) == [None, 0.25]
 
 
-def test_no_evidence_or_only_harm_means_no_expert_ever_joins():
-    assert calibrate_threshold([]) == math.inf
-    hurts = case([[1.0, 0.0], [0.0, 1.0]], [0, 1], [[0.9], [0.7]], [[[0.0, 9.0]], [[9.0, 0.0]]])
-    assert calibrate_threshold([hurts]) == math.inf
-
-
-def test_no_learned_task_may_lose_accuracy_even_when_the_total_would_gain():
-    # The expert helps task a on two images and costs task b one: the net gain is refused.
-    a = case([[1.0, 0.0], [1.0, 0.0]], [1, 1], [[0.6], [0.6]], [[[0.0, 5.0]], [[0.0, 5.0]]])
-    b = case([[1.0, 0.0]], [0], [[0.6]], [[[0.0, 5.0]]])
-    assert calibrate_threshold([a, b]) == math.inf
-    assert calibrate_threshold([a]) < 0.6
-
-
-def test_ties_go_to_the_larger_threshold():
-    # An expert that changes nothing: every tau is as good, and the gate stays shut.
-    neutral = case([[2.0, 0.0]], [0], [[0.5]], [[[1.0, 0.0]]])
-    assert calibrate_threshold([neutral]) == math.inf
-
-
-def brute_force_threshold(cases, selections, expert_logits) -> float:
-    """The threshold search written with the inference code: gate, combine, count, for every candidate."""
-    candidates = gating.candidate_thresholds(cases).tolist()
-    best, best_total = None, -1
-    for tau in candidates:
-        counts = []
-        for c, sel, experts in zip(cases, selections, expert_logits):
-            gated = gate_selection(sel, c.values, tau)
-            kept = {t: logits[(gated[sel == t] >= 0)] for t, logits in experts.items()}
-            combined = combine_routed(c.base_logits, gated, c.values, kept, "gated")
-            counts.append(int((combined.argmax(1) == c.labels).sum()))
-        zero = [int((c.base_logits.argmax(1) == c.labels).sum()) for c in cases]
-        if all(n >= z for n, z in zip(counts, zero)) and sum(counts) >= best_total:
-            best, best_total = tau, sum(counts)
-    return math.inf if best == candidates[-1] else best
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_threshold_search_equals_gating_and_combining_every_candidate(seed):
+@pytest.mark.parametrize("seed", range(5))
+def test_on_learned_tasks_held_out_images_only_their_own_expert_can_pass(seed):
+    # So a learned task posing as unseen gets exactly theta0's prediction: zero-shot by design.
     gen = torch.Generator().manual_seed(seed)
-    cases, selections, expert_logits = [], [], []
-    for s in range(3):  # three learned tasks posing as unseen, each against three other experts
-        n, c, k = 12, 4, 2
-        weights = torch.rand(n, 4, generator=gen).round(decimals=1)  # rounding makes ties
-        selection, values = leave_one_out(weights, s, k)
-        every = torch.randn(4, n, c, generator=gen) * 2
-        experts = {t: every[t][rows_selecting(selection, t)[0]] for t in range(4) if (selection == t).any()}
-        base = torch.randn(n, c, generator=gen)
-        labels = torch.randint(0, c, (n,), generator=gen)
-        cases.append(GateCase(base, labels, values, gating.slot_logits(selection, experts, c)))
-        selections.append(selection)
-        expert_logits.append(experts)
-    assert calibrate_threshold(cases) == brute_force_threshold(cases, selections, expert_logits)
-
-
-def test_leave_one_out_never_routes_a_task_to_its_own_expert():
-    weights = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.7, 0.1]])
-    selection, values = leave_one_out(weights, 2, 2)
-    assert selection.tolist() == [[0, 3], [1, 0]]
-    assert torch.equal(values, torch.tensor([[0.9, 0.3], [0.8, 0.2]]))
-    assert leave_one_out(weights, 0, 9)[0].shape == (2, 3)
+    held_out = {s: torch.rand(7, 4, generator=gen) * 2 - 1 for s in range(4)}
+    thresholds = expert_thresholds(held_out, 4)
+    for s, weights in held_out.items():
+        selection, values = top_k_experts(weights, 4)
+        assert (selection[passes(selection, values, thresholds)] == s).all()
+        unseen = weights.clone()
+        unseen[:, s] = -math.inf  # task s posing as unseen: its own expert does not exist yet
+        selection, values = top_k_experts(unseen, 3)
+        base = torch.randn(7, 3, generator=gen)
+        assert torch.equal(combine_routed(base, gate_selection(selection, values, thresholds), values, {}, "gated"),
+                           base)
 
 
 def test_a_shut_gate_gives_exactly_theta0s_logits():
     base = torch.randn(5, 3)
     selection, values = top_k_experts(torch.rand(5, 4), 2)
-    gated = gate_selection(selection, values, math.inf)
+    gated = gate_selection(selection, values, torch.full((4,), math.inf))
     assert (gated == -1).all()
     assert torch.equal(combine_routed(base, gated, values, {}, "gated"), base)
-    half = gate_selection(selection, values, float(values.median()))
-    assert torch.equal(half == -1, values <= values.median())
+    bar = torch.tensor([0.5, 0.0, 2.0, 0.5])
+    assert torch.equal(gate_selection(selection, values, bar) == -1, values <= bar[selection])
     assert "gated" in AGGREGATES
 
 
@@ -146,17 +92,17 @@ def test_calibration_reads_only_held_out_images_of_learned_tasks(tiny_model, dat
     import cl_driver.loop as loop
 
     reads, step = [], {"i": None}
-    real_load, real_cases = loop.load_split, ContinualRun.gate_cases
+    real_load, real_gates = loop.load_split, ContinualRun.gate_thresholds
     real_test, real_base = ContinualRun.test_set, ContinualRun.base_eval
 
     def spy_load(spec, split, **kw):
         reads.append((step["i"], spec.name, split))
         return real_load(spec, split, **kw)
 
-    def spy_cases(self, store, method, i):
+    def spy_gates(self, store, method, i):
         step["i"] = i
         try:
-            return real_cases(self, store, method, i)
+            return real_gates(self, store, method, i)
         finally:
             step["i"] = None
 
@@ -167,7 +113,7 @@ def test_calibration_reads_only_held_out_images_of_learned_tasks(tiny_model, dat
         return spy
 
     monkeypatch.setattr(loop, "load_split", spy_load)
-    monkeypatch.setattr(ContinualRun, "gate_cases", spy_cases)
+    monkeypatch.setattr(ContinualRun, "gate_thresholds", spy_gates)
     monkeypatch.setattr(ContinualRun, "test_set", no_test_data_while_calibrating(real_test))
     monkeypatch.setattr(ContinualRun, "base_eval", no_test_data_while_calibrating(real_base))
     run(gated_config(data_with_val, tiny_model), tmp_path / "run", progress=False)
@@ -197,15 +143,14 @@ def test_unseen_tasks_held_out_images_are_never_needed(tiny_model, data_with_val
 def test_gated_rows_are_theta0_plus_the_experts_above_the_recorded_threshold(gated_run, tiny_model, data_with_val):
     out, results = gated_run
     gates = results["gates"]["condu-model"]
-    assert len(gates) == T and gates[0] is None  # one task learned: nothing to calibrate on, zero-shot
+    assert [len(g) for g in gates] == list(range(1, T + 1)) and gates[0] == [None]  # one task: shut, zero-shot
     matrix, zero = results["matrices"]["condu-model"], results["matrices"]["zero_shot"]
     assert matrix[0][1:] == zero[0][1:]
     # Task-agnostic at the last step, recomputed from the final store with the reference combiner.
     view = ContinualRun(gated_config(data_with_val, tiny_model), out, progress=False)
     store, method = view.open_store("model"), view.config.methods[2]
-    recorded = results["gates"][method.name][-1]
-    tau = math.inf if recorded is None else recorded
-    assert view.gate_threshold(store, method, T - 1) == tau
+    thresholds = view.gate_thresholds(store, method, T - 1)
+    assert recorded(thresholds) == results["gates"][method.name][-1]
     experts = [view.load_expert(store, t) for t in range(T)]
     for j in range(T):
         base_logits, feats0, labels = view.base_eval(j)
@@ -215,7 +160,7 @@ def test_gated_rows_are_theta0_plus_the_experts_above_the_recorded_threshold(gat
             view.runner.activate(("check", t), lambda state=state: state)
             every.append(view.runner.logits(dataset, view.specs[j].class_names, view.specs[j].templates)[0])
         selection, values = view.routes(store, method, T - 1, [j])[j]
-        combined = combine_all_experts(base_logits, torch.stack(every), gate_selection(selection, values, tau),
+        combined = combine_all_experts(base_logits, torch.stack(every), gate_selection(selection, values, thresholds),
                                        values, "gated")
         assert accuracy(combined, labels) == pytest.approx(results["matrices"][method.name][-1][j], abs=1e-9)
 
