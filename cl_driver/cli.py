@@ -1,6 +1,6 @@
 """`condu-cl`: continual learning of CLIP with ConDU, from a YAML config.
 
-    condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR] [--aggregate mean|weighted] [--top-k K]
+    condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR] [--aggregate mean|weighted|gated] [--top-k K]
     condu-cl report DIR
     condu-cl prepare mtil --root DOWNLOADS --out DATA [--download]
     condu-cl prepare datasets SOURCE --out DATA/TASK [--image-column image] [--label-column label]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import load_config
+from .config import AGGREGATES, load_config
 from .processes import is_main_process, relaunch_command
 
 
@@ -76,8 +76,9 @@ def main() -> None:
 @click.option("--stop-after", type=int, help="stop after this many tasks (resume later with the same command)")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-@click.option("--aggregate", type=click.Choice(["mean", "weighted"]),
-              help="routed logits: plain mean (the official rule) or weighted by prototype similarity")
+@click.option("--aggregate", type=click.Choice(AGGREGATES),
+              help="routed logits: plain mean (the official rule), weighted by prototype similarity, or "
+                   "gated (experts join only above a similarity calibrated on learned tasks' held-out images)")
 @click.option("--top-k", type=click.IntRange(min=1), help="experts routed to besides theta0")
 def run(config, methods, out, data_root, stop_after, progress, threads, aggregate, top_k):
     """Run (or resume) the continual loop of CONFIG (a YAML file, or a shipped name such as mtil)."""

@@ -44,7 +44,7 @@ Schema (every key but `model`, `tasks` and `methods` has a default)::
     evaluation:
       batch_size: 128
       top_k: 4                   # experts routed to, besides theta0
-      aggregate: mean            # mean (the official rule) | weighted (by prototype similarity)
+      aggregate: mean            # mean (the official rule) | weighted (by prototype similarity) | gated
       cache_size: 4              # decoupled experts kept in memory (LRU)
       max_test: null             # cap on test images per task, for every task
       pixel_cache: false         # keep large test sets as uint8 pixels on disk (run/pixels/), decoded once
@@ -75,7 +75,7 @@ from fusion import KERNELS, RESCALER_MODES
 
 SOURCE_KINDS = ("folder", "hf_disk", "builtin")
 TRAIN_PARTS = ("whole", "image", "text", "lora")
-AGGREGATES = ("mean", "weighted")
+AGGREGATES = ("mean", "weighted", "gated")  # gated: cl_driver/gating.py
 METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu")
 NAME_RULE = "use letters, digits, '_', '.', '-'"
 

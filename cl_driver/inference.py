@@ -3,8 +3,9 @@
 Routed rule (REFERENCE.md): rank the seen tasks by w_i(x) = max_c cos(f0(x), P_ic); the
 logits of x are the average of theta0's logits and its top-K experts' logits (`mean`, the
 official rule), or a weighted average with weight 1 for theta0 and w_i(x) (clamped at 0) for
-expert i (`weighted`). An expert runs only on the samples that selected it; `combine_all_experts`
-is the reference that runs every expert on every sample and then selects.
+expert i (`weighted`). `gated` is `mean` on a selection from which `cl_driver.gating` removed
+the experts below a calibrated similarity. An expert runs only on the samples that selected it;
+`combine_all_experts` is the reference that runs every expert on every sample and then selects.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Hashable, Mapping
 
 import torch
 
+from .config import AGGREGATES
 from .models import Clip, clip_logits, load_weights, text_classifier
 from .prototypes import dataset_features
 
@@ -59,11 +61,11 @@ def rows_selecting(selection: torch.Tensor, expert: int) -> tuple[torch.Tensor, 
 
 def slot_weights(values: torch.Tensor, aggregate: str) -> torch.Tensor:
     """(N, K) similarities -> (N, K) aggregation weights of the experts (theta0 weighs 1)."""
-    if aggregate == "mean":
+    if aggregate in ("mean", "gated"):  # gated: the gate already took experts out of the selection
         return torch.ones_like(values)
     if aggregate == "weighted":
         return values.clamp(min=0)
-    raise ValueError(f"aggregate must be 'mean' or 'weighted', got {aggregate!r}")
+    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
 
 
 def combine_routed(base_logits: torch.Tensor, selection: torch.Tensor, values: torch.Tensor,

@@ -10,6 +10,7 @@ Run folder layout::
     checkpoints/sequential/NN-task.safetensors   fine-tuned from the previous one (sequential, MagMax)
     stores/<rescaler>/                  one ConDU store per rescaler mode in the config
     pixels/<task>-test-N-side.npy       uint8 test pixels, when evaluation.pixel_cache is on
+    (the `gated` aggregate also reads each learned task's held-out `val` split; gating.py)
     state.json                          after each task, written atomically: the resume point
     results.json, results.md, heatmap-<method>.png   when the run is complete
 
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import baselines, console, metrics
+from . import baselines, console, gating, metrics
 from .config import MethodConfig, RunConfig
 from .data import TaskSpec, as_dataset, few_shot, load_split, resolve_task
 from .finetunes import finetunes_for, weights_file
@@ -77,6 +78,11 @@ def store_sizes(info: dict) -> dict:
             "separate_checkpoints_bytes": info["separate_checkpoints_bytes"], "savings": info["savings"]}
 
 
+def learned_prototypes(store, i: int) -> list[torch.Tensor]:
+    """The (C_t, D) prototypes of tasks 1..i+1 of a store, in task order."""
+    return [torch.from_numpy(store.attachment(t + 1, PROTOTYPES)[PROTOTYPES]) for t in range(i + 1)]
+
+
 def fidelity_of(store) -> list[dict]:
     """Per stored task: its name and its reconstruction fidelity (cosine, relative L2)."""
     return [{"task": t.name, **t.fidelity} for t in store.tasks]
@@ -119,6 +125,7 @@ class ContinualRun:
                                   num_workers=config.training.num_workers, progress=self.bars)
         self._tests: dict[int, object] = {}
         self._base_eval: dict[int, tuple] = {}
+        self._held_out: dict[int, torch.Tensor] = {}
 
     def _check_batch_split(self) -> None:
         count, batch = self.processes.num_processes, self.config.training.batch_size
@@ -187,6 +194,21 @@ class ContinualRun:
                                                desc=f"eval theta0 on {self.specs[j].name}")
             self._base_eval[j] = (logits, feats, labels)
         return self._base_eval[j]
+
+    def held_out_features(self, s: int) -> torch.Tensor:
+        """theta0's (N, D) features of task s's held-out calibration images (cached)."""
+        if s not in self._held_out:
+            try:
+                split = load_split(self.specs[s], "val", image_size=self.side, seed=self.config.training.seed,
+                                   limit=gating.CALIBRATION_IMAGES)
+            except (ValueError, OSError):
+                raise ValueError(f"task {self.specs[s].name!r}: the gated aggregate calibrates on held-out `val` "
+                                 "images and found none; add a val/ folder beside train/ and test/ (a `val` split "
+                                 "for a saved dataset), or use --aggregate mean") from None
+            self.runner.activate("theta0")
+            self._held_out[s], _ = dataset_features(self.clip, as_dataset(split, self.clip.processor, self.side),
+                                                    batch_size=self.config.evaluation.batch_size)
+        return self._held_out[s]
 
     # -- training ---------------------------------------------------------------------------
 
@@ -288,11 +310,24 @@ class ContinualRun:
         merge = partial(baselines.magmax, scale=method.scale)
         return self.one_model_row(("magmax", method.scale, i), lambda: self.merged(merge, paths))
 
-    def routes(self, store, method: MethodConfig, i: int, routed: list[int]) -> dict[int, tuple]:
-        """Per routed task j: each test image's top-K experts among tasks 1..i+1, and their weights."""
-        protos = [torch.from_numpy(store.attachment(t + 1, PROTOTYPES)[PROTOTYPES]) for t in range(i + 1)]  # T x (C_t, D)
+    def routes(self, store, method: MethodConfig, i: int, routed: list[int],
+               thresholds: torch.Tensor | None = None) -> dict[int, tuple]:
+        """Per routed task j: each test image's top-K experts among tasks 1..i+1, and their weights;
+        with per-expert thresholds, the experts that do not pass theirs are taken out (-1)."""
+        protos = learned_prototypes(store, i)
         top_k = method.top_k or self.config.evaluation.top_k
-        return {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
+        routes = {j: top_k_experts(routing_weights(self.base_eval(j)[1], protos), top_k) for j in routed}
+        if thresholds is None:
+            return routes
+        return {j: (gating.gate_selection(sel, values, thresholds), values) for j, (sel, values) in routes.items()}
+
+    def gate_thresholds(self, store, method: MethodConfig, i: int) -> torch.Tensor:
+        """The gated aggregate's (i + 1,) taus at step i, from held-out images of tasks 0..i only."""
+        protos = learned_prototypes(store, i)
+        weights = {s: routing_weights(self.held_out_features(s), protos) for s in range(i + 1)}
+        thresholds = gating.expert_thresholds(weights, i + 1)
+        self.state.setdefault("gates", {}).setdefault(method.name, []).append(gating.recorded(thresholds))
+        return thresholds
 
     def expert_pass(self, store, method: MethodConfig, i: int, t: int, routes: dict) -> tuple[float | None, dict]:
         """Load expert t once: its own task's accuracy (with task identity) and its logits on the
@@ -314,13 +349,14 @@ class ContinualRun:
         """Seen tasks with identity: their decoupled expert; the rest: theta0 + top-K routed experts."""
         store = self.open_store(method.rescaler)
         routed = [j for j in range(len(self.specs)) if method.agnostic or j > i]
-        routes = self.routes(store, method, i, routed)
+        aggregate = method.aggregate or self.config.evaluation.aggregate
+        thresholds = self.gate_thresholds(store, method, i) if aggregate == "gated" else None
+        routes = self.routes(store, method, i, routed, thresholds)
         acc, expert_logits = {}, {j: {} for j in routed}
         for t in range(i + 1):  # each expert is loaded once per step
             acc[t], logits = self.expert_pass(store, method, i, t, routes)
             for j, values in logits.items():
                 expert_logits[j][t] = values
-        aggregate = method.aggregate or self.config.evaluation.aggregate
         for j in routed:
             logits0, _, labels = self.base_eval(j)
             acc[j] = accuracy(combine_routed(logits0, *routes[j], expert_logits[j], aggregate), labels)
@@ -436,6 +472,7 @@ def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
         "summary": {name: metrics.summarize(rows) for name, rows in matrices.items()},
         "fidelity": fidelity_summary(state["fidelity"], tasks),
         "routing_top1": state.get("routing", {}),
+        "gates": state.get("gates", {}),
         "stores": state.get("stores", {}),
         "seconds": state["seconds"],
         "cost": cost_summary(state["seconds"]),

@@ -156,7 +156,7 @@ Replay exactly these steps: `{r.get('reproduce', r['command'])}`
 
 - parameters: {r['parameters']:,} ({r['config_summary']})
 - steps: {r['steps_done']} of {r['steps_scheduled']} scheduled, batch {r['batch_size']} ({r['pairs_seen']:,} generated pairs)
-- wall time: {r['minutes']:.1f} min on {r['machine']} ({r['threads']} thread(s), shared machine)
+- wall time: {r['minutes']:.1f} min on {r['machine']} ({r['threads']} thread(s), shared machine){cpu_time(r)}
 - final training loss: {r['final_loss']:.3f} (ln(batch) = {math.log(r['batch_size']):.3f} is chance)
 - tasks at >= 1.5x chance zero-shot: {r['tasks_at_1_5x_chance']} of {len(r['zero_shot'])}
 
@@ -172,6 +172,11 @@ Replay exactly these steps: `{r.get('reproduce', r['command'])}`
 |---|---|---|---|
 {curve}
 """
+
+
+def cpu_time(record: dict) -> str:
+    """The run's own CPU time; the wall clock also counts other jobs on a shared machine."""
+    return f"; CPU time {record['cpu_minutes']:.1f} min" if "cpu_minutes" in record else ""
 
 
 def replay_command(args, steps_done: int) -> str:
@@ -228,7 +233,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"mini CLIP: {n_params:,} parameters, vocabulary {len(tokenizer)}", flush=True)
 
-    start, losses, curve, step = time.time(), [], [], 0
+    start, cpu_start, losses, curve, step = time.time(), time.process_time(), [], [], 0
     for step in range(args.steps):
         if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
             print(f"time limit reached after {step} steps", flush=True)
@@ -257,7 +262,7 @@ def main(argv=None) -> dict:
             save_model(model, tokenizer, processor, args.out)  # a usable checkpoint if the run is cut short
     else:
         step = args.steps
-    minutes = (time.time() - start) / 60
+    minutes, cpu_minutes = (time.time() - start) / 60, (time.process_time() - cpu_start) / 60
 
     model.eval()
     save_model(model, tokenizer, processor, args.out)
@@ -266,7 +271,8 @@ def main(argv=None) -> dict:
         "command": "python -m cl_driver.mini.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
         "reproduce": replay_command(args, step),
         "seed": args.seed, "steps_scheduled": args.steps, "steps_done": step, "batch_size": args.batch_size,
-        "pairs_seen": step * args.batch_size, "minutes": minutes, "threads": args.threads,
+        "pairs_seen": step * args.batch_size, "minutes": minutes, "cpu_minutes": cpu_minutes,
+        "threads": args.threads,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
         "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
         "parameters": n_params,

@@ -23,8 +23,8 @@ from PIL import Image
 from . import draw
 from .draw import SUPERSAMPLE, jitter_color
 
-SPLITS = ("train", "test")
-DEFAULT_SIZES = {"train": 1000, "test": 400}
+SPLITS = ("train", "test", "val")  # val: held-out images for calibration (the `gated` aggregate)
+DEFAULT_SIZES = {"train": 1000, "test": 400, "val": 200}
 
 # A painter draws one image of class `label` on a canvas of `side` pixels and returns it
 # together with the noise settings for `draw.finish`.
@@ -40,7 +40,7 @@ class TaskSpec:
 
     def render(self, split: str, n: int | None = None, *, image_size: int = 32,
                seed: int = 0) -> tuple[list[Image.Image], list[int]]:
-        """`n` RGB images of `split` ("train" or "test") and their labels, balanced over classes."""
+        """`n` RGB images of `split` ("train", "test" or "val") and their labels, balanced over classes."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         n = DEFAULT_SIZES[split] if n is None else int(n)

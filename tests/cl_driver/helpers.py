@@ -66,10 +66,14 @@ def draw(task: str, label: int, rng: random.Random):
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 
-def write_task_folder(root: Path, task: str, *, n_train: int = 8, n_test: int = 5, seed: int = 0) -> Path:
-    """root/task/{train,test}/<class>/NN.png"""
+def write_task_folder(root: Path, task: str, *, n_train: int = 8, n_test: int = 5, n_val: int = 0,
+                      seed: int = 0) -> Path:
+    """root/task/{train,test}/<class>/NN.png, and root/task/val/... when n_val > 0 (drawn last, so
+    train and test do not depend on it)"""
     rng = random.Random(f"{task}-{seed}")
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
+        if not n:
+            continue
         for label, name in enumerate(TASKS[task]):
             folder = root / task / split / name
             folder.mkdir(parents=True, exist_ok=True)

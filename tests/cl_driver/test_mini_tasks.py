@@ -38,8 +38,10 @@ def test_splits_and_seeds_differ_and_prefixes_agree():
     spec = get_task("digits")
     train, _ = spec.render("train", 10)
     test, _ = spec.render("test", 10)
+    held_out, _ = spec.render("val", 10)
     other, _ = spec.render("train", 10, seed=1)
     assert not np.array_equal(pixels(train), pixels(test))
+    assert not np.array_equal(pixels(held_out), pixels(train)) and not np.array_equal(pixels(held_out), pixels(test))
     assert not np.array_equal(pixels(train), pixels(other))
     longer, longer_labels = spec.render("train", 20)
     assert np.array_equal(pixels(longer[:10]), pixels(train))
@@ -63,4 +65,4 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="unknown built-in task"):
         get_task("nope")
     with pytest.raises(ValueError, match="split"):
-        get_task("shapes").render("val", 2)
+        get_task("shapes").render("validation", 2)
