@@ -205,7 +205,6 @@ def measure(t: int, n: int, device: torch.device, *, repeats: int, warmup: int) 
     unified, masks, naive_rescalers = naive_elect(rows[: t - 1]) if t > 1 else (rows[0] * 0, [], [])
     seconds["naive_continual"] = time_median(lambda: naive_continual(unified, masks, naive_rescalers, rows[-1]),
                                              device, repeats=max(repeats // 2, 1), warmup=1)
-    del deltas, rows, state, old, unified, masks
     record["seconds"] = seconds
     record["gbps"] = {name: input_bytes / s / 1e9 for name, s in seconds.items()}
     record["traffic_gbps"] = traffic_gbps(t, n, seconds)

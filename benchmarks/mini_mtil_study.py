@@ -27,7 +27,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -697,7 +697,7 @@ def plot_transfer_vs_last(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4.4), sharey=True, squeeze=False)
     for ax, width in zip(axes[0], widths):
         for run in grid_runs(record, width=width):
-            lr, color = record["runs"][run]["lr"], LR_COLORS[record["runs"][run]["lr"]]
+            color = LR_COLORS[record["runs"][run]["lr"]]
             zero, experts = row(record, run, "zero-shot"), row(record, run, "individual experts")
             ax.scatter(experts["last"], experts["transfer"], marker="s", facecolors="none", edgecolors=color, s=60)
             for rule, (marker, _) in RULE_MARKERS.items():
