@@ -338,16 +338,17 @@ def time_unify(paths: list[Path], store: Path, device: str) -> tuple[float, str]
     return time.perf_counter() - start, done.stdout.strip()
 
 
-def store_row(numel: int, tasks: int, *, repeats: int) -> dict:
-    """unify T tasks from files, on the GPU and on the CPU, medians of `repeats` fresh processes."""
+def store_row(numel: int, tasks: int, *, repeats: int, devices=("cuda", "cpu")) -> dict:
+    """unify T tasks from files on each device (`cuda_s`, `cpu_s`): medians of `repeats` fresh
+    processes, and what the first device's last run printed."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         paths = write_workload(Path(scratch), numel, tasks)
         runs = {device: [time_unify(paths, Path(scratch) / f"store-{device}", device) for _ in range(repeats)]
-                for device in ("cuda", "cpu")}
-    return {"tasks": tasks, "numel": numel, "cuda_s": statistics.median(r[0] for r in runs["cuda"]),
-            "cpu_s": statistics.median(r[0] for r in runs["cpu"]), "cuda_output": runs["cuda"][-1][1]}
+                for device in devices}
+    row = {"tasks": tasks, "numel": numel, "cuda_output": runs[devices[0]][-1][1]}
+    return row | {f"{device}_s": statistics.median(r[0] for r in runs[device]) for device in devices}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -341,13 +341,18 @@ def test_conformance_continual_step(mode):
     assert_rebuilds_match(state, mode, "add4")
 
 
-def test_gpu_benchmark_script_reports_a_wrong_kernel(tmp_path, monkeypatch):
-    """benchmarks/gpu_kernels.py at a tiny size: with an elect that flips one mask bit, the elect
-    checks fail, the continual checks pass, the results are written and the exit code is 1."""
+def _gpu_benchmark_module():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kernels.py"
     spec = importlib.util.spec_from_file_location("gpu_kernels_under_test", path)
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_gpu_benchmark_script_reports_a_wrong_kernel(tmp_path, monkeypatch):
+    """benchmarks/gpu_kernels.py at a tiny size: with an elect that flips one mask bit, the elect
+    checks fail, the continual checks pass, the results are written and the exit code is 1."""
+    gpu = _gpu_benchmark_module()
 
     class FlipsABit:
         name, block, num_warps = "triton", tk.KERNEL.block, tk.KERNEL.num_warps
@@ -368,6 +373,14 @@ def test_gpu_benchmark_script_reports_a_wrong_kernel(tmp_path, monkeypatch):
     assert [r["tasks"] for r in report["throughput"]] == [2, 8, 16]
     assert all(r["gbps"]["elect"] > 0 and r["gbps"]["copy"] > 0 for r in report["throughput"])
     assert "masks differ" in (tmp_path / "gpu_kernels.md").read_text()
+
+
+def test_gpu_benchmark_store_row_runs_the_command_line(tmp_path):
+    """The store row's workload and timed `condu-fuse unify` processes, on the CPU here."""
+    gpu = _gpu_benchmark_module()
+    row = gpu.store_row(8 * 1024, 2, repeats=1, devices=("cpu",))
+    assert row["tasks"] == 2 and row["cpu_s"] > 0
+    assert row["cuda_output"].startswith("unified 2 task(s)"), row["cuda_output"]
 
 
 @settings(max_examples=10, deadline=None)
