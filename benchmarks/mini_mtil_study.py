@@ -320,6 +320,7 @@ def collect(timings: dict) -> dict:
                        "(one run with seed 1); pre-training seed 0"},
               "models": models, "runs": runs, "rows": rows, "fidelity": fidelity,
               "design_history": json.loads(DESIGN_RECORD.read_text()) if DESIGN_RECORD.exists() else None}
+    record["not_run"] = [run_id for run_id, _, _ in entries if run_id not in runs]
     record["claims"] = check_claims(record)
     return record
 
@@ -614,6 +615,15 @@ def commands(record: dict) -> str:
     return f"Pre-training (each model's PRETRAIN.md has the exact replay command):\n\n{models}\n\nRuns:\n\n{runs}\n"
 
 
+def not_run_text(record: dict) -> str:
+    """The planned runs without results, named, so no reader takes the grid for complete."""
+    missing = record.get("not_run") or []
+    if not missing:
+        return "Every run of the plan is here."
+    return (f"Planned but not run ({len(missing)} of {len(missing) + len(record['runs'])}): {', '.join(missing)}. "
+            f"`python benchmarks/{NAME}.py` runs them (each resumes where it stopped) and rewrites this page.")
+
+
 def markdown(record: dict, notes: str) -> str:
     trend = scale_trend(record)
     trend_text = "" if not trend else (
@@ -628,6 +638,7 @@ folders. Ten tasks in the order of `cl_driver/configs/mini_mtil.yaml` (order I),
 each; ConDU with the paper's whole-model rescaler; training and data seed 0 unless a row says
 otherwise; pre-training seed 0. Machine: {record['machine']}; every run on one torch thread.
 
+{not_run_text(record)}
 ## Models: one recipe, three widths
 
 {models_table(record)}

@@ -97,6 +97,9 @@ def test_report_is_built_from_the_finished_runs_only(tiny_study, tmp_path, monke
     assert any(c["claim"].startswith("A larger model") for c in record["claims"])
     study.write_report(record, tmp_path / "results", tmp_path / "no-notes.md")
     text = (tmp_path / "results" / f"{study.NAME}.md").read_text()
+    assert "M-lr3e-05" in record["not_run"] and "cli-gated-order2" in record["not_run"]
+    assert "M-lr1e-04" not in record["not_run"]
+    assert f"Planned but not run ({len(record['not_run'])} of {len(record['not_run']) + 2})" in text
     for r in condu:  # every row's numbers are in the markdown, as the json has them
         assert f"| {r['run']} | ConDU | {r['aggregation']} | {r['K']} |" in text
         assert f"| {study.fmt(r['transfer'])} | {study.fmt(r['average'])} | {study.fmt(r['last'])} |" in text
