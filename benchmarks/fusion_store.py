@@ -374,9 +374,11 @@ def run_isolated(op: str, **kwargs) -> dict:
 # Runs a command and reports its peak RSS. The measuring process is this small one, not the
 # benchmark: a child forked from a large process would count the parent's pages (shared until
 # exec) in its own ru_maxrss.
-# It times the command itself too, so its own start-up is not counted.
+# It times the command itself too, so its own start-up is not counted, and reports the command's
+# CPU seconds (user, system): beside the wall time they say whether a pass was waiting or working.
 LAUNCHER = ("import resource, subprocess, sys, time; start = time.perf_counter(); code = subprocess.call(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter() - start, "
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print(u.ru_maxrss * 1024, time.perf_counter() - start, u.ru_utime, u.ru_stime, "
             "file=sys.stderr); sys.exit(code)")
 
 
@@ -401,9 +403,11 @@ def run_process(command: list[str]) -> dict:
         error = lines[-2] if len(lines) > 1 else f"exit code {proc.returncode}"
         print(f"  ! {name}: {error}", file=sys.stderr)
         return {"error": error}
-    peak_rss, seconds = int(lines[-1].split()[0]), float(lines[-1].split()[1])
-    print(f"  {name}: {seconds:.2f} s, peak RSS {peak_rss / MiB:.0f} MiB", file=sys.stderr)
-    return {"seconds": seconds, "peak_rss": peak_rss, "peak_anon": peak_anon}
+    fields = lines[-1].split()
+    peak_rss, seconds, user, system = int(fields[0]), float(fields[1]), float(fields[2]), float(fields[3])
+    print(f"  {name}: {seconds:.2f} s, CPU {user:.2f} + {system:.2f} s, peak RSS {peak_rss / MiB:.0f} MiB",
+          file=sys.stderr)
+    return {"seconds": seconds, "cpu_user": user, "cpu_system": system, "peak_rss": peak_rss, "peak_anon": peak_anon}
 
 
 def store_command(*args: str) -> list[str]:
@@ -425,7 +429,8 @@ def summarize(runs: list[dict]) -> dict:
     """Median time, largest peak memory, every run kept."""
     errors = [r["error"] for r in runs if "error" in r]
     good = [r for r in runs if "error" not in r]
-    return {"seconds": median_of(good, "seconds"),
+    return {"seconds": median_of(good, "seconds"), "cpu_user": median_of(good, "cpu_user"),
+            "cpu_system": median_of(good, "cpu_system"),
             "peak_rss": max((r["peak_rss"] for r in good), default=None),
             "peak_anon": max((r["peak_anon"] for r in good), default=None),
             "runs": runs, **({"errors": errors} if errors else {})}
@@ -674,7 +679,20 @@ def speed_section(res: dict) -> list[str]:
         ["operation", "condu-fuse unify", "official-style", "speed-up", "target"], rows) + [
         "", f"Every run, in order (s): store {run_times(u['store'])}; official-style {run_times(u['official'])}. "
             "The speed-up is the ratio of the medians. Both sides are timed as the commands a user runs, "
-            "process start-up included (`import torch` for the official-style side, numpy and numba for the store)."]
+            "process start-up included (`import torch` for the official-style side, numpy and numba for the store)."
+    ] + cpu_lines(u)
+
+
+def cpu_lines(u: dict) -> list[str]:
+    """CPU seconds beside wall seconds: how many cores each side kept busy."""
+    lines = []
+    for label, side in (("condu-fuse unify", u["store"]), ("official-style", u["official"])):
+        if side.get("cpu_user") is None or not side.get("seconds"):
+            continue
+        cpu = side["cpu_user"] + side["cpu_system"]
+        lines.append(f"- {label}: {cpu:.2f} CPU-s ({side['cpu_user']:.2f} user, {side['cpu_system']:.2f} system) "
+                     f"in {side['seconds']:.2f} s: {cpu / side['seconds']:.2f} of {os.cpu_count()} cores busy on average.")
+    return [""] + lines if lines else []
 
 
 def checks_section(res: dict) -> list[str]:

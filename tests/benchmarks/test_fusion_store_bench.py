@@ -37,6 +37,9 @@ def test_quick_run_measures_both_sides_and_they_agree(tmp_path):
     assert res["equality"]["unified_bit_equal"] is True
     assert res["equality"]["task1_max_rel_error"] < 1e-6
     assert res["speedup"] > 0 and res["decouple_vs_copy"] > 0
+    store_unify = res["unify_speed"]["store"]
+    assert store_unify["cpu_user"] > 0 and store_unify["cpu_system"] >= 0  # the command's own CPU, from the launcher
+    assert "cores busy on average" in (tmp_path / "results" / "fusion_store.md").read_text()
     assert all(row["store_bytes"] > 0 and row["bound_bytes"] > 0 for row in res["storage"])
     checks = res["checks"]
     assert all(checks[op]["seconds"] > 0 and checks[op + "_unchecked"]["seconds"] > 0 for op in ("decouple", "add"))
