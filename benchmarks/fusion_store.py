@@ -539,16 +539,23 @@ def measure_checks(bench: Bench, store_dir: Path, tasks: int, repeats: int) -> d
     """What checking every read costs: decouple and add, with the checksums and without, interleaved."""
     runs: dict[str, list] = {"decouple": [], "decouple_unchecked": [], "add": [], "add_unchecked": []}
     checkpoint = bench.wl.checkpoints[tasks]
+
+    def one(r: int, checked: bool) -> None:
+        suffix = "" if checked else "_unchecked"
+        out = bench.scratch / f"checks-{r}-{checked}.safetensors"
+        runs["decouple" + suffix].append(run_isolated("store_decouple", store_dir=str(store_dir), task=1,
+                                                      out=str(out), checked=checked))
+        out.unlink(missing_ok=True)
+        runs["add" + suffix].append(run_isolated("store_add_copy", store_dir=str(store_dir), checkpoint=checkpoint,
+                                                 scratch=str(bench.scratch), checked=checked))
+
+    one(-1, True), one(-1, False)  # warm-up, not counted: page cache and fresh memory as a user's runs find them
+    for name in runs:
+        runs[name].clear()
     for r in range(repeats):
         print(f"checks run {r + 1}/{repeats}", file=sys.stderr)
-        for checked in (True, False):
-            suffix = "" if checked else "_unchecked"
-            out = bench.scratch / f"checks-{r}-{checked}.safetensors"
-            runs["decouple" + suffix].append(run_isolated("store_decouple", store_dir=str(store_dir), task=1,
-                                                          out=str(out), checked=checked))
-            out.unlink(missing_ok=True)
-            runs["add" + suffix].append(run_isolated("store_add_copy", store_dir=str(store_dir), checkpoint=checkpoint,
-                                                     scratch=str(bench.scratch), checked=checked))
+        for checked in ((True, False) if r % 2 == 0 else (False, True)):  # neither side always goes first
+            one(r, checked)
     result = {name: summarize(r) for name, r in runs.items()}
     for op in ("decouple", "add"):
         checked, unchecked = result[op]["seconds"], result[op + "_unchecked"]["seconds"]
@@ -703,7 +710,10 @@ def checks_section(res: dict) -> list[str]:
     return ["## What checking every read costs", ""] + table(
         ["operation", "checked (the product)", "unchecked", "cost", "target"], rows) + [
         "", "Unchecked: the same code with the store's files and the base opened without their block checksums "
-            "(a switch of the benchmark only). In-process times, median of the interleaved runs."]
+            "(a switch of the benchmark only). In-process times (each run a forked process), medians of "
+            f"{len(c['decouple'].get('runs', []))} runs in alternating order after one warm-up run of each: on this "
+            "virtual machine the first touch of fresh memory and page-cache refills cost tenths of a second at "
+            "random, and whichever side ran first paid them."]
 
 
 def startup_section(res: dict) -> list[str]:
@@ -893,7 +903,7 @@ def speed_figures(bench: Bench, unified: dict, res: dict) -> None:
     d = res["decouple"]
     res["decouple_vs_copy"] = ratio(d["copy"]["seconds"], d["decouple"]["seconds"])
     res["decouple_vs_load_save"] = ratio(d["load_save"]["seconds"], d["decouple"]["seconds"])
-    res["checks"] = measure_checks(bench, unified["store_dir"], unified["tasks"], bench.args.repeats)
+    res["checks"] = measure_checks(bench, unified["store_dir"], unified["tasks"], bench.args.repeats + 2)
     res["bounds"] = measure_bounds(bench, unified["tasks"])
     copy = d["copy"].get("seconds")
     res["bounds"]["fsync_write_gbps"] = bench.wl.checkpoint_bytes / copy / 1e9 if copy else None
@@ -907,11 +917,22 @@ def measure_bf16(bench: Bench, tasks: int) -> dict:
     return {"tasks": tasks, "store": result, "store_bytes": size}
 
 
+def warm_page_cache(paths: list[str]) -> None:
+    """Read every input once, so that every measured run finds it in the page cache (a reused
+    --workdir may have been pushed out since it was written)."""
+    buffer = bytearray(16 * MiB)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     plans = model_plan(parse_count(args.params))
     most = max(args.task_list + [args.unify_tasks, args.bf16_tasks]) + 1  # add puts one more on the largest
     print(f"base + {most} checkpoints of {parse_count(args.params) / MiB:.1f}M parameters in {work}", file=sys.stderr)
     wl = write_workload(work, plans, most, args.seed)
+    warm_page_cache([wl.base, *wl.checkpoints])
     scratch = work / "runs"
     remove_tree(scratch), scratch.mkdir()
     bench = Bench(wl, scratch, args)
@@ -939,8 +960,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 def notes(res: dict, args: argparse.Namespace) -> list[str]:
     m = res["machine"]
     out = [f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, torch {m['torch']} with {m['torch_threads']} threads "
-           f"in each measured process; shared with other work while this ran (run under `nice`), so times are "
-           f"noisy: load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end.",
+           f"in each measured process; the load average (other work on the machine) was "
+           f"{m['loadavg_start'][0]:.1f} at the start and {m['loadavg_end'][0]:.1f} at the end.",
            "Each side reads inputs that were just written, from the page cache: this compares compute and "
            "write paths, not disk reads. Writes are synced (fsync) on both sides.",
            "Peak RSS is the process's own ru_maxrss: it includes the imported libraries and any "
