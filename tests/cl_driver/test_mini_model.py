@@ -74,14 +74,19 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[10] > lrs[50] > lrs[99] >= 0.05
 
 
-def test_shipped_model_loads_and_is_recorded():
+# The demo's model, and the study's two other widths (benchmarks/mini_mtil_study.py).
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("mini-clip-small"), SHIPPED.with_name("mini-clip-large")],
+                         ids=lambda p: p.name)
+def test_shipped_model_loads_and_is_recorded(folder):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(SHIPPED)
-    tok = AutoTokenizer.from_pretrained(SHIPPED)
-    proc = AutoImageProcessor.from_pretrained(SHIPPED)
+    model = CLIPModel.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    proc = AutoImageProcessor.from_pretrained(folder)
     assert model.config.text_config.eos_token_id == tok.eos_token_id == EOS_ID
     assert model.config.text_config.max_position_embeddings == MAX_TEXT_LENGTH
     assert proc.crop_size["height"] == model.config.vision_config.image_size == 32
-    record = json.loads((SHIPPED / "PRETRAIN.json").read_text())
+    record = json.loads((folder / "PRETRAIN.json").read_text())
     assert set(record["zero_shot"]) == set(BUILTIN_TASKS) and record["steps_done"] > 0
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert (folder / "model.safetensors").stat().st_size < 20 * 10**6  # what the project ships stays small
