@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cl_driver.loop import fidelity_table  # noqa: E402  (after the path: runs from a checkout)
+from cl_driver.results import fidelity_table  # noqa: E402  (after the path: runs from a checkout)
 
 CONTINUAL_BASELINES = ("sequential", "task_arithmetic", "magmax")
 
@@ -94,7 +94,7 @@ def combine_runs(dirs: list[Path], run_dir: Path, method_order: list[str]) -> No
     """Write run_dir/results.json (+ the driver's markdown and heat maps) from the parts."""
     if dirs == [run_dir]:
         return
-    from cl_driver.loop import write_outputs
+    from cl_driver.results import write_outputs
 
     parts = [json.loads((d / "results.json").read_text()) for d in dirs]
     write_outputs(merge_results(parts, method_order), run_dir)

@@ -157,7 +157,7 @@ class StudyRun(ContinualRun):
         return self.state["rows"][variant_name(*OFFICIAL)][-1]
 
     def finish(self) -> dict:
-        from cl_driver.loop import build_results, write_outputs
+        from cl_driver.results import build_results, write_outputs
 
         results = build_results(self.config, self.state, [s.name for s in self.specs])
         results["gate_joins"] = self.state.get("gate_joins", [])

@@ -107,7 +107,7 @@ def run(config, methods, out, data_root, stop_after, progress, threads, aggregat
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir):
     """Rebuild results.md and the heat maps of RUN_DIR from its results.json; print the table."""
-    from .loop import report as make_report
+    from .results import report as make_report
 
     try:
         click.echo(make_report(run_dir), nl=False)
