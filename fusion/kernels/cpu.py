@@ -58,10 +58,9 @@ __all__ = ["CpuKernel", "KERNEL", "DEFAULT_BLOCK"]
 # Elements per block and task: 16 KiB of float32 a task, 256 KiB for T = 16 (an L2's share).
 DEFAULT_BLOCK = 4096
 
+# The election sum, the magnitudes and the rebuilt values are computed without fast-math, so they
+# match the reference bit for bit; only the sums (_SUMS, below) may be reordered.
 _JIT = dict(cache=True, nogil=True)
-# Only the L1 reductions may be reordered (they are compared to a tolerance); the election sum,
-# the masks and the rebuilt values are computed without fast-math, so they match bit for bit.
-_SUM = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
 
 
 # float32 value of every 16-bit code, indexed by the code as uint16 (65536,): exact widenings.
@@ -140,19 +139,24 @@ def _elect_sign(rows, m, sign):
 
 
 @njit(**_JIT)
-def _masks_and_magnitude(rows, m, sign, masks, magnitude):
-    """masks[t, j] = rows[t, j] agrees strictly with sign[j]; magnitude = max agreeing |value|.
+def _magnitude(rows, m, sign, magnitude, spare):
+    """magnitude[:m] = the largest |value| over tasks that agrees strictly with sign, else +0.0.
 
     sign is +-1, so x * sign is exact and equals |x| exactly where x agrees, <= 0 elsewhere: the
     largest of them, started from +0.0, is the largest agreeing |x|, or +0.0 (a -0.0 never wins
-    the strict comparison). One multiply, one compare, one select: the loop vectorizes."""
-    magnitude[:m] = 0.0
-    for t in range(rows.shape[0]):
-        row, mask = rows[t, :m], masks[t, :m]
+    the strict comparison). The running maximum goes back and forth between `magnitude` and
+    `spare`, read from one and written to the other: an in-place `m = x if x > m else m` compiles
+    to masked stores, three times slower on x86 than the unconditional stores of this loop."""
+    count = rows.shape[0]
+    read, write = (magnitude, spare) if count % 2 == 0 else (spare, magnitude)  # the last write lands in magnitude
+    read[:m] = 0.0
+    for t in range(count):
+        row, old, new = rows[t, :m], read[:m], write[:m]
         for j in range(m):
             agreeing = row[j] * sign[j]
-            mask[j] = np.uint8(agreeing > 0)
-            magnitude[j] = agreeing if agreeing > magnitude[j] else magnitude[j]
+            current = old[j]
+            new[j] = agreeing if agreeing > current else current
+        read, write = write, read
 
 
 @njit(**_JIT)
@@ -194,57 +198,49 @@ def _round_block(u, m, rounding, f16_table):
             u[j] = f16_table[_f16_bits(bits[j])]
 
 
+_BIT_GATHER = np.uint64(0x0102040810204080)  # moves byte b's low bit to bit 56 + b, without carries
+
+
 @njit(**_JIT)
 def _pack_masks(masks, m, packed, byte_lo):
-    """Byte masks (T, m) -> bits: element 8k+b at bit b of byte k (numpy little-endian)."""
+    """Byte masks (T, m) of 0/1 -> bits: element 8k+b at bit b of byte k (numpy little-endian).
+    Eight mask bytes read as one little-endian uint64, times _BIT_GATHER, hold the byte in their
+    top eight bits."""
     full = m // 8
     for t in range(masks.shape[0]):
-        mask, out = masks[t], packed[t, byte_lo : byte_lo + (m + 7) // 8]
+        words, out = masks[t, : 8 * full].view(np.uint64), packed[t, byte_lo : byte_lo + (m + 7) // 8]
         for k in range(full):
-            byte = 0
-            for b in range(8):
-                byte |= np.int32(mask[8 * k + b]) << b
-            out[k] = byte
+            out[k] = np.uint8((words[k] * _BIT_GATHER) >> np.uint64(56))
         if m % 8:  # the last, partial byte of the chunk: missing elements are 0 bits
             byte = 0
             for b in range(m % 8):
-                byte |= np.int32(mask[8 * full + b]) << b
+                byte |= np.int32(masks[t, 8 * full + b]) << b
             out[full] = byte
 
 
-@njit(**_SUM)
-def _abs_sum(row, m):
-    """float64 sum of |row[:m]|."""
-    acc = 0.0
-    for j in range(m):
-        acc += np.float64(abs(row[j]))
-    return acc
+# The L1 and fidelity sums may be reordered (vectorised); they are compared with the reference to
+# a tolerance. The masks computed beside them are comparisons of exact products, which none of
+# these flags changes (no `nnan`: a NaN never agrees).
+_SUMS = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
 
 
-@njit(**_SUM)
-def _masked_sum(mask, u, m):
-    """float64 sum of |u[j]| over the j where mask[j] is set."""
-    acc = 0.0
-    for j in range(m):
-        acc += np.float64(abs(u[j])) if mask[j] else 0.0
-    return acc
+@njit(inline="always")
+def _fidelity_terms(uj, oj, on):
+    """One element's A, E, D, Z, C terms (fusion.fidelity) in float64, from float32 u and o."""
+    u, o = np.float64(uj), np.float64(oj)
+    diff = u - o
+    return (u * u if on else 0.0, u * diff if on else 0.0, diff * diff if on else 0.0,
+            0.0 if on else o * o, o * o)
 
 
-# The fidelity sums may be reordered (vectorised); they are compared with the reference to a tolerance.
-@njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+@njit(**_SUMS)
 def _fidelity_block(u, mask, original, base, lo, m, out):
     """out += A, E, D, Z, C of one block (fusion.fidelity); `original` minus base when one is given."""
     a = e = d = z = c = 0.0
     for j in range(m):
         o = original[j] - base[lo + j] if base.shape[0] else original[j]  # the same float32 rounding
-        uj, oj = np.float64(u[j]), np.float64(o)
-        on = np.float64(mask[j])  # 1.0 or 0.0: no branch on random bits
-        diff = uj - oj
-        a += on * (uj * uj)
-        e += on * (uj * diff)
-        d += on * (diff * diff)
-        z += (1.0 - on) * (oj * oj)
-        c += oj * oj
+        da, de, dd, dz, dc = _fidelity_terms(u[j], o, mask[j] != 0)
+        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
     out[0] += a
     out[1] += e
     out[2] += d
@@ -252,26 +248,64 @@ def _fidelity_block(u, mask, original, base, lo, m, out):
     out[4] += c
 
 
+@njit(**_SUMS)
+def _agreement(row, sign, u, m, mask):
+    """One task's block: mask[j] = row[j] agrees strictly with sign[j]; returns the float64 sums
+    of |row| (its delta's L1) and of |u| where it agrees (the masked L1)."""
+    delta_l1 = masked_l1 = 0.0
+    for j in range(m):
+        x, size = row[j], abs(np.float64(u[j]))  # loaded whatever the mask: no masked loads
+        on = x * sign[j] > 0
+        mask[j] = np.uint8(on)
+        delta_l1 += abs(np.float64(x))
+        masked_l1 += size if on else 0.0
+    return delta_l1, masked_l1
+
+
+@njit(**_SUMS)
+def _agreement_fidelity(row, sign, u, m, mask, original, base, lo, out):
+    """_agreement, and the task's fidelity sums against `original` (minus base when one is given)
+    added to out, in the same loop."""
+    delta_l1 = masked_l1 = a = e = d = z = c = 0.0
+    for j in range(m):
+        x, size = row[j], abs(np.float64(u[j]))
+        on = x * sign[j] > 0
+        mask[j] = np.uint8(on)
+        delta_l1 += abs(np.float64(x))
+        masked_l1 += size if on else 0.0
+        o = original[j] - base[lo + j] if base.shape[0] else original[j]
+        da, de, dd, dz, dc = _fidelity_terms(u[j], o, on)
+        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
+    out[0] += a
+    out[1] += e
+    out[2] += d
+    out[3] += z
+    out[4] += c
+    return delta_l1, masked_l1
+
+
 @njit(**_JIT)
 def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base):
     """Elect one block of stacked deltas stage[:, :m] into the outputs at element out_lo."""
     unified, packed, delta_l1, masked_l1, fidelity = out
-    sign, magnitude, masks = scratch
+    sign, magnitude, spare, masks = scratch
     _elect_sign(stage, m, sign)
-    _masks_and_magnitude(stage, m, sign, masks, magnitude)
+    _magnitude(stage, m, sign, magnitude, spare)
     u = unified[out_lo : out_lo + m]
     for j in range(m):
         u[j] = sign[j] * magnitude[j]
     _round_block(u, m, rounding, f16_table)  # the store's dtype: masked L1 and fidelity see what is stored
-    _pack_masks(masks, m, packed, out_lo // 8)
     for t in range(stage.shape[0]):
-        delta_l1[b, t] = _abs_sum(stage[t], m)
-        masked_l1[b, t] = _masked_sum(masks[t], u, m)
         r = index[t]
         if r == OWN_ROW:
-            _fidelity_block(u, masks[t], stage[t], _NO_BASE, 0, m, fidelity[b, t])
+            sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], stage[t], _NO_BASE, 0, fidelity[b, t])
         elif r >= 0:
-            _fidelity_block(u, masks[t], orig[r, out_lo : out_lo + m], base, out_lo, m, fidelity[b, t])
+            sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], orig[r, out_lo : out_lo + m], base, out_lo,
+                                       fidelity[b, t])
+        else:
+            sums = _agreement(stage[t], sign, u, m, masks[t])
+        delta_l1[b, t], masked_l1[b, t] = sums
+    _pack_masks(masks, m, packed, out_lo // 8)
 
 
 @njit(**_JIT)
@@ -287,11 +321,12 @@ def _rebuild_block(unified, packed, lam, lo, m, stage):
 
 @njit(**_JIT)
 def _new_scratch(num_tasks, block):
-    """One thread's buffers: signs (block,), magnitudes (block,), byte masks (T, block)."""
+    """One thread's buffers: signs (block,), magnitudes and their spare (block,), byte masks (T, block)."""
     sign = np.empty(block, dtype=np.float32)
     magnitude = np.empty(block, dtype=np.float32)
+    spare = np.empty(block, dtype=np.float32)
     masks = np.empty((num_tasks, block), dtype=np.uint8)
-    return sign, magnitude, masks
+    return sign, magnitude, spare, masks
 
 
 _NO_BASE = np.zeros(0, dtype=np.float32)
