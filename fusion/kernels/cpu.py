@@ -8,349 +8,50 @@ outputs are numpy arrays (bfloat16 as `ml_dtypes.bfloat16` arrays); torch is nev
 
 Also here, the two other chunk operations of the `fusion.kernels.Kernel` contract: `rebuild`
 (theta0 + lambda * M * u, in numpy on the packed bits, no compilation) and `fidelity_sums` (one
-numba pass over the chunk, no temporaries of its size).
+pass over the chunk, no temporaries of its size).
 
 How it works. A chunk `(T, n)` is cut into blocks of `block` elements (4096 by default: at T = 16
-a block is 256 KiB of float32, it stays in L2). Blocks are spread over threads with numba's
-`prange`; each thread owns its scratch buffers (sums, magnitudes, byte masks: O(T * block)).
-For every block, one read of the inputs from memory; the later phases (mask, magnitude, bit
-packing, L1 sums) re-read it from cache. L1 sums are per-block float64 partials summed after the
-pass (deterministic, independent of the thread count). No temporaries of the chunk's size are
-made for float32 inputs; the store's dtype rounding of u (fp16/bf16) is done in numpy on the
-(n,) unified delta, then the masked L1 is taken in a second pass over u and the packed bits.
+a block is 256 KiB of float32, it stays in L2). Blocks are spread over threads; each thread owns
+its scratch buffers (stacked rows, signs, magnitudes, byte masks: O(T * block)). For every block,
+one read of the inputs from memory, then from cache: the sign election, the magnitudes, and one
+loop per task for its mask, its L1 sums and its fidelity sums; masks are packed eight bytes at a
+time. The store's dtype rounding of u (fp16/bf16) is done in the block, before the sums. L1 and
+fidelity sums are per-block float64 partials summed after the pass (deterministic, independent
+of the thread count). No temporaries of the chunk's size are made for float32 inputs.
 
-Options measured before choosing (elect, T = 8, 16M-element float32 deltas per task, median of
-3 to 7, on the shared 2-core development machine at a load average of 8 to 11, so only the order
-of magnitude is firm; `python benchmarks/kernels.py` gives the figures of record):
-    torch copy of the same bytes (the roofline)      1.9 GB/s
-    numba, this file                                 0.85-1.3 GB/s  (a first version indexing with
-                                                     offsets, rows[t, lo + j], did not vectorize:
-                                                     0.4-0.6 GB/s; contiguous row views fixed it)
-    chunked torch, 64K blocks, preallocated buffers  0.01 GB/s: ~15 torch ops per block, each an
-      and in-place ops                               OpenMP region, which a busy machine starves
-    torch.compile(reference.elect) on 1M chunks      0.02 GB/s after a 68 s warm-up; bit-equal, but
-                                                     it needs a C++ compiler at run time
-    the reference on 1M chunks                       0.02-0.03 GB/s (then in torch; in numpy now,
-                                                     about 0.16 GB/s: fusion.kernels.SMALL_WORK)
-A small C++ extension would run the same loops as numba's LLVM code, but it needs a compiler on
-every user's machine and a minute to build (torch.utils.cpp_extension) or a wheel per platform.
-numba installs from PyPI as wheels, compiles these functions once in ~15 s and caches the machine
-code next to this file (`cache=True`), so later processes start in about a second. Chosen: numba.
+Two backends run these loops, proven equal to the reference by the same tests:
+- `native` (fusion.kernels.cpu_native): C, built once per machine with the system compiler and
+  loaded with ctypes; a process starts it in milliseconds. Threads take blocks from a shared
+  counter, so a thread the machine slows down takes fewer.
+- `numba` (fusion.kernels.cpu_numba): for machines without a C compiler; numba's import and the
+  load of its cached code cost a process about 0.7 s of CPU time before its first chunk.
+`CpuKernel(backend="auto")` takes the native one when it builds; the environment variable
+CONDU_CPU_BACKEND (native, numba) chooses one for a whole process.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
-import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
 
 from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, to_float32
 from ..fidelity import NUM_SUMS
 from .host import rebuild_into
-from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
+from ..reference import NOT_MEASURED, ChunkResult, Originals
 
 __all__ = ["CpuKernel", "KERNEL", "DEFAULT_BLOCK"]
 
 # Elements per block and task: 16 KiB of float32 a task, 256 KiB for T = 16 (an L2's share).
 DEFAULT_BLOCK = 4096
 
-# The election sum, the magnitudes and the rebuilt values are computed without fast-math, so they
-# match the reference bit for bit; only the sums (_SUMS, below) may be reordered.
-_JIT = dict(cache=True, nogil=True)
-
-
 # float32 value of every 16-bit code, indexed by the code as uint16 (65536,): exact widenings.
 _CODES = np.arange(1 << 16, dtype=np.uint16)
 _TABLES = {F16: _CODES.view(np.float16).astype(np.float32), BF16: to_float32(_CODES, BF16)}
 _NO_TABLE = np.zeros(1, dtype=np.float32)
 
-
-# ---- block phases (njit, inlined by LLVM into the drivers) -------------------------------------
-
-
-@njit(**_JIT)
-def _stage_rows(src, table, base, lo, m, stage, row0):
-    """stage[row0 + t, :m] = src[t, lo:lo+m] as float32 (decoded through `table` for 16-bit codes),
-    minus base[lo:lo+m] when a base is given (one float32 rounding, as `rows - base`)."""
-    for t in range(src.shape[0]):
-        if base.shape[0]:
-            _decode_minus(src[t, lo : lo + m], table, base[lo : lo + m], stage[row0 + t], m)
-        else:
-            _decode(src[t, lo : lo + m], table, stage[row0 + t], m)
-
-
-def _decode(codes, table, out, m):
-    """out[:m] = codes as float32: a copy, or a table lookup for 16-bit float codes."""
-
-
-@overload(_decode, jit_options=_JIT)
-def _decode_impl(codes, table, out, m):
-    if codes.dtype == numba.types.uint16:
-
-        def lookup(codes, table, out, m):
-            for j in range(m):
-                out[j] = table[codes[j]]
-
-        return lookup
-
-    def copy(codes, table, out, m):
-        for j in range(m):
-            out[j] = codes[j]
-
-    return copy
-
-
-def _decode_minus(codes, table, base, out, m):
-    """out[:m] = codes as float32 minus base: the decode and the subtraction in one loop."""
-
-
-@overload(_decode_minus, jit_options=_JIT)
-def _decode_minus_impl(codes, table, base, out, m):
-    if codes.dtype == numba.types.uint16:
-
-        def lookup(codes, table, base, out, m):
-            for j in range(m):
-                out[j] = table[codes[j]] - base[j]
-
-        return lookup
-
-    def subtract(codes, table, base, out, m):
-        for j in range(m):
-            out[j] = codes[j] - base[j]
-
-    return subtract
-
-
-@njit(**_JIT)
-def _elect_sign(rows, m, sign):
-    """sign[:m] = +1 where the sequential float32 sum over tasks is > 0, else -1."""
-    total = sign[:m]
-    total[:] = rows[0, :m]
-    for t in range(1, rows.shape[0]):  # task order, one rounding per task: the reference's sum
-        row = rows[t, :m]
-        for j in range(m):
-            total[j] += row[j]
-    for j in range(m):
-        sign[j] = np.float32(1.0) if sign[j] > 0 else np.float32(-1.0)
-
-
-@njit(**_JIT)
-def _magnitude(rows, m, sign, magnitude, spare):
-    """magnitude[:m] = the largest |value| over tasks that agrees strictly with sign, else +0.0.
-
-    sign is +-1, so x * sign is exact and equals |x| exactly where x agrees, <= 0 elsewhere: the
-    largest of them, started from +0.0, is the largest agreeing |x|, or +0.0 (a -0.0 never wins
-    the strict comparison). The running maximum goes back and forth between `magnitude` and
-    `spare`, read from one and written to the other: an in-place `m = x if x > m else m` compiles
-    to masked stores, three times slower on x86 than the unconditional stores of this loop."""
-    count = rows.shape[0]
-    read, write = (magnitude, spare) if count % 2 == 0 else (spare, magnitude)  # the last write lands in magnitude
-    read[:m] = 0.0
-    for t in range(count):
-        row, old, new = rows[t, :m], read[:m], write[:m]
-        for j in range(m):
-            agreeing = row[j] * sign[j]
-            current = old[j]
-            new[j] = agreeing if agreeing > current else current
-        read, write = write, read
-
-
-@njit(**_JIT)
-def _round_bf16(bits):
-    """float32 bits rounded to bfloat16 (nearest, ties to even), as float32 bits; u is finite."""
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
-
-
-@njit(**_JIT)
-def _f16_bits(bits):
-    """float32 bits -> float16 bits, rounded to nearest, ties to even (numpy's astype(float16))."""
-    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
-    exponent = np.int64((bits >> np.uint32(23)) & np.uint32(0xFF)) - 127 + 15
-    mantissa = np.int64(bits & np.uint32(0x7FFFFF))
-    if exponent >= 31:  # beyond float16's range (u is finite): infinity, caught by the pass
-        return sign | np.uint32(0x7C00)
-    if exponent <= 0:  # a float16 subnormal, or zero
-        if exponent < -10:
-            return sign
-        mantissa |= 0x800000
-        shift = 14 - exponent
-        half = np.int64(1) << (shift - 1)
-        rounded = (mantissa + half - 1 + ((mantissa >> shift) & 1)) >> shift
-        return sign | np.uint32(rounded)
-    rounded = (mantissa + 0xFFF + ((mantissa >> 13) & 1)) >> 13  # may carry into the exponent: still right
-    return sign | np.uint32((exponent << 10) + rounded)
-
-
-@njit(**_JIT)
-def _round_block(u, m, rounding, f16_table):
-    """u[:m] rounded to the store's dtype and widened back (0: float32, 1: float16, 2: bfloat16)."""
-    if rounding == 0:
-        return
-    bits = u[:m].view(np.uint32)
-    for j in range(m):
-        if rounding == 2:
-            bits[j] = _round_bf16(bits[j])
-        else:
-            u[j] = f16_table[_f16_bits(bits[j])]
-
-
-_BIT_GATHER = np.uint64(0x0102040810204080)  # moves byte b's low bit to bit 56 + b, without carries
-
-
-@njit(**_JIT)
-def _pack_masks(masks, m, packed, byte_lo):
-    """Byte masks (T, m) of 0/1 -> bits: element 8k+b at bit b of byte k (numpy little-endian).
-    Eight mask bytes read as one little-endian uint64, times _BIT_GATHER, hold the byte in their
-    top eight bits."""
-    full = m // 8
-    for t in range(masks.shape[0]):
-        words, out = masks[t, : 8 * full].view(np.uint64), packed[t, byte_lo : byte_lo + (m + 7) // 8]
-        for k in range(full):
-            out[k] = np.uint8((words[k] * _BIT_GATHER) >> np.uint64(56))
-        if m % 8:  # the last, partial byte of the chunk: missing elements are 0 bits
-            byte = 0
-            for b in range(m % 8):
-                byte |= np.int32(masks[t, 8 * full + b]) << b
-            out[full] = byte
-
-
-# The L1 and fidelity sums may be reordered (vectorised); they are compared with the reference to
-# a tolerance. The masks computed beside them are comparisons of exact products, which none of
-# these flags changes (no `nnan`: a NaN never agrees).
-_SUMS = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
-
-
-@njit(inline="always")
-def _fidelity_terms(uj, oj, on):
-    """One element's A, E, D, Z, C terms (fusion.fidelity) in float64, from float32 u and o."""
-    u, o = np.float64(uj), np.float64(oj)
-    diff = u - o
-    return (u * u if on else 0.0, u * diff if on else 0.0, diff * diff if on else 0.0,
-            0.0 if on else o * o, o * o)
-
-
-@njit(**_SUMS)
-def _fidelity_block(u, mask, original, base, lo, m, out):
-    """out += A, E, D, Z, C of one block (fusion.fidelity); `original` minus base when one is given."""
-    a = e = d = z = c = 0.0
-    for j in range(m):
-        o = original[j] - base[lo + j] if base.shape[0] else original[j]  # the same float32 rounding
-        da, de, dd, dz, dc = _fidelity_terms(u[j], o, mask[j] != 0)
-        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
-    out[0] += a
-    out[1] += e
-    out[2] += d
-    out[3] += z
-    out[4] += c
-
-
-@njit(**_SUMS)
-def _agreement(row, sign, u, m, mask):
-    """One task's block: mask[j] = row[j] agrees strictly with sign[j]; returns the float64 sums
-    of |row| (its delta's L1) and of |u| where it agrees (the masked L1)."""
-    delta_l1 = masked_l1 = 0.0
-    for j in range(m):
-        x, size = row[j], abs(np.float64(u[j]))  # loaded whatever the mask: no masked loads
-        on = x * sign[j] > 0
-        mask[j] = np.uint8(on)
-        delta_l1 += abs(np.float64(x))
-        masked_l1 += size if on else 0.0
-    return delta_l1, masked_l1
-
-
-@njit(**_SUMS)
-def _agreement_fidelity(row, sign, u, m, mask, original, base, lo, out):
-    """_agreement, and the task's fidelity sums against `original` (minus base when one is given)
-    added to out, in the same loop."""
-    delta_l1 = masked_l1 = a = e = d = z = c = 0.0
-    for j in range(m):
-        x, size = row[j], abs(np.float64(u[j]))
-        on = x * sign[j] > 0
-        mask[j] = np.uint8(on)
-        delta_l1 += abs(np.float64(x))
-        masked_l1 += size if on else 0.0
-        o = original[j] - base[lo + j] if base.shape[0] else original[j]
-        da, de, dd, dz, dc = _fidelity_terms(u[j], o, on)
-        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
-    out[0] += a
-    out[1] += e
-    out[2] += d
-    out[3] += z
-    out[4] += c
-    return delta_l1, masked_l1
-
-
-@njit(**_JIT)
-def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base):
-    """Elect one block of stacked deltas stage[:, :m] into the outputs at element out_lo."""
-    unified, packed, delta_l1, masked_l1, fidelity = out
-    sign, magnitude, spare, masks = scratch
-    _elect_sign(stage, m, sign)
-    _magnitude(stage, m, sign, magnitude, spare)
-    u = unified[out_lo : out_lo + m]
-    for j in range(m):
-        u[j] = sign[j] * magnitude[j]
-    _round_block(u, m, rounding, f16_table)  # the store's dtype: masked L1 and fidelity see what is stored
-    for t in range(stage.shape[0]):
-        r = index[t]
-        if r == OWN_ROW:
-            sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], stage[t], _NO_BASE, 0, fidelity[b, t])
-        elif r >= 0:
-            sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], orig[r, out_lo : out_lo + m], base, out_lo,
-                                       fidelity[b, t])
-        else:
-            sums = _agreement(stage[t], sign, u, m, masks[t])
-        delta_l1[b, t], masked_l1[b, t] = sums
-    _pack_masks(masks, m, packed, out_lo // 8)
-
-
-@njit(**_JIT)
-def _rebuild_block(unified, packed, lam, lo, m, stage):
-    """stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i."""
-    u = unified[lo : lo + m]
-    for i in range(packed.shape[0]):
-        bits, row, scale = packed[i, lo // 8 : (lo + m + 7) // 8], stage[i], lam[i]
-        for j in range(m):
-            scaled = u[j] * scale
-            row[j] = scaled if (bits[j >> 3] >> (j & 7)) & 1 else np.float32(0.0)
-
-
-@njit(**_JIT)
-def _new_scratch(num_tasks, block):
-    """One thread's buffers: signs (block,), magnitudes and their spare (block,), byte masks (T, block)."""
-    sign = np.empty(block, dtype=np.float32)
-    magnitude = np.empty(block, dtype=np.float32)
-    spare = np.empty(block, dtype=np.float32)
-    masks = np.empty((num_tasks, block), dtype=np.uint8)
-    return sign, magnitude, spare, masks
-
-
-_NO_BASE = np.zeros(0, dtype=np.float32)
-
-
-# ---- the parallel driver: blocks spread over threads, scratch per thread ------------------------
-
-
-@njit(parallel=True, **_JIT)
-def _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index):
-    """elect (no stored task) or the continual step over one chunk: rows are the T_old stored tasks
-    rebuilt, then the new rows (minus base), all staged a block at a time into per-thread scratch."""
-    num_old, n = stored_packed.shape[0], out[0].shape[0]
-    num_tasks = num_old + src.shape[0]
-    num_blocks = (n + block - 1) // block
-    for run in prange(runs):
-        scratch = _new_scratch(num_tasks, block)
-        stage = np.empty((num_tasks, block), dtype=np.float32)  # (T, block)
-        for b in range(run * num_blocks // runs, (run + 1) * num_blocks // runs):
-            lo = b * block
-            m = min(block, n - lo)
-            _rebuild_block(stored_u, stored_packed, lam, lo, m, stage)
-            _stage_rows(src, table, base, lo, m, stage, num_old)
-            _elect_block(stage, m, lo, scratch, out, b, rounding, f16_table, orig, index, base)
 
 
 # ---- the kernel object ---------------------------------------------------------------------------
@@ -367,7 +68,7 @@ def _as_rows(array: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _keeps_torch_threads(method):
-    """Restore torch's thread count after a numba parallel region, when torch is loaded at all.
+    """Restore torch's thread count after a kernel call, when torch is loaded at all.
 
     numba's OpenMP layer and torch share libgomp's process-wide thread count; a parallel region
     can raise it behind torch's back, and a busy CPU then slows every later torch op. A process
@@ -389,14 +90,27 @@ def _keeps_torch_threads(method):
 
 
 class CpuKernel:
-    """Fused, block-chunked elect and continual step on CPU threads (numba), on numpy arrays."""
+    """Fused, block-chunked elect and continual step on CPU threads, on numpy arrays.
+
+    `backend`: "native" (C), "numba", or "auto" (CONDU_CPU_BACKEND, else native when it builds,
+    else numba); chosen at the first call, so making a kernel costs nothing."""
 
     name = "cpu"
 
-    def __init__(self, *, block: int = DEFAULT_BLOCK):
+    def __init__(self, *, block: int = DEFAULT_BLOCK, backend: str = "auto"):
         if block <= 0 or block % 8:
             raise ValueError(f"cpu kernel: block must be a positive multiple of 8, got {block}")
-        self.block = block
+        if backend not in BACKENDS:
+            raise ValueError(f"cpu kernel: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.block, self.requested = block, backend
+        self._backend = None
+
+    @property
+    def backend(self):
+        """The module that runs the loops (cpu_native or cpu_numba), loaded at first use."""
+        if self._backend is None:
+            self._backend = load_backend(self.requested)
+        return self._backend
 
     @_keeps_torch_threads
     def elect(self, deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
@@ -428,14 +142,14 @@ class CpuKernel:
         return self._run(stored, new_deltas, base, originals, unified_dtype)
 
     def _run(self, stored, rows, base, originals, unified_dtype) -> ChunkResult:
-        """One `_unify_pass` over the stored tasks (possibly none) and the new rows."""
+        """One pass of the backend over the stored tasks (possibly none) and the new rows."""
         num_tasks, n = len(stored[1]) + len(rows), np.shape(rows)[1] if len(rows) else np.size(stored[0])
         src, table = _as_rows(rows, "deltas")  # (T_new, n)
         base32 = _NO_BASE if base is None else np.ascontiguousarray(as_float32(base).reshape(-1))  # (n,)
         orig, index = _originals(originals, num_tasks, n)
         out = self._outputs(num_tasks, n)
-        _unify_pass(*stored, src, table, base32, self.block, self._runs(n), out,
-                    _ROUNDING[float_dtype(unified_dtype).code], _TABLES[F16], orig, index)
+        self.backend.unify(*stored, src, table, base32, self.block, out, _ROUNDING[float_dtype(unified_dtype).code],
+                           _TABLES[F16], orig, index)
         unified, packed, delta_l1, masked_l1, fidelity = out
         return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0),
                            None if originals is None else fidelity.sum(axis=0))
@@ -451,19 +165,15 @@ class CpuKernel:
         u = np.ascontiguousarray(as_float32(unified).reshape(-1))  # (n,)
         o = np.ascontiguousarray(as_float32(original).reshape(-1))  # (n,)
         mask = np.unpackbits(np.reshape(packed, -1), count=u.size, bitorder="little")  # (n,) 0/1 bytes
-        _fidelity_block(u, mask, o, _NO_BASE, 0, u.size, out)
+        self.backend.fidelity_sums(u, mask, o, out)
         return out
 
     def warm(self) -> None:
-        """Load (or compile) the machine code of the float32 signatures: the first call's cost, paid now."""
+        """Load (or build) the backend and its machine code for float32: the first call's cost, paid now."""
         deltas = np.zeros((2, 16), dtype=np.float32)
         result = self.elect(deltas)
         self.continual(result.unified, result.packed_masks, np.ones(2), deltas[:1])
         self.fidelity_sums(result.unified, result.packed_masks[0], deltas[0])
-
-    def _runs(self, n: int) -> int:
-        """Contiguous runs of blocks handed to threads: a few per thread, for load balance."""
-        return max(1, min(-(-n // self.block), 4 * numba.get_num_threads()))
 
     def _outputs(self, num_tasks: int, n: int) -> tuple:
         """unified (n,), packed masks (T, n/8), and per-block partials of the L1 and fidelity sums."""
@@ -473,7 +183,28 @@ class CpuKernel:
                 np.zeros((num_blocks, num_tasks, NUM_SUMS), dtype=np.float64))
 
     def __repr__(self) -> str:
-        return f"CpuKernel(block={self.block})"
+        chosen = self._backend.NAME if self._backend is not None else self.requested
+        return f"CpuKernel(block={self.block}, backend={chosen!r})"
+
+
+_NO_BASE = np.zeros(0, dtype=np.float32)
+BACKENDS = ("auto", "native", "numba")
+
+
+def load_backend(requested: str = "auto"):
+    """The backend module for `requested`; "auto" reads CONDU_CPU_BACKEND, then tries native."""
+    wanted = os.environ.get("CONDU_CPU_BACKEND", "auto") if requested == "auto" else requested
+    if wanted not in BACKENDS:
+        raise ValueError(f"CONDU_CPU_BACKEND={wanted!r}: use one of {', '.join(BACKENDS)}")
+    if wanted in ("auto", "native"):
+        from . import cpu_native
+
+        if cpu_native.available() or wanted == "native":
+            cpu_native.require()  # names why it is not there, when it was asked for by name
+            return cpu_native
+    from . import cpu_numba
+
+    return cpu_numba
 
 
 # How the unified delta is rounded to its storage dtype inside the pass (0: it stays float32).

@@ -1,7 +1,10 @@
-"""The CPU kernel equals the reference: unified values and packed masks bit for bit, L1 sums to tolerance."""
+"""The CPU kernel equals the reference: unified values and packed masks bit for bit, L1 sums to tolerance.
+
+Every test runs on both backends of the kernel, the native (C) and the numba one."""
+
+import contextlib
 
 import hypothesis.strategies as st
-import numba
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -18,6 +21,39 @@ BLOCKS = st.sampled_from([8, 16, 24, 40, 96, 4096])
 # Scales: ordinary; fp16-subnormal after rounding; large enough that fp16 rounding overflows to inf.
 SCALES = st.sampled_from([2.0**-6, 2.0**-21, 2.0**13])
 RESCALERS = st.sampled_from([0.0, 0.5, 1.0, 1.37, 3.0, 1e-3])
+
+
+@pytest.fixture(scope="module", autouse=True, params=["native", "numba"])
+def backend(request):
+    """The backend every kernel of the module uses, the shared KERNEL included."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONDU_CPU_BACKEND", request.param)
+        patch.setattr(KERNEL, "_backend", None)
+        yield request.param
+
+
+@contextlib.contextmanager
+def one_thread(backend: str):
+    """The backend runs its passes on one thread only."""
+    if backend == "numba":
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(threads)
+    else:
+        with pytest.MonkeyPatch.context() as patch:
+            from fusion.kernels import cpu_native
+
+            patch.setattr(cpu_native, "_threads", lambda: 1)
+            yield
+
+
+def test_the_backend_asked_for_runs(backend):
+    assert KERNEL.backend.NAME == backend and backend in repr(KERNEL)
 
 
 def assert_same(result: reference.ChunkResult, expected: reference.ChunkResult) -> None:
@@ -105,16 +141,12 @@ def test_rebuild_only_reunifies_stored_tasks():
     assert result.packed_masks.shape == (2, 1)
 
 
-def test_thread_count_changes_no_bit():
+def test_thread_count_changes_no_bit(backend):
     """L1 partials are per block, summed in block order: one thread and all threads agree exactly."""
     stacked = np.random.default_rng(0).standard_normal((5, 100_003), dtype=np.float32)
     kernel = CpuKernel(block=1024)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with one_thread(backend):
         single = kernel.elect(stacked)
-    finally:
-        numba.set_num_threads(threads)
     result = kernel.elect(stacked)
     assert np.array_equal(result.unified, single.unified) and np.array_equal(result.packed_masks, single.packed_masks)
     assert np.array_equal(result.delta_l1, single.delta_l1) and np.array_equal(result.masked_l1, single.masked_l1)

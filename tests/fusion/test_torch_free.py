@@ -1,16 +1,20 @@
 """The CPU path of fusion imports no framework: numpy arrays in and out, torch only for torch tensors."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 MATH_MODULES = ["fusion", "fusion.reference", "fusion.kernels", "fusion.kernels.cpu", "fusion.kernels.reference",
                 "fusion.engine", "fusion.fuse", "fusion.rescale", "fusion.fidelity", "fusion.dtypes",
                 "fusion.lora", "fusion.io.adapter", "fusion.store.adapters", "fusion.store.inputs"]
 
 
-def _fresh(code: str) -> str:
-    """stdout of `code` run in a new interpreter (nothing imported yet)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+def _fresh(code: str, **env: str) -> str:
+    """stdout of `code` run in a new interpreter (nothing imported yet), with `env` added."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}).stdout.strip()
 
 
 def test_math_modules_do_not_import_torch():
@@ -18,8 +22,10 @@ def test_math_modules_do_not_import_torch():
     assert _fresh(probe) == "[]"
 
 
-def test_a_whole_unify_add_decouple_runs_without_torch():
-    """Both CPU kernels (numba's included), end to end on numpy arrays, and torch never loaded."""
+@pytest.mark.parametrize("backend", ["native", "numba"])
+def test_a_whole_unify_add_decouple_runs_without_torch(backend):
+    """Both CPU kernels (the cpu kernel on each backend), end to end on numpy arrays, and torch never
+    loaded; numba only when its backend runs."""
     probe = """
 import sys
 import numpy as np
@@ -29,9 +35,9 @@ for kernel in ("reference", "cpu"):
     state = add(unify(deltas[:2], kernel=kernel, chunk=8), deltas[2], kernel=kernel)
     get_kernel(kernel).fidelity_sums(state.unified["w"], state.masks["w"][0], deltas[0]["w"].reshape(-1))
     assert state.decouple(2)["w"].dtype == np.float32 and type(state.rescalers) is np.ndarray
-print("torch" in sys.modules, "numba" in sys.modules)
+print("torch" in sys.modules, "numba" in sys.modules, get_kernel("cpu").backend.NAME)
 """
-    assert _fresh(probe) == "False True"
+    assert _fresh(probe, CONDU_CPU_BACKEND=backend) == f"False {backend == 'numba'} {backend}"
 
 
 def test_tiny_work_never_loads_numba():

@@ -1,0 +1,290 @@
+/* The cpu kernel's loops in C: elect and the continual step over blocks of one chunk.
+ *
+ * The same loops as the numba backend (fusion/kernels/cpu_numba.py), block for block, and the
+ * same numerics as fusion.reference: masks, signs and unified values bit for bit; the L1 and
+ * fidelity sums in float64, per block, compared to a tolerance. Built once per machine by
+ * fusion/kernels/cpu_native.py with the system C compiler, and loaded with ctypes: a process
+ * starts it in milliseconds, where numba needs its import and its cached code (0.7 s).
+ *
+ * Numerics: compiled with -ffp-contract=off and without fast-math, so every float32 operation
+ * rounds as written (no fused multiply-adds); only the float64 sums (SUMS) may be reordered.
+ *
+ * Threads: every thread calling condu_unify takes the next `step` blocks from a shared counter
+ * until none is left. Results are per block, so they do not depend on which thread took which.
+ */
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NOT_MEASURED (-1)
+#define OWN_ROW (-2)
+#define NUM_SUMS 5
+
+/* One chunk's pass; the layout is mirrored by fusion/kernels/cpu_native.py (_Pass). */
+typedef struct {
+    int64_t n, block, num_old, num_new, num_blocks;
+    const float *stored_u;         /* (n,) the stored unified delta (num_old > 0) */
+    const uint8_t *stored_packed;  /* (num_old, ceil(n/8)) the stored tasks' packed masks */
+    const float *lam;              /* (num_old,) float32(lambda) */
+    const void *src;               /* (num_new, n) float32 rows, or uint16 codes when table */
+    const float *table;            /* float32 value of every 16-bit code, or NULL */
+    const float *base;             /* (n,) theta0, subtracted from the rows; or NULL */
+    const float *orig;             /* (R, n) kept tasks' originals (weights when base) */
+    const int64_t *index;          /* (T,) NOT_MEASURED, OWN_ROW or a row of orig */
+    int64_t rounding;              /* u's storage dtype: 0 float32, 1 float16, 2 bfloat16 */
+    const float *f16_table;        /* float32 value of every float16 code */
+    float *unified;                /* (n,) out */
+    uint8_t *packed;               /* (T, ceil(n/8)) out */
+    double *delta_l1, *masked_l1;  /* (num_blocks, T) out */
+    double *fidelity;              /* (num_blocks, T, 5) out: A, E, D, Z, C */
+    _Atomic int64_t next_block;    /* the shared counter of blocks handed out */
+} Pass;
+
+static inline uint32_t bits_of(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
+static inline float float_of(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
+
+/* stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i; the
+ * select is a bitwise and with the bit spread to a word, so the loop has no branch. */
+static void rebuild_block(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
+    const int64_t bytes = (p->n + 7) / 8;
+    const float *restrict u = p->stored_u + lo;
+    for (int64_t i = 0; i < p->num_old; i++) {
+        const uint8_t *restrict bits = p->stored_packed + i * bytes + lo / 8;
+        const float scale = p->lam[i];
+        float *restrict row = stage + i * p->block;
+        for (int64_t j = 0; j < m; j++) {
+            const uint32_t keep = 0u - (uint32_t)((bits[j >> 3] >> (j & 7)) & 1);
+            row[j] = float_of(bits_of(u[j] * scale) & keep);
+        }
+    }
+}
+
+/* stage[num_old + t, :m] = row t on [lo, lo+m) as float32, minus base when given (one rounding). */
+static void stage_rows(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
+    const float *restrict base = p->base ? p->base + lo : NULL;
+    for (int64_t t = 0; t < p->num_new; t++) {
+        float *restrict out = stage + (p->num_old + t) * p->block;
+        if (p->table) {
+            const uint16_t *restrict codes = (const uint16_t *)p->src + t * p->n + lo;
+            const float *restrict table = p->table;
+            if (base) for (int64_t j = 0; j < m; j++) out[j] = table[codes[j]] - base[j];
+            else for (int64_t j = 0; j < m; j++) out[j] = table[codes[j]];
+        } else {
+            const float *restrict row = (const float *)p->src + t * p->n + lo;
+            if (base) for (int64_t j = 0; j < m; j++) out[j] = row[j] - base[j];
+            else memcpy(out, row, (size_t)m * sizeof(float));
+        }
+    }
+}
+
+/* sign[:m] = +1 where the sequential float32 sum over tasks is > 0, else -1 (the reference's rule). */
+static void elect_sign(const float *restrict stage, int64_t tasks, int64_t block, int64_t m, float *restrict sign) {
+    memcpy(sign, stage, (size_t)m * sizeof(float));
+    for (int64_t t = 1; t < tasks; t++) {
+        const float *row = stage + t * block;
+        for (int64_t j = 0; j < m; j++) sign[j] += row[j];
+    }
+    for (int64_t j = 0; j < m; j++) sign[j] = sign[j] > 0.0f ? 1.0f : -1.0f;
+}
+
+/* magnitude[:m] = the largest |value| that agrees strictly with sign, else +0.0: x * sign is
+ * exact (sign is +-1) and equals |x| where x agrees, <= 0 elsewhere; a NaN never wins. */
+static void magnitude_of(const float *restrict stage, int64_t tasks, int64_t block, int64_t m,
+                         const float *restrict sign, float *restrict magnitude) {
+    for (int64_t j = 0; j < m; j++) magnitude[j] = 0.0f;
+    for (int64_t t = 0; t < tasks; t++) {
+        const float *row = stage + t * block;
+        for (int64_t j = 0; j < m; j++) {
+            const float agreeing = row[j] * sign[j];
+            magnitude[j] = agreeing > magnitude[j] ? agreeing : magnitude[j];
+        }
+    }
+}
+
+/* float32 bits -> float16 bits, rounded to nearest, ties to even (numpy's astype(float16)). */
+static uint32_t f16_bits(uint32_t bits) {
+    const uint32_t sign = (bits >> 16) & 0x8000u;
+    const int64_t exponent = (int64_t)((bits >> 23) & 0xFFu) - 127 + 15;
+    int64_t mantissa = (int64_t)(bits & 0x7FFFFFu);
+    if (exponent >= 31) return sign | 0x7C00u; /* beyond float16's range: infinity, caught by the pass */
+    if (exponent <= 0) {                        /* a float16 subnormal, or zero */
+        if (exponent < -10) return sign;
+        mantissa |= 0x800000;
+        const int64_t shift = 14 - exponent;
+        const int64_t half = (int64_t)1 << (shift - 1);
+        return sign | (uint32_t)((mantissa + half - 1 + ((mantissa >> shift) & 1)) >> shift);
+    }
+    const int64_t rounded = (mantissa + 0xFFF + ((mantissa >> 13) & 1)) >> 13; /* may carry into the exponent */
+    return sign | (uint32_t)((exponent << 10) + rounded);
+}
+
+/* u[:m] rounded to the store's dtype and widened back, so the sums see what is stored. */
+static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_table) {
+    if (rounding == 2) {
+        for (int64_t j = 0; j < m; j++) {
+            const uint32_t b = bits_of(u[j]);
+            u[j] = float_of(((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) << 16);
+        }
+    } else if (rounding == 1) {
+        for (int64_t j = 0; j < m; j++) u[j] = f16_table[f16_bits(bits_of(u[j]))];
+    }
+}
+
+/* The float64 sums may be reordered to vectorise (they are compared to a tolerance), and only they:
+ * the functions marked SUMS are compiled with reassociation, everything else as written. (GCC keeps
+ * `omp simd reduction` lanes of seven sums in memory, 40x slower; hand-made lanes did not vectorise.)
+ * The masks computed beside the sums are comparisons of exact products, which no flag here changes. */
+#if defined(__clang__)
+#define SUMS __attribute__((noinline))
+#define REORDER_SUMS _Pragma("clang fp reassociate(on) contract(fast)")
+#else
+#define SUMS __attribute__((noinline, optimize("associative-math", "no-signed-zeros", "no-trapping-math", \
+                                                "fp-contract=fast", "unroll-loops")))
+#define REORDER_SUMS
+#endif
+
+/* One task's block without fidelity: its mask bytes, the L1 of its delta and of u under its mask.
+ * Every value is loaded and computed, then selected: a load under a condition would not vectorise. */
+SUMS static void task_sums(const float *restrict row, const float *restrict sign, const float *restrict u,
+                           int64_t m, uint8_t *restrict mask, double *l1, double *masked) {
+    REORDER_SUMS
+    double delta_l1 = 0.0, masked_l1 = 0.0;
+    for (int64_t j = 0; j < m; j++) {
+        const float x = row[j];
+        const int on = x * sign[j] > 0.0f;
+        const double size = fabs((double)u[j]);
+        mask[j] = (uint8_t)on;
+        delta_l1 += fabs((double)x);
+        masked_l1 += on ? size : 0.0;
+    }
+    *l1 = delta_l1;
+    *masked = masked_l1;
+}
+
+/* task_sums, and the fidelity sums A, E, D, Z, C of u against `original` (minus `base` when given:
+ * the reference's float32 rounding) added to sums, in the same loop. */
+SUMS static void task_sums_fidelity(const float *restrict row, const float *restrict sign, const float *restrict u,
+                                    int64_t m, uint8_t *restrict mask, const float *restrict original,
+                                    const float *restrict base, double *l1, double *masked, double *sums) {
+    REORDER_SUMS
+    double delta_l1 = 0.0, masked_l1 = 0.0, a = 0.0, e = 0.0, d = 0.0, z = 0.0, c = 0.0;
+    for (int64_t j = 0; j < m; j++) {
+        const float x = row[j];
+        const int on = x * sign[j] > 0.0f;
+        const double uj = (double)u[j], oj = (double)(base ? original[j] - base[j] : original[j]);
+        const double diff = uj - oj, oo = oj * oj;
+        mask[j] = (uint8_t)on;
+        delta_l1 += fabs((double)x);
+        masked_l1 += on ? fabs(uj) : 0.0;
+        a += on ? uj * uj : 0.0;
+        e += on ? uj * diff : 0.0;
+        d += on ? diff * diff : 0.0;
+        z += on ? 0.0 : oo;
+        c += oo;
+    }
+    *l1 = delta_l1;
+    *masked = masked_l1;
+    sums[0] += a;
+    sums[1] += e;
+    sums[2] += d;
+    sums[3] += z;
+    sums[4] += c;
+}
+
+/* Byte masks (0/1) -> bits, element 8k+b at bit b of byte k: eight mask bytes as one
+ * little-endian word, times 0x0102040810204080, hold the packed byte in their top eight bits. */
+static void pack_mask(const uint8_t *mask, int64_t m, uint8_t *out) {
+    const int64_t full = m / 8;
+    for (int64_t k = 0; k < full; k++) {
+        uint64_t word;
+        memcpy(&word, mask + 8 * k, 8);
+        out[k] = (uint8_t)((word * 0x0102040810204080ull) >> 56);
+    }
+    if (m % 8) { /* the chunk's last, partial byte: missing elements are 0 bits */
+        uint8_t byte = 0;
+        for (int64_t b = 0; b < m % 8; b++) byte |= (uint8_t)(mask[8 * full + b] << b);
+        out[full] = byte;
+    }
+}
+
+typedef struct {
+    float *stage, *sign, *magnitude;
+    uint8_t *masks;
+} Scratch;
+
+static void elect_block(const Pass *p, int64_t b, Scratch *s) {
+    const int64_t tasks = p->num_old + p->num_new, lo = b * p->block;
+    const int64_t m = p->n - lo < p->block ? p->n - lo : p->block;
+    const int64_t bytes = (p->n + 7) / 8;
+    rebuild_block(p, lo, m, s->stage);
+    stage_rows(p, lo, m, s->stage);
+    elect_sign(s->stage, tasks, p->block, m, s->sign);
+    magnitude_of(s->stage, tasks, p->block, m, s->sign, s->magnitude);
+    float *u = p->unified + lo;
+    for (int64_t j = 0; j < m; j++) u[j] = s->sign[j] * s->magnitude[j];
+    round_block(u, m, p->rounding, p->f16_table);
+    for (int64_t t = 0; t < tasks; t++) {
+        const float *row = s->stage + t * p->block;
+        const int64_t r = p->index[t];
+        uint8_t *mask = s->masks + t * p->block;
+        double *l1 = p->delta_l1 + b * tasks + t, *masked = p->masked_l1 + b * tasks + t;
+        double *sums = p->fidelity + (b * tasks + t) * NUM_SUMS;
+        if (r == OWN_ROW) { /* a new task: its own delta is the original */
+            task_sums_fidelity(row, s->sign, u, m, mask, row, NULL, l1, masked, sums);
+        } else if (r >= 0) { /* a kept task: its fine-tuned weights minus theta0, or its delta */
+            task_sums_fidelity(row, s->sign, u, m, mask, p->orig + r * p->n + lo, p->base ? p->base + lo : NULL, l1,
+                               masked, sums);
+        } else {
+            task_sums(row, s->sign, u, m, mask, l1, masked);
+        }
+        pack_mask(mask, m, p->packed + t * bytes + lo / 8);
+    }
+}
+
+/* Called by every thread of a pass: blocks `step` at a time from the shared counter. 0, or -1
+ * when the scratch could not be allocated (then the thread does nothing; the caller raises). */
+int condu_unify(Pass *p, int64_t step) {
+    const int64_t tasks = p->num_old + p->num_new;
+    Scratch s;
+    s.stage = malloc((size_t)(tasks * p->block) * sizeof(float));
+    s.sign = malloc((size_t)p->block * sizeof(float));
+    s.magnitude = malloc((size_t)p->block * sizeof(float));
+    s.masks = malloc((size_t)(tasks * p->block));
+    const int ok = s.stage && s.sign && s.magnitude && s.masks;
+    for (;;) {
+        if (!ok) break;
+        const int64_t first = atomic_fetch_add(&p->next_block, step);
+        if (first >= p->num_blocks) break;
+        const int64_t last = first + step < p->num_blocks ? first + step : p->num_blocks;
+        for (int64_t b = first; b < last; b++) elect_block(p, b, &s);
+    }
+    free(s.stage);
+    free(s.sign);
+    free(s.magnitude);
+    free(s.masks);
+    return ok ? 0 : -1;
+}
+
+/* out += A, E, D, Z, C of u against `original` under the byte mask (0/1) `mask`, over n elements. */
+SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict mask, const float *restrict original,
+                              int64_t n, double *out) {
+    REORDER_SUMS
+    double a = 0.0, e = 0.0, d = 0.0, z = 0.0, c = 0.0;
+    for (int64_t j = 0; j < n; j++) {
+        const int on = mask[j] != 0;
+        const double uj = (double)u[j], oj = (double)original[j], diff = uj - oj, oo = oj * oj;
+        a += on ? uj * uj : 0.0;
+        e += on ? uj * diff : 0.0;
+        d += on ? diff * diff : 0.0;
+        z += on ? 0.0 : oo;
+        c += oo;
+    }
+    out[0] += a;
+    out[1] += e;
+    out[2] += d;
+    out[3] += z;
+    out[4] += c;
+}
