@@ -686,7 +686,8 @@ def speed_section(res: dict) -> list[str]:
         ["operation", "condu-fuse unify", "official-style", "speed-up", "target"], rows) + [
         "", f"Every run, in order (s): store {run_times(u['store'])}; official-style {run_times(u['official'])}. "
             "The speed-up is the ratio of the medians. Both sides are timed as the commands a user runs, "
-            "process start-up included (`import torch` for the official-style side, numpy and numba for the store)."
+            "process start-up included (`import torch` for the official-style side; numpy and the cpu kernel's "
+            f"backend, `{res.get('backend', 'numba')}`, for the store, built or compiled once before the first run)."
     ] + cpu_lines(u)
 
 
@@ -734,7 +735,7 @@ def bounds_section(res: dict) -> list[str]:
             f"- fsync'd writes (a plain copy of one checkpoint, synced): {gb(b['fsync_write_gbps'])}; a pass writes "
             "the unified delta and the triggers and starts their writeback as it goes, so the final fsync waits for "
             "the tail only;",
-            "- the kernel: `benchmarks/results/kernels.md` (numba, two threads). On two cores the reads, the "
+            "- the kernel: `benchmarks/results/kernels.md` (two threads). On two cores the reads, the "
             "kernel and the writes share the CPU: the pipeline overlaps them, it cannot add cores."]
 
 
@@ -927,17 +928,25 @@ def warm_page_cache(paths: list[str]) -> None:
                 pass
 
 
+def kernel_backend() -> str:
+    """Build (or compile) the cpu kernel's backend once, untimed, as a user's first run would; its name."""
+    done = subprocess.run([sys.executable, "-c", "from fusion.kernels.cpu import KERNEL; KERNEL.warm(); "
+                           "print(KERNEL.backend.NAME)"], capture_output=True, text=True, check=True, cwd=HERE.parent)
+    return done.stdout.strip()
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     plans = model_plan(parse_count(args.params))
     most = max(args.task_list + [args.unify_tasks, args.bf16_tasks]) + 1  # add puts one more on the largest
     print(f"base + {most} checkpoints of {parse_count(args.params) / MiB:.1f}M parameters in {work}", file=sys.stderr)
     wl = write_workload(work, plans, most, args.seed)
     warm_page_cache([wl.base, *wl.checkpoints])
+    backend = kernel_backend()
     scratch = work / "runs"
     remove_tree(scratch), scratch.mkdir()
     bench = Bench(wl, scratch, args)
     res = {"command": "python benchmarks/fusion_store.py " + " ".join(sys.argv[1:]), "config": vars(args),
-           "machine": machine_facts(), "workload": asdict(wl),
+           "machine": machine_facts(), "workload": asdict(wl), "backend": backend,
            "startup": measure_startup(work, max(args.repeats, 5))}
     unify, adds, bf16 = {}, {}, None
     for t in sweep_order(args):

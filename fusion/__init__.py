@@ -1,7 +1,7 @@
 """ConDU model fusion: one unified delta plus a bit mask and a rescaler per task.
 
 Layers, inside out: `reference` (the rules on flat numpy arrays), `kernels` (the same, fast:
-numba on CPU, Triton on CUDA), `engine` (one streaming pass over many tensors), `fuse`
+C or numba on CPU, Triton on CUDA), `engine` (one streaming pass over many tensors), `fuse`
 (in-memory state dicts of numpy arrays or torch tensors), `io` (checkpoints), `store` (the
 store on disk) and `cli`. The CPU path imports no framework. The names below are what a user
 calls; everything else stays importable from its module. They load on first use, so the

@@ -8,8 +8,8 @@ __all__ = ["RESCALER_MODES", "KERNELS", "MISSING_MODES"]
 # code's sum of per-tensor means, or one per tensor.
 RESCALER_MODES = ("model", "tensor-mean", "tensor")
 
-# Implementations of the chunk operations (fusion.kernels): the readable numpy rules, numba on
-# CPU threads, Triton on CUDA.
+# Implementations of the chunk operations (fusion.kernels): the readable numpy rules, C (or numba)
+# on CPU threads, Triton on CUDA.
 KERNELS = ("reference", "cpu", "triton")
 
 # What a fine-tune lacking a base tensor means: an error, or an unchanged tensor (a zero delta).

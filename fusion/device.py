@@ -1,4 +1,4 @@
-"""Where a pass runs: on the host (numpy, numba), or on a CUDA device through torch and Triton.
+"""Where a pass runs: on the host (numpy, the cpu kernel), or on a CUDA device through torch and Triton.
 
 A device pass is the host pass with two more steps in its pipeline (fusion.pipeline):
 

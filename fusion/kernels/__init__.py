@@ -1,7 +1,8 @@
 """Kernels: the chunk operations of ConDU behind one contract, implemented three ways.
 
 - `reference`: the readable numpy rules (fusion.reference); starts at once.
-- `cpu`: numba, fused block-chunked passes on CPU threads; proven equal to the reference.
+- `cpu`: fused block-chunked passes on CPU threads, in C (built once per machine) or, without a
+  C compiler, numba; proven equal to the reference.
 - `triton`: Triton and torch on CUDA; torch tensors in, torch tensors out on their device.
 
 Equality with the reference: masks, signs, unified values and rebuilt weights bit for bit; L1
@@ -24,13 +25,14 @@ from ..reference import ChunkResult, Originals
 __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name", "preload"]
 
 # Below this many elements of work (every task's elements of a whole pass together) the numpy
-# reference is picked over the cpu kernel. The cpu kernel's first use in a process costs the
-# import of numba and the load of its cached machine code: measured 0.7-1.0 s on the 2-core
-# development machine at a load average of 2 (import 0.3-0.4 s, elect's code 0.4-0.5 s, the
-# rest 0.06 s) and 1.2-1.6 s at a load average of 8, while the reference runs at about 40M
-# elements/s (elect) and 25M/s (continual step) there. At 4M elements the reference takes
-# 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s; the cpu kernel only pays off
-# from about 20-30M elements on, or when `preload` has hidden its start-up.
+# reference is picked over the cpu kernel, which needs neither a build nor threads. The reference
+# runs at about 40M elements/s (elect) and 25M/s (continual step) on the 2-core development
+# machine: at 4M elements it takes 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s.
+# The cpu kernel's first use in a process costs, on its native backend, the load of a built
+# library (milliseconds; its first build on a machine, about 0.7 s), and on its numba backend the
+# import of numba and the load of its cached machine code: 0.7-1.0 s at a load average of 2,
+# 1.2-1.6 s at 8. Measured there on 2 tasks of 1M elements (2M of work), whole `condu-fuse
+# unify` processes: reference 0.54 s, native 0.41-0.44 s, numba 1.20 s.
 SMALL_WORK = 4 << 20
 
 _MODULES = {"reference": "reference", "cpu": "cpu", "triton": "triton_kernels"}
@@ -75,7 +77,9 @@ def _load(name: str) -> Kernel:
     pending = _PRELOADS.get(name)
     if pending is not None and threading.current_thread().name != f"preload-{name}-kernel":
         pending.exception()  # wait; a failed preload leaves the import below to raise the error itself
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}").KERNEL
+    kernel = importlib.import_module(f"{__name__}.{_MODULES[name]}").KERNEL
+    ready = getattr(kernel, "ready", None)  # the cpu kernel finds its backend here, or raises ImportError
+    return kernel if ready is None else ready()
 
 
 def default_kernel_name(device: Any = "cpu", work: int | None = None) -> str:
@@ -89,7 +93,7 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
     """A kernel by name (`reference`, `cpu`, `triton`), or the best one for `device` and `work`.
 
     Without a name: Triton on CUDA; on CPU the reference for small work (fewer than SMALL_WORK
-    elements, or numba not installed) and the cpu kernel otherwise.
+    elements, or neither a C compiler nor numba at hand) and the cpu kernel otherwise.
     """
     if name is not None and name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
@@ -108,8 +112,9 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
 def preload(name: str = "cpu") -> Future:
     """Import and warm kernel `name` on a background thread; the Future gives the kernel.
 
-    The cpu kernel's first use costs about a second (numba's import and cached code); a caller
-    that starts this before its first reads hides that behind them. `get_kernel(name)` later
+    The cpu kernel's first use costs milliseconds (native backend) to about a second (numba's
+    import and cached code; or the native library's first build); a caller that starts this
+    before its first reads hides that behind them. `get_kernel(name)` later
     waits for the warm-up to end rather than running the kernel beside it. Preloading a kernel
     twice starts it once.
     """

@@ -112,6 +112,11 @@ class CpuKernel:
             self._backend = load_backend(self.requested)
         return self._backend
 
+    def ready(self) -> "CpuKernel":
+        """Load the backend now: ImportError when there is neither a C compiler nor numba."""
+        self.backend
+        return self
+
     @_keeps_torch_threads
     def elect(self, deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = None,
               originals: Originals | None = None) -> ChunkResult:

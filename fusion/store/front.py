@@ -55,7 +55,7 @@ DEFAULT_MODEL_SHARD_SIZE = 5 << 30  # decoupled model shards, as save_pretrained
 
 def _rebuild(name: str | None, stage: DeviceStage | None = None):
     """Decouple's rebuild: on a device torch's; else the kernel asked for, or the host's numpy one
-    (no numba to load)."""
+    (no kernel to load)."""
     if stage is not None:
         from .. import reference_torch
 

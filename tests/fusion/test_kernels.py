@@ -4,6 +4,9 @@ The elect and continual fast paths are tested in test_cpu_kernel.py and test_tri
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import hypothesis.strategies as st
 import numpy as np
@@ -48,18 +51,14 @@ def test_cuda_gets_triton_whatever_the_work():
     assert default_kernel_name("cpu", work=10) == "reference"
 
 
-def test_without_numba_the_reference_does_the_work(monkeypatch):
-    import fusion.kernels as kernels
-
-    real = kernels._load
-
-    def no_numba(name):
-        if name == "cpu":
-            raise ImportError("No module named 'numba'")
-        return real(name)
-
-    monkeypatch.setattr(kernels, "_load", no_numba)
-    assert get_kernel(work=1 << 40).name == "reference"
+def test_without_a_compiler_or_numba_the_reference_does_the_work(tmp_path):
+    """Neither backend of the cpu kernel can run: the default kernel is the reference, whatever the work."""
+    code = ("import sys; sys.modules['numba'] = None  # import numba fails\n"
+            "from fusion.kernels import get_kernel\nprint(get_kernel(work=1 << 40).name)")
+    env = {**os.environ, "CC": "condu-no-such-compiler", "CONDU_CACHE_DIR": str(tmp_path)}
+    env.pop("CONDU_CPU_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "reference"
 
 
 def test_preload_loads_and_warms_the_kernel_on_another_thread():
