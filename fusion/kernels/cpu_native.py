@@ -90,7 +90,12 @@ def _load() -> ctypes.CDLL:
     path = folder / f"cpu_native-{_build_key(compiler)}.so"
     if not path.exists():
         _build(compiler, folder, path)
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError:  # a damaged file (a full disk, a crash): built again, once
+        path.unlink(missing_ok=True)
+        _build(compiler, folder, path)
+        library = ctypes.CDLL(str(path))
     library.condu_unify.argtypes = [ctypes.POINTER(_Pass), ctypes.c_int64]
     library.condu_unify.restype = ctypes.c_int
     library.condu_fidelity_sums.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]

@@ -48,6 +48,14 @@ def test_built_once_then_loaded(tmp_path):
     assert not list((tmp_path / "kernels").glob(".build-*")), "a build left its temporary file"
 
 
+def test_a_damaged_library_is_built_again(tmp_path):
+    _probe(tmp_path)
+    [library] = _built(tmp_path)
+    (tmp_path / "kernels" / library).write_bytes(b"not a shared library")
+    assert _probe(tmp_path)[0] == "native"
+    assert _built(tmp_path) == [library] and (tmp_path / "kernels" / library).stat().st_size > 1000
+
+
 def test_without_a_compiler_the_numba_backend_runs(tmp_path):
     backend, why = _probe(tmp_path, CC="condu-no-such-compiler")
     assert backend == "numba" and "no C compiler" in why
