@@ -46,19 +46,26 @@ typedef struct {
 static inline uint32_t bits_of(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
 static inline float float_of(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
 
-/* stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i; the
- * select is a bitwise and with the bit spread to a word, so the loop has no branch. */
+/* Element j of a stored task's row: u * lam where its mask bit is set, else +0.0; the select is a
+ * bitwise and with the bit spread to a word, so the loop has no branch. */
+static inline float rebuilt(float u, float scale, uint32_t bit) {
+    return float_of(bits_of(u * scale) & (0u - bit));
+}
+
+/* stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i, a mask
+ * byte (eight elements, one vector) at a time. */
 static void rebuild_block(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
-    const int64_t bytes = (p->n + 7) / 8;
+    const int64_t bytes = (p->n + 7) / 8, full = m / 8;
     const float *restrict u = p->stored_u + lo;
     for (int64_t i = 0; i < p->num_old; i++) {
         const uint8_t *restrict bits = p->stored_packed + i * bytes + lo / 8;
         const float scale = p->lam[i];
         float *restrict row = stage + i * p->block;
-        for (int64_t j = 0; j < m; j++) {
-            const uint32_t keep = 0u - (uint32_t)((bits[j >> 3] >> (j & 7)) & 1);
-            row[j] = float_of(bits_of(u[j] * scale) & keep);
+        for (int64_t k = 0; k < full; k++) {
+            const uint32_t byte = bits[k];
+            for (int b = 0; b < 8; b++) row[8 * k + b] = rebuilt(u[8 * k + b], scale, (byte >> b) & 1u);
         }
+        for (int64_t j = 8 * full; j < m; j++) row[j] = rebuilt(u[j], scale, (bits[full] >> (j & 7)) & 1u);
     }
 }
 
@@ -146,6 +153,17 @@ static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_
 #define REORDER_SUMS
 #endif
 
+/* |u| where `on`, else +0.0: u's float32 bits and'ed with the sign cleared and `on` spread to a word
+ * (faster than a select on the widened value, and the same number). A macro: a function would not
+ * be inlined into the SUMS functions, whose options differ, and the loop would not vectorise. */
+#define MASKED_SIZE(value, on, out)                                          \
+    do {                                                                     \
+        uint32_t bits_;                                                      \
+        memcpy(&bits_, &(value), 4);                                         \
+        bits_ &= 0x7FFFFFFFu & (0u - (uint32_t)(on));                        \
+        memcpy(&(out), &bits_, 4);                                           \
+    } while (0)
+
 /* One task's block without fidelity: its mask bytes, the L1 of its delta and of u under its mask.
  * Every value is loaded and computed, then selected: a load under a condition would not vectorise. */
 SUMS static void task_sums(const float *restrict row, const float *restrict sign, const float *restrict u,
@@ -155,10 +173,11 @@ SUMS static void task_sums(const float *restrict row, const float *restrict sign
     for (int64_t j = 0; j < m; j++) {
         const float x = row[j];
         const int on = x * sign[j] > 0.0f;
-        const double size = fabs((double)u[j]);
         mask[j] = (uint8_t)on;
         delta_l1 += fabs((double)x);
-        masked_l1 += on ? size : 0.0;
+        float size;
+        MASKED_SIZE(u[j], on, size);
+        masked_l1 += (double)size;
     }
     *l1 = delta_l1;
     *masked = masked_l1;
