@@ -153,6 +153,28 @@ static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_
 #define REORDER_SUMS
 #endif
 
+/* The fidelity terms of element j (fusion.fidelity) added to the five sums a, e, d, z, c: u and o
+ * widened to float64 (their products are exact there), each term selected by `on`. A macro, as
+ * MASKED_SIZE below. */
+#define ADD_FIDELITY_TERMS(u_, o_, on_)                                    \
+    do {                                                                   \
+        const double uj_ = (double)(u_), oj_ = (double)(o_);               \
+        const double diff_ = uj_ - oj_, oo_ = oj_ * oj_;                   \
+        a += (on_) ? uj_ * uj_ : 0.0;                                      \
+        e += (on_) ? uj_ * diff_ : 0.0;                                    \
+        d += (on_) ? diff_ * diff_ : 0.0;                                  \
+        z += (on_) ? 0.0 : oo_;                                            \
+        c += oo_;                                                          \
+    } while (0)
+
+static void add_sums(double *out, double a, double e, double d, double z, double c) {
+    out[0] += a;
+    out[1] += e;
+    out[2] += d;
+    out[3] += z;
+    out[4] += c;
+}
+
 /* |u| where `on`, else +0.0: u's float32 bits and'ed with the sign cleared and `on` spread to a word
  * (faster than a select on the widened value, and the same number). A macro: a function would not
  * be inlined into the SUMS functions, whose options differ, and the loop would not vectorise. */
@@ -193,24 +215,14 @@ SUMS static void task_sums_fidelity(const float *restrict row, const float *rest
     for (int64_t j = 0; j < m; j++) {
         const float x = row[j];
         const int on = x * sign[j] > 0.0f;
-        const double uj = (double)u[j], oj = (double)(base ? original[j] - base[j] : original[j]);
-        const double diff = uj - oj, oo = oj * oj;
         mask[j] = (uint8_t)on;
         delta_l1 += fabs((double)x);
-        masked_l1 += on ? fabs(uj) : 0.0;
-        a += on ? uj * uj : 0.0;
-        e += on ? uj * diff : 0.0;
-        d += on ? diff * diff : 0.0;
-        z += on ? 0.0 : oo;
-        c += oo;
+        masked_l1 += on ? fabs((double)u[j]) : 0.0;
+        ADD_FIDELITY_TERMS(u[j], base ? original[j] - base[j] : original[j], on); /* the float32 rounding */
     }
     *l1 = delta_l1;
     *masked = masked_l1;
-    sums[0] += a;
-    sums[1] += e;
-    sums[2] += d;
-    sums[3] += z;
-    sums[4] += c;
+    add_sums(sums, a, e, d, z, c);
 }
 
 /* Byte masks (0/1) -> bits, element 8k+b at bit b of byte k: eight mask bytes as one
@@ -292,18 +304,6 @@ SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict m
                               int64_t n, double *out) {
     REORDER_SUMS
     double a = 0.0, e = 0.0, d = 0.0, z = 0.0, c = 0.0;
-    for (int64_t j = 0; j < n; j++) {
-        const int on = mask[j] != 0;
-        const double uj = (double)u[j], oj = (double)original[j], diff = uj - oj, oo = oj * oj;
-        a += on ? uj * uj : 0.0;
-        e += on ? uj * diff : 0.0;
-        d += on ? diff * diff : 0.0;
-        z += on ? 0.0 : oo;
-        c += oo;
-    }
-    out[0] += a;
-    out[1] += e;
-    out[2] += d;
-    out[3] += z;
-    out[4] += c;
+    for (int64_t j = 0; j < n; j++) ADD_FIDELITY_TERMS(u[j], original[j], mask[j] != 0);
+    add_sums(out, a, e, d, z, c);
 }

@@ -205,14 +205,8 @@ def _fidelity_terms(uj, oj, on):
             0.0 if on else o * o, o * o)
 
 
-@njit(**_SUMS)
-def _fidelity_block(u, mask, original, base, lo, m, out):
-    """out += A, E, D, Z, C of one block (fusion.fidelity); `original` minus base when one is given."""
-    a = e = d = z = c = 0.0
-    for j in range(m):
-        o = original[j] - base[lo + j] if base.shape[0] else original[j]  # the same float32 rounding
-        da, de, dd, dz, dc = _fidelity_terms(u[j], o, mask[j] != 0)
-        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
+@njit(inline="always")
+def _add_sums(out, a, e, d, z, c):
     out[0] += a
     out[1] += e
     out[2] += d
@@ -221,16 +215,34 @@ def _fidelity_block(u, mask, original, base, lo, m, out):
 
 
 @njit(**_SUMS)
+def _fidelity_block(u, mask, original, base, lo, m, out):
+    """out += A, E, D, Z, C of one block (fusion.fidelity); `original` minus base when one is given."""
+    a = e = d = z = c = 0.0
+    for j in range(m):
+        o = original[j] - base[lo + j] if base.shape[0] else original[j]  # the same float32 rounding
+        da, de, dd, dz, dc = _fidelity_terms(u[j], o, mask[j] != 0)
+        a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
+    _add_sums(out, a, e, d, z, c)
+
+
+@njit(inline="always")
+def _agreement_terms(x, sign, u):
+    """Element j of a task's block: whether x agrees strictly with sign, |x| in float64, and |u| in
+    float64 where it agrees, else 0. u arrives loaded whatever the mask: no masked loads."""
+    size = abs(np.float64(u))
+    on = x * sign > 0
+    return on, abs(np.float64(x)), size if on else 0.0
+
+
+@njit(**_SUMS)
 def _agreement(row, sign, u, m, mask):
     """One task's block: mask[j] = row[j] agrees strictly with sign[j]; returns the float64 sums
     of |row| (its delta's L1) and of |u| where it agrees (the masked L1)."""
     delta_l1 = masked_l1 = 0.0
     for j in range(m):
-        x, size = row[j], abs(np.float64(u[j]))  # loaded whatever the mask: no masked loads
-        on = x * sign[j] > 0
+        on, size, agreeing = _agreement_terms(row[j], sign[j], u[j])
         mask[j] = np.uint8(on)
-        delta_l1 += abs(np.float64(x))
-        masked_l1 += size if on else 0.0
+        delta_l1, masked_l1 = delta_l1 + size, masked_l1 + agreeing
     return delta_l1, masked_l1
 
 
@@ -240,19 +252,13 @@ def _agreement_fidelity(row, sign, u, m, mask, original, base, lo, out):
     added to out, in the same loop."""
     delta_l1 = masked_l1 = a = e = d = z = c = 0.0
     for j in range(m):
-        x, size = row[j], abs(np.float64(u[j]))
-        on = x * sign[j] > 0
+        on, size, agreeing = _agreement_terms(row[j], sign[j], u[j])
         mask[j] = np.uint8(on)
-        delta_l1 += abs(np.float64(x))
-        masked_l1 += size if on else 0.0
+        delta_l1, masked_l1 = delta_l1 + size, masked_l1 + agreeing
         o = original[j] - base[lo + j] if base.shape[0] else original[j]
         da, de, dd, dz, dc = _fidelity_terms(u[j], o, on)
         a, e, d, z, c = a + da, e + de, d + dd, z + dz, c + dc
-    out[0] += a
-    out[1] += e
-    out[2] += d
-    out[3] += z
-    out[4] += c
+    _add_sums(out, a, e, d, z, c)
     return delta_l1, masked_l1
 
 
