@@ -26,6 +26,11 @@ RESCALERS = st.sampled_from([0.0, 0.5, 1.0, 1.37, 3.0, 1e-3])
 @pytest.fixture(scope="module", autouse=True, params=["native", "numba"])
 def backend(request):
     """The backend every kernel of the module uses, the shared KERNEL included."""
+    if request.param == "native":
+        from fusion.kernels import cpu_native
+
+        if not cpu_native.available():
+            pytest.skip(f"no native backend on this machine: {cpu_native._state['error']}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CONDU_CPU_BACKEND", request.param)
         patch.setattr(KERNEL, "_backend", None)
