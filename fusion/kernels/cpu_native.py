@@ -38,7 +38,7 @@ __all__ = ["NAME", "available", "require", "unify", "fidelity_sums"]
 NAME = "native"
 _SOURCE = Path(__file__).with_name("cpu_native.c")
 # No fast-math and no contraction into fused multiply-adds: float32 values round as the reference's.
-_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fopenmp-simd")
+_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
 _NATIVE_ISA = ("-march=native",)  # dropped if the compiler refuses it
 _BUILD_SECONDS = 120
 _STEP = 4  # blocks a thread takes at a time: 16K elements, small enough to balance a busy machine
