@@ -6,14 +6,17 @@ Memory is bounded by the chunk buffers: per chunk, one row of float32 for each t
 the model's size. Reads are checked: the stored files against their block checksums, the base
 against its content checksums (recorded by the first pass, which reads the base anyway).
 New checkpoints are read on a small thread pool (preadv and the hash release the GIL) and hashed
-as they are read, so the store can tell later whether a source still holds the same content.
+as they are read, so the store can tell later whether a source still holds the same content;
+when no row needs theta0 (the kernel subtracts it), the base and the stored generation are read
+beside them, on the pass's reader thread (unify T = 8 x 64M: 1.81 s against 1.90 s, medians of
+8 interleaved processes).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,17 +163,29 @@ class _Reads:
 
     def read(self, name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
         buffers, n = self.slots[slot], hi - lo
-        base = _float32_view(self.plan.base, name, lo, hi, buffers.base[:n], copy=self.plan.device is not None)
         new = _Slot.rows(buffers.new, len(self.plan.new), n)  # (T_new, n)
         originals = _Slot.rows(buffers.originals, len(self.measured), n)  # (R, n)
         jobs = [(task.deltas, task.zero, new[j]) for j, task in enumerate(self.plan.new)]
         jobs += [(self.plan.sources[i].deltas, self.plan.sources[i].zero, originals[r]) for r, i in enumerate(self.measured)]
-        list(self.pool.map(lambda job: self._row(name, lo, hi, base, *job), jobs))  # each file on its own thread
-        return ChunkInputs(new, base if self.weights else None, self._stored(name, lo, hi, buffers),
-                           Originals(originals, self.index))
+        read_base = lambda: _float32_view(self.plan.base, name, lo, hi, buffers.base[:n],  # noqa: E731
+                                          copy=self.plan.device is not None)
+        if self.weights and not any(name in zero for _, zero, _ in jobs):  # the rows need no theta0:
+            rows = [self.pool.submit(self._row, name, lo, hi, None, *job) for job in jobs]  # read beside it
+            try:
+                base, stored = read_base(), self._stored(name, lo, hi, buffers)
+            finally:
+                wait(rows)  # no row is still being written into the slot when this returns or raises
+            for row in rows:
+                row.result()
+        else:
+            base = read_base()
+            list(self.pool.map(lambda job: self._row(name, lo, hi, base, *job), jobs))  # each file on its own thread
+            stored = self._stored(name, lo, hi, buffers)
+        return ChunkInputs(new, base if self.weights else None, stored, Originals(originals, self.index))
 
-    def _row(self, name: str, lo: int, hi: int, base: np.ndarray, source, zero: set[str], out: np.ndarray) -> None:
-        """One task's row: its weights (or delta), or theta0 (a zero delta) for a tensor it lacks."""
+    def _row(self, name: str, lo: int, hi: int, base: np.ndarray | None, source, zero: set[str], out: np.ndarray) -> None:
+        """One task's row: its weights (or delta), or theta0 (a zero delta) for a tensor it lacks;
+        `base` (theta0 on the chunk) is needed only for those two."""
         if name in zero:
             out[...] = base if self.weights else 0.0
         elif self.weights:
