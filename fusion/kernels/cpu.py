@@ -201,11 +201,12 @@ def load_backend(requested: str = "auto"):
     wanted = os.environ.get("CONDU_CPU_BACKEND", "auto") if requested == "auto" else requested
     if wanted not in BACKENDS:
         raise ValueError(f"CONDU_CPU_BACKEND={wanted!r}: use one of {', '.join(BACKENDS)}")
-    if wanted in ("auto", "native"):
+    if wanted != "numba":
         from . import cpu_native
 
-        if cpu_native.available() or wanted == "native":
-            cpu_native.require()  # names why it is not there, when it was asked for by name
+        if wanted == "native":
+            cpu_native.require()  # asked for by name: say why it is not there
+        if cpu_native.available():
             return cpu_native
     from . import cpu_numba
 

@@ -57,7 +57,7 @@ class _Pass(ctypes.Structure):
 
 _lock = threading.Lock()
 _state: dict = {}  # "library" (ctypes.CDLL) once loaded, or "error" (why not)
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # the process that made it, and the pool
+_pool: tuple[int, ThreadPoolExecutor, int] | None = None  # the process that made it, the pool, its threads
 
 
 def available() -> bool:
@@ -155,20 +155,24 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _workers() -> ThreadPoolExecutor:
-    """The pool of this process: a forked child gets its own (its parent's threads are not in it)."""
+def _workers() -> tuple[ThreadPoolExecutor, int]:
+    """The pool of this process and how many threads a pass may use (the caller's included): a
+    forked child makes its own pool (its parent's threads are not in it)."""
     global _pool
     with _lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, _threads() - 1),
-                                                     thread_name_prefix="condu-kernel"))
-        return _pool[1]
+            threads = _threads()
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(1, threads - 1),
+                                                     thread_name_prefix="condu-kernel"), threads)
+        return _pool[1], _pool[2]
 
 
-def _address(array: np.ndarray) -> int | None:
-    """Where a contiguous array's values start; None (NULL) for an empty one."""
+def _address(array: np.ndarray | None) -> int | None:
+    """Where a contiguous array's values start; None (NULL) for no array or an empty one."""
+    if array is None or not array.size:
+        return None
     assert array.flags.c_contiguous, "the native kernel reads contiguous arrays"
-    return array.ctypes.data if array.size else None
+    return array.ctypes.data
 
 
 def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index) -> None:
@@ -177,13 +181,15 @@ def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, 
     unified, packed, delta_l1, masked_l1, fidelity = out
     n = unified.shape[0]
     index = np.ascontiguousarray(index, dtype=np.int64)
-    arrays = dict(stored_u=stored_u, stored_packed=stored_packed, lam=lam, src=src, table=table if table.size > 1 else
-                  table[:0], base=base, orig=orig, index=index, f16_table=f16_table, unified=unified, packed=packed,
+    arrays = dict(stored_u=stored_u, stored_packed=stored_packed, lam=lam, src=src,
+                  table=table if table.size > 1 else None,  # a one-entry table: float32 rows, nothing to decode
+                  base=base, orig=orig, index=index, f16_table=f16_table, unified=unified, packed=packed,
                   delta_l1=delta_l1, masked_l1=masked_l1, fidelity=fidelity)
     job = _Pass(n=n, block=block, num_old=stored_packed.shape[0], num_new=src.shape[0], num_blocks=-(-n // block),
                 rounding=rounding, next_block=0, **{name: _address(a) for name, a in arrays.items()})
-    helpers = min(_threads(), -(-job.num_blocks // _STEP)) - 1
-    pending = [_workers().submit(library.condu_unify, ctypes.byref(job), _STEP) for _ in range(helpers)]
+    pool, threads = _workers()
+    helpers = min(threads, -(-job.num_blocks // _STEP)) - 1
+    pending = [pool.submit(library.condu_unify, ctypes.byref(job), _STEP) for _ in range(helpers)]
     codes = [library.condu_unify(ctypes.byref(job), _STEP)] + [p.result() for p in pending]
     if any(codes):
         raise MemoryError(f"cpu kernel: no memory for the scratch buffers of {job.num_old + job.num_new} tasks")

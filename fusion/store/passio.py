@@ -169,18 +169,17 @@ class _Reads:
         jobs += [(self.plan.sources[i].deltas, self.plan.sources[i].zero, originals[r]) for r, i in enumerate(self.measured)]
         read_base = lambda: _float32_view(self.plan.base, name, lo, hi, buffers.base[:n],  # noqa: E731
                                           copy=self.plan.device is not None)
-        if self.weights and not any(name in zero for _, zero, _ in jobs):  # the rows need no theta0:
-            rows = [self.pool.submit(self._row, name, lo, hi, None, *job) for job in jobs]  # read beside it
-            try:
-                base, stored = read_base(), self._stored(name, lo, hi, buffers)
-            finally:
-                wait(rows)  # no row is still being written into the slot when this returns or raises
-            for row in rows:
-                row.result()
-        else:
-            base = read_base()
-            list(self.pool.map(lambda job: self._row(name, lo, hi, base, *job), jobs))  # each file on its own thread
+        # theta0 first only where a row needs it (a zero delta, or a delta source); else it is read
+        # beside the rows, on this thread, with the stored generation.
+        base = read_base() if not self.weights or any(name in zero for _, zero, _ in jobs) else None
+        rows = [self.pool.submit(self._row, name, lo, hi, base, *job) for job in jobs]  # each file on its own thread
+        try:
+            base = read_base() if base is None else base
             stored = self._stored(name, lo, hi, buffers)
+        finally:
+            wait(rows)  # no row is still being written into the slot when this returns or raises
+        for row in rows:
+            row.result()
         return ChunkInputs(new, base if self.weights else None, stored, Originals(originals, self.index))
 
     def _row(self, name: str, lo: int, hi: int, base: np.ndarray | None, source, zero: set[str], out: np.ndarray) -> None:

@@ -53,6 +53,7 @@ def one_thread(backend: str):
         with pytest.MonkeyPatch.context() as patch:
             from fusion.kernels import cpu_native
 
+            patch.setattr(cpu_native, "_pool", None)  # a pool made now, for one thread
             patch.setattr(cpu_native, "_threads", lambda: 1)
             yield
 
