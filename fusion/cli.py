@@ -11,7 +11,9 @@
     condu-fuse migrate                            a version 1 store to version 2
 
 A checkpoint argument is a .safetensors file, a model folder, a PEFT adapter folder or a hub id
-(`org/name[@revision]`). Without --base, unify takes the base the checkpoints record.
+(`org/name[@revision]`). Without --base, unify takes the base the checkpoints record, and says
+which record on stderr. Warnings (a task rebuilt farther from its fine-tune than the base is)
+go to stderr too, one line each.
 
 Each command parses, makes one library call and prints. Errors print one line on stderr,
 `condu-fuse: error: ...`, and exit with status 1. The library is imported inside the commands,
@@ -61,7 +63,7 @@ def _store_option(command):
 
 
 def _quiet_option(command):
-    return click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars.")(command)
+    return click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars or notes.")(command)
 
 
 def _device_option(command):
@@ -74,6 +76,32 @@ def _pass_report(store) -> str:
     report = store.last_pass
     peak = report.get("peak_device_bytes")
     return f" on {report['device']}, peak device memory {_size(peak)}" if peak is not None else ""
+
+
+def _warn_degraded(tasks: list[dict], generation: int) -> None:
+    """One stderr line per task rebuilt farther from its fine-tune than the base is (TaskRecord.degraded)."""
+    for t in tasks:
+        if t["degraded"]:
+            fidelity = t["fidelity"]
+            at = f", measured at generation {fidelity['generation']}" if fidelity["generation"] != generation else ""
+            click.echo(f"condu-fuse: warning: task {t['number']} ({t['name']}) is rebuilt farther from its fine-tune "
+                       f"than the base is (rel_l2 {fidelity['rel_l2']:.3f}{at}); it is better served by its own "
+                       "checkpoint or a store of its own kind", err=True)
+
+
+def _inferred_base_notes(store) -> list[str]:
+    """Which record the base came from, and, for adapters fused dense, how much factor space would save."""
+    inferred, manifest = store.inferred_base, store.manifest()
+    hub = manifest.base.hub
+    commit = f" at commit {hub.commit[:12]}" if hub is not None and hub.commit else ""
+    notes = [f"base: {inferred.base}{commit} ({inferred.said_by})"]
+    estimate, dense = inferred.factor_store_bytes, store.info()["sizes"]["total"]
+    if estimate and manifest.space == "dense" and estimate < dense:
+        notes.append(f"note: every checkpoint is a LoRA adapter of one configuration; if they share an initial "
+                     f"adapter, fused in factor space they take about {_size(estimate)} instead of this dense "
+                     f"store's {_size(dense)} ({dense / estimate:.1f}x smaller): unify again with --base <their "
+                     "initial adapter folder>")
+    return notes
 
 
 def _task_option(command):
@@ -187,12 +215,13 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, q
 
     result = Store.unify(store, base, checkpoints, names=list(names) or None, rescaler=rescaler, dtype=dtype,
                          missing=missing, kernel=kernel, chunk=chunk, progress=not quiet, device=device)
-    if base is None:
-        taken = result.info()["base"]
-        click.echo(f"base: {_hub_text(taken['hub']) if taken['hub'] else taken['path']} (recorded by the checkpoints)")
+    if base is None and not quiet:
+        for note in _inferred_base_notes(result):
+            click.echo(f"condu-fuse: {note}", err=True)
     tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
     click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}"
                f"{_pass_report(result)}")
+    _warn_degraded([t.as_dict() for t in result.tasks], result.generation)
 
 
 @main.command()
@@ -210,6 +239,7 @@ def add(store, name, missing, device, quiet, checkpoint):
     record = opened.add(checkpoint, name=name, missing=missing, progress=not quiet)
     zero = f"; {len(record.zero_filled)} tensor(s) it lacks counted as unchanged" if record.zero_filled else ""
     click.echo(f"added task {record.number} ({record.name}) to {store}{zero}{_pass_report(opened)}")
+    _warn_degraded([t.as_dict() for t in opened.tasks], opened.generation)
 
 
 @main.command()
@@ -249,6 +279,7 @@ def info(store, as_json):
     """Tasks, rescalers, mask density, fidelity, sizes and savings."""
     report = _open(store).info()
     click.echo(json.dumps(report, indent=2) if as_json else format_info(report))
+    _warn_degraded(report["tasks"], report["generation"])
 
 
 @main.command()

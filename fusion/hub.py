@@ -9,6 +9,9 @@ with `huggingface_hub` into its standard cache (HF_HOME, HF_HUB_CACHE), download
 indexes, configs and tokenizer files (and a PEFT adapter's two files). `HF_HUB_OFFLINE=1` keeps
 it to the cache. Every failure is one `ValueError` line that names the argument and the fix.
 
+    base_records("ckpt_a")   [BaseRecord("org/base", "base_model", "README.md"), ...]: the bases a
+                             checkpoint folder names (model card, adapter config, config), first wins
+
 Only the standard library is imported here; `huggingface_hub` is imported when an id is
 resolved, so commands that take local paths start without it.
 """
@@ -40,6 +43,7 @@ HUB_FILES = (
     "tokenizer.model",
     "spiece.model",
     "adapter_config.json",
+    "README.md",  # the model card: its front matter names the base (base_records)
 )
 # The hub's own rule for repository names (huggingface_hub.utils.validate_repo_id), owner required.
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
@@ -144,17 +148,127 @@ def _require_weights(text: str, folder: Path) -> None:
                          "convert them to safetensors and give the local folder")
 
 
-def recorded_base(path: str | os.PathLike) -> str | None:
-    """The base a checkpoint folder names itself: `base_model_name_or_path` in an adapter's
-    adapter_config.json, else `_name_or_path` in config.json; None when it names none."""
+# Where a checkpoint folder names its base, the first record found winning: the model card's front
+# matter (the hub's and transformers'/peft's push tooling write it; transformers 5 no longer writes
+# _name_or_path), PEFT's adapter config, then transformers' config.
+BASE_RECORDS = (("README.md", "base_model"), ("adapter_config.json", "base_model_name_or_path"),
+                ("config.json", "_name_or_path"))
+_CARD_BYTES = 1 << 20  # a model card is read for its front matter up to here, no further
+_NULLS = {"", "~", "null", "Null", "NULL"}
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """A base model a checkpoint folder names, and the record that names it."""
+
+    base: str  # a hub id or a path, as written
+    key: str  # base_model, base_model_name_or_path or _name_or_path
+    file: str  # the record's file name in the folder
+
+
+def base_records(path: str | os.PathLike) -> list[BaseRecord]:
+    """Every base a checkpoint folder names, in BASE_RECORDS order (the first one wins); [] for a file."""
     folder = Path(path)
-    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("config.json", "_name_or_path")):
+    if not folder.is_dir():
+        return []
+    found = []
+    for name, key in BASE_RECORDS:
         record = folder / name
-        if folder.is_dir() and record.is_file():
-            value = _json_field(record, key)
+        if record.is_file():
+            value = card_base_model(record) if name == "README.md" else _json_field(record, key)
             if value:
-                return value
+                found.append(BaseRecord(value, key, name))
+    return found
+
+
+def recorded_base(path: str | os.PathLike) -> str | None:
+    """The base a checkpoint folder names itself (the first of BASE_RECORDS it has); None when it names none."""
+    records = base_records(path)
+    return records[0].base if records else None
+
+
+def card_base_model(path: Path) -> str | None:
+    """`base_model` in a model card's YAML front matter: a string, or a list of one string.
+
+    A small reader of that one key, bounded by _CARD_BYTES: a top-level `base_model:` whose value
+    is a plain or quoted scalar, a flow list `[id]`, or a block list of `- id` lines."""
+    lines = _front_matter(path)
+    for k, line in enumerate(lines):
+        key, colon, rest = line.partition(":")
+        if colon and key.rstrip() == "base_model" and not key[:1].isspace():
+            value = _uncommented(rest)
+            if value.startswith("["):
+                items = _flow_list(value, path)
+            else:
+                items = [_scalar(value, path)] if value else _block_list(lines[k + 1 :], path)
+            return _one_base([i for i in items if i is not None], path)
     return None
+
+
+def _front_matter(path: Path) -> list[str]:
+    """The lines between the `---` fences that open a model card; [] when it opens with none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_CARD_BYTES).decode("utf-8", errors="replace")
+    except OSError as err:
+        raise ValueError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or remove the file") from None
+    lines = head.lstrip("\ufeff").lstrip().splitlines()
+    if not lines or lines[0].rstrip() != "---":
+        return []
+    for end in range(1, len(lines)):
+        if lines[end].rstrip() == "---":
+            return lines[1:end]
+    return []  # never closed (within the bound): not front matter, as the hub reads it
+
+
+def _uncommented(text: str) -> str:
+    return re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
+
+
+def _bad_card(path: Path) -> ValueError:
+    return ValueError(f"{path}: base_model in its front matter is neither a model id nor a list of one; fix the "
+                      "model card, or pass --base")
+
+
+def _scalar(text: str, path: Path) -> str | None:
+    """A plain or quoted YAML scalar holding a model id or path; None for null."""
+    text = text.strip()
+    if text[:1] in ("'", '"'):
+        if len(text) < 2 or text[-1] != text[0] or text[0] in text[1:-1]:
+            raise _bad_card(path)
+        text = text[1:-1].strip()
+        return text or None
+    if text[:1] in ("|", ">", "&", "*", "!", "{", "[", "-", "?") or ": " in text:
+        raise _bad_card(path)  # block scalars, anchors, tags, mappings: not a model id
+    return None if text in _NULLS else text
+
+
+def _flow_list(text: str, path: Path) -> list[str | None]:
+    if not text.endswith("]") or "[" in text[1:]:
+        raise _bad_card(path)
+    return [_scalar(item, path) for item in text[1:-1].split(",") if item.strip()]
+
+
+def _block_list(lines: list[str], path: Path) -> list[str | None]:
+    """The `- id` lines under `base_model:`, up to the next top-level key."""
+    items = []
+    for line in lines:
+        text = _uncommented(line)
+        if not text:
+            continue
+        if not text.startswith("-"):
+            if line[:1].isspace():
+                raise _bad_card(path)  # a nested mapping or a continued scalar
+            break  # the next key: base_model was null or its list ended
+        items.append(_scalar(text[1:], path))
+    return items
+
+
+def _one_base(items: list[str], path: Path) -> str | None:
+    if len(items) > 1:
+        raise ValueError(f"{path}: base_model lists {len(items)} models (a merge); pass --base with the one to fuse "
+                         "against")
+    return items[0] if items else None
 
 
 def _json_field(path: Path, key: str) -> str | None:

@@ -39,7 +39,7 @@ from .export import TaskStream, check_output, default_output, model_card, write_
 from .adapters import plan_input
 from .generation import (PASS_ELEMENTS, Runner, check_unify_args, create, file_table, next_generation, no_store_yet,
                          refuse_related, replaced)
-from .inputs import infer_base, resolve_input
+from .inputs import InferredBase, infer_base, resolve_input
 from .inspect import Health, audit, info
 from .manifest import Manifest, ManifestError, TaskEntry, load_manifest, read_manifest_file
 from .plan import FusedTensor, check_missing
@@ -85,6 +85,7 @@ class Store:
         self.chunk = chunk  # None: sized by the task count
         self.device = device
         self.last_pass: dict = {}  # where the last pass ran, and the device memory it peaked at
+        self.inferred_base: InferredBase | None = None  # unify without a base: the one the checkpoints record
         self._manifest = load_manifest(self.path)
 
     @classmethod
@@ -227,10 +228,13 @@ class Store:
         """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas.
 
         `base` and the checkpoints are paths or hub ids; `base=None` takes the base the
-        checkpoints record, when they all record the same one and it resolves."""
+        checkpoints record, when they all record the same one and it resolves (the store's
+        `inferred_base` says which record). Two checkpoints of the same content are refused unless
+        `names` is given."""
         store_dir = Path(path)
         check_unify_args(store_dir, checkpoints, names, rescaler, missing, dtype)
-        base_input = resolve_input(base if base is not None else infer_base(checkpoints))
+        inferred = infer_base(checkpoints) if base is None else None
+        base_input = resolve_input(base if base is not None else inferred.base)
         inputs = [resolve_input(c) for c in checkpoints]
         created, had_lock = not store_dir.exists(), (store_dir / layout.LOCK).exists()
         runner = Runner(kernel, device)
@@ -243,14 +247,14 @@ class Store:
             remove_new_store(store_dir, created, had_lock)
             raise
         store = cls(store_dir, kernel=kernel, chunk=chunk, device=device)
-        store.last_pass = runner.report
+        store.last_pass, store.inferred_base = runner.report, inferred
         return store
 
     def add(self, checkpoint: str | os.PathLike, *, name: str | None = None, missing: str | None = None,
             progress: bool = False) -> TaskRecord:
         """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta.
-        `checkpoint` is a path or a hub id."""
-        source = resolve_input(checkpoint)
+        `checkpoint` is a path or a hub id; the content of a stored task is refused unless `name` is given."""
+        source, named = resolve_input(checkpoint), name is not None
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
             fused = [FusedTensor.of(e) for e in manifest.tensors]
@@ -265,7 +269,7 @@ class Store:
                                  name=name, number=manifest.next_number,
                                  missing=check_missing(missing or manifest.missing), source=source.source, hub=source.hub)
                 self._manifest = next_generation(tx, base, fused, list(manifest.tasks), [new],
-                                                  runner, self.chunk, progress)
+                                                  runner, self.chunk, progress, keep_copies=named)
         self.last_pass = runner.report
         return TaskRecord.of(self._manifest.tasks[-1])
 

@@ -31,7 +31,7 @@ from .sources import CheckpointDeltas
 from .transaction import Transaction
 
 __all__ = ["PASS_ELEMENTS", "Runner", "create", "next_generation", "replaced", "no_store_yet", "check_unify_args",
-           "refuse_related", "chunk_for", "file_table"]
+           "refuse_related", "chunk_for", "file_table", "same_content", "refuse_copies"]
 
 # Elements of one chunk over all tasks: a pass holds a few arrays of this many float32 values
 # (16 MiB each), whatever the task count, so its peak memory does not grow with T.
@@ -162,13 +162,14 @@ def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode:
                          rescaler=mode, missing=missing, max_shard_size=max_shard_size,
                          tensors=[t.entry() for t in fused], next_number=1, tasks=[],
                          unified=UnifiedEntry(files=[], weight_map={}), files={})
-        next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty)
+        next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty, keep_copies=names is not None)
 
 
 def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor], keep: list[TaskEntry],
                      new: list[NewTask], runner: Runner, chunk: int | None, progress: bool, *,
-                     first: Manifest | None = None) -> Manifest:
-    """Run one pass (carry `keep`, add `new`), write the new generation's files, and commit it."""
+                     first: Manifest | None = None, keep_copies: bool = False) -> Manifest:
+    """Run one pass (carry `keep`, add `new`), write the new generation's files, and commit it.
+    A new task with the content of another is refused (before the commit) unless `keep_copies`."""
     manifest = first or tx.current
     num_tasks = len(keep) + len(new)
     chunk = chunk or chunk_for(num_tasks)
@@ -184,7 +185,36 @@ def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor],
         for task in new:
             _write_task_files(tx, task, chunk)
         base_files = base.recorded() if first else None
-    return tx.commit(_manifest_after(tx, manifest, base_files, fused, keep, new, result))
+    after = _manifest_after(tx, manifest, base_files, fused, keep, new, result)
+    if not keep_copies:
+        refuse_copies(after, new)  # the pass measured the content; the transaction drops its files
+    return tx.commit(after)
+
+
+def same_content(a: TaskEntry, b: TaskEntry, files: dict[str, Digests]) -> bool:
+    """Two tasks from the same weights: the same fused bytes (the content digest of their sources),
+    the same tensors kept whole, byte for byte, and the same tensors zero-filled."""
+    return (bool(a.source.content) and a.source.content == b.source.content and a.kind == b.kind
+            and a.private_tensors == b.private_tensors and set(a.zero_filled) == set(b.zero_filled)
+            and (a.private is None or files[a.private] == files[b.private]))
+
+
+def refuse_copies(manifest: Manifest, new: list[NewTask]) -> None:
+    """One line for a new task that holds what an earlier task (stored, or new before it) holds."""
+    first = len(manifest.tasks) - len(new)
+    for i, task in enumerate(new, start=first):
+        twin = next((t for t in manifest.tasks[:i] if same_content(manifest.tasks[i], t, manifest.files)), None)
+        if twin is not None:
+            fix = ("give each checkpoint a --name to keep both" if twin.number >= manifest.tasks[first].number
+                   else "pass --name to keep a second copy")
+            raise ValueError(f"{_label(task)}: the same content as task {twin.number} ({twin.name}); {fix}")
+
+
+def _label(task: NewTask) -> str:
+    """A new task's checkpoint as the user named it: its hub id, or its path."""
+    if task.hub is None:
+        return str(task.checkpoint.path)
+    return task.hub.id + (f"@{task.hub.revision}" if task.hub.revision else "")
 
 
 def _zero_of(task: TaskEntry, fused: list[FusedTensor]) -> set[str]:

@@ -15,7 +15,11 @@ import msgspec
 from . import layout
 from .manifest import Manifest, TaskEntry
 
-__all__ = ["TaskRecord", "select_task", "default_task_name"]
+__all__ = ["TaskRecord", "DEGRADED_REL_L2", "select_task", "default_task_name"]
+
+# A task rebuilt at least this far from its fine-tune (relative L2) is no nearer to it than the base
+# is: its trigger and rescaler no longer serve it.
+DEGRADED_REL_L2 = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,18 @@ class TaskRecord:
     def rescaler_of(self, tensor: str) -> float:
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler
 
+    @property
+    def degraded(self) -> bool:
+        """Rebuilt farther from its fine-tune than the base is (rel_l2 >= 1), as last measured."""
+        rel_l2 = self.fidelity["rel_l2"]
+        return rel_l2 is not None and rel_l2 >= DEGRADED_REL_L2
+
     def as_dict(self) -> dict:
         return {"number": self.number, "name": self.name, "source": self.source,
                 "added_generation": self.added_generation, "rescaler": self.rescaler, "l1": self.l1,
                 "mask_density": self.mask_density, "fidelity": self.fidelity, "private": list(self.private),
                 "zero_filled": list(self.zero_filled), "files": list(self.files), "attachments": list(self.attachments),
-                "kind": self.kind, "hub": self.hub}
+                "kind": self.kind, "hub": self.hub, "degraded": self.degraded}
 
 
 def select_task(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEntry:

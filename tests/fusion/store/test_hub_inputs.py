@@ -117,9 +117,10 @@ def test_the_design_example_takes_the_base_the_checkpoints_record(hub, tmp_path)
     """`condu-fuse unify ckpt_a ckpt_b`: both record org/base (a hub id in the cache)."""
     for name in ("ckpt_a", "ckpt_b"):
         os.symlink(hub["ft-a" if name == "ckpt_a" else "ft-b"], tmp_path / name)
-    result = run(["unify", "ckpt_a", "ckpt_b", "-q"], tmp_path)
+    result = run(["unify", "ckpt_a", "ckpt_b"], tmp_path)
     assert result.exit_code == 0, result.output
-    assert f"base: org/base (commit {MAIN_COMMIT[:12]}) (recorded by the checkpoints)" in result.output
+    assert (f"condu-fuse: base: org/base at commit {MAIN_COMMIT[:12]} (_name_or_path in ckpt_a/config.json, agreed "
+            "by 2 checkpoints)") in result.stderr
     explicit = run(["unify", "--base", hub["base"], "--store", "explicit", "-q", "ckpt_a", "ckpt_b"], tmp_path)
     assert explicit.exit_code == 0
     assert _fused_files(tmp_path / "condu-store") == _fused_files(tmp_path / "explicit")
@@ -130,15 +131,17 @@ def test_an_adapter_records_its_base_and_a_local_path_record_works(hub, tmp_path
     adapter_config = json.loads((hub["lora-c"] / "adapter_config.json").read_text())
     (hub["lora-c"] / "adapter_config.json").write_text(json.dumps({**adapter_config,
                                                                    "base_model_name_or_path": str(hub["base"])}))
-    result = run(["unify", "--store", "s", "-q", hub["ft-b"], hub["lora-c"]], tmp_path)
-    assert result.exit_code == 0 and f"base: {hub['base']} (recorded by the checkpoints)" in result.output
+    result = run(["unify", "--store", "s", hub["ft-b"], hub["lora-c"]], tmp_path)
+    assert result.exit_code == 0 and f"base: {hub['base']} (_name_or_path in {hub['ft-b']}/config.json" in result.stderr
     assert manifest(tmp_path / "s")["base"]["hub"] is None
 
 
 @pytest.mark.parametrize("case, phrase", [
-    ("disagree", "the checkpoints record different bases (ft-a records 'org/base', base records"),
+    ("disagree", "the checkpoints record different bases: ft-a 'org/base' (_name_or_path in ft-a/config.json), "
+                 "base 'org/other' (_name_or_path in base/config.json); pass --base with"),
     ("none", "records no base model"),
-    ("unresolvable", "the checkpoints record the base 'org/gone', which does not resolve"),
+    ("unresolvable", "the checkpoints record the base 'org/gone' (_name_or_path in ft-a/config.json, agreed by 2 "
+                     "checkpoints), which does not resolve"),
 ])
 def test_without_a_usable_record_unify_asks_for_the_base(hub, tmp_path, case, phrase):
     os.symlink(hub["ft-a"], tmp_path / "ft-a")
