@@ -278,8 +278,11 @@ def remove(task, store, device, quiet):
 def info(store, as_json):
     """Tasks, rescalers, mask density, fidelity, sizes and savings."""
     report = _open(store).info()
-    click.echo(json.dumps(report, indent=2) if as_json else format_info(report))
-    _warn_degraded(report["tasks"], report["generation"])
+    if as_json:  # each task's "degraded" says it
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_info(report))
+        _warn_degraded(report["tasks"], report["generation"])
 
 
 @main.command()

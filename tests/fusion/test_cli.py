@@ -15,6 +15,7 @@ from fusion.cli import parse_size
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
 from .store.helpers import one_line_error, run
+from .store.test_surprises import far_apart
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,3 +117,44 @@ def test_real_processes_never_import_torch(tmp_path, models, kernel):
         done = _cli(args, tmp_path, blocker)
         assert done.returncode == 0, (args, done.stderr)
     assert Store.open(store).verify().ok
+
+
+# ---- no silent surprises ----------------------------------------------------------------------
+
+DEGRADED = ("condu-fuse: warning: task 2 (b) is rebuilt farther from its fine-tune than the base is (rel_l2 1.414{at}); "
+            "it is better served by its own checkpoint or a store of its own kind")
+
+
+def test_tasks_rebuilt_farther_than_the_base_warn_on_one_line_each(tmp_path):
+    paths = far_apart(tmp_path)
+    result = run(["unify", "--base", paths["base"], "--kernel", "reference", "-q", paths["a"], paths["b"]], tmp_path)
+    assert result.exit_code == 0 and result.stderr.splitlines() == [DEGRADED.format(at="")]
+    assert "unified 2 task(s)" in result.stdout and "warning" not in result.stdout
+    info = run(["info"], tmp_path)
+    assert info.exit_code == 0 and info.stderr.splitlines() == [DEGRADED.format(at="")]
+    assert [t["degraded"] for t in json.loads(run(["info", "--json"], tmp_path).stdout)["tasks"]] == [False, True]
+    paths["b"].unlink()  # b's fidelity can no longer be measured: the last measure stands, and says when
+    added = run(["add", paths["c"], "-q"], tmp_path)
+    assert added.exit_code == 0 and "added task 3 (c)" in added.stdout
+    assert added.stderr.splitlines() == [DEGRADED.format(at=", measured at generation 0")]
+
+
+def test_no_warning_when_every_task_is_nearer_than_the_base(tmp_path, models):
+    base, (a, b, c) = models
+    assert run(["unify", "--base", base, "-q", "--kernel", "reference", a, b], tmp_path).stderr == ""
+    assert run(["info"], tmp_path).stderr == ""
+
+
+def test_the_same_content_twice_is_one_line_and_changes_nothing(tmp_path, models):
+    base, (a, b, c) = models
+    assert run(["unify", "--base", base, "-q", "--kernel", "reference", a, b], tmp_path).exit_code == 0
+    before = snapshot(tmp_path / "condu-store")
+    copy = tmp_path / "b-copy.safetensors"
+    copy.write_bytes(b.read_bytes())
+    line = one_line_error(run(["add", "-q", copy], tmp_path), f"{copy}: the same content as task 2 (ckpt_b)")
+    assert line.endswith("; pass --name to keep a second copy")
+    assert snapshot(tmp_path / "condu-store") == before
+    assert run(["add", "-q", "--name", "b-again", copy], tmp_path).exit_code == 0
+    one_line_error(run(["unify", "--base", base, "--store", "t", "-q", a, c, a], tmp_path),
+                   f"{a}: the same content as task 1 (ckpt_a); give each checkpoint a --name to keep both")
+    assert not (tmp_path / "t").exists()
