@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 # What a checkpoint needs; pickled weights (.bin, .pt, .ckpt) and other frameworks' files are left out.
 HUB_FILES = (
@@ -166,25 +167,24 @@ class BaseRecord:
     file: str  # the record's file name in the folder
 
 
-def base_records(path: str | os.PathLike) -> list[BaseRecord]:
-    """Every base a checkpoint folder names, in BASE_RECORDS order (the first one wins); [] for a file."""
+def base_records(path: str | os.PathLike) -> Iterator[BaseRecord]:
+    """The bases a checkpoint folder names, in BASE_RECORDS order (the first one wins); none for a file.
+    Lazy: a record is read only when the ones before it were taken, so it alone can fail."""
     folder = Path(path)
     if not folder.is_dir():
-        return []
-    found = []
+        return
     for name, key in BASE_RECORDS:
         record = folder / name
         if record.is_file():
             value = card_base_model(record) if name == "README.md" else _json_field(record, key)
             if value:
-                found.append(BaseRecord(value, key, name))
-    return found
+                yield BaseRecord(value, key, name)
 
 
 def recorded_base(path: str | os.PathLike) -> str | None:
     """The base a checkpoint folder names itself (the first of BASE_RECORDS it has); None when it names none."""
-    records = base_records(path)
-    return records[0].base if records else None
+    first = next(base_records(path), None)
+    return first.base if first else None
 
 
 def card_base_model(path: Path) -> str | None:

@@ -89,11 +89,11 @@ def infer_base(checkpoints: Sequence[str | os.PathLike]) -> InferredBase:
     for value in checkpoints:
         text = os.fspath(value)
         resolved = resolve_checkpoint(text)
-        found = base_records(resolved.path)
-        if not found:
+        found = next(base_records(resolved.path), None)
+        if found is None:
             raise ValueError(f"{text}: records no base model ({_NONE_RECORDED}); pass --base")
-        where = f"{found[0].file} of {text}" if resolved.from_hub else os.path.join(text, found[0].file)
-        records.append(Recorded(text, found[0].base, found[0].key, where))
+        where = f"{found.file} of {text}" if resolved.from_hub else os.path.join(text, found.file)
+        records.append(Recorded(text, found.base, found.key, where))
         paths.append(resolved.path)
     inferred = InferredBase(records[0].base, tuple(records))
     if len({r.base for r in records}) > 1:

@@ -88,13 +88,16 @@ def test_the_card_comes_first_then_the_adapter_config_then_the_config(tmp_path):
     card(folder, "base_model: org/from-card\n")
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/from-adapter"}))
     (folder / "config.json").write_text(json.dumps({"_name_or_path": "org/from-config"}))
-    assert base_records(folder) == [BaseRecord("org/from-card", "base_model", "README.md"),
-                                    BaseRecord("org/from-adapter", "base_model_name_or_path", "adapter_config.json"),
-                                    BaseRecord("org/from-config", "_name_or_path", "config.json")]
+    assert list(base_records(folder)) == [
+        BaseRecord("org/from-card", "base_model", "README.md"),
+        BaseRecord("org/from-adapter", "base_model_name_or_path", "adapter_config.json"),
+        BaseRecord("org/from-config", "_name_or_path", "config.json")]
     assert recorded_base(folder) == "org/from-card"
+    (folder / "config.json").write_text("{not json")
+    assert recorded_base(folder) == "org/from-card"  # a later record is not read when an earlier one names the base
     card(folder, "license: mit\n")  # a card without base_model: the next record
     assert recorded_base(folder) == "org/from-adapter"
-    assert base_records(tmp_path / "nowhere") == [] and base_records(folder / "config.json") == []
+    assert list(base_records(tmp_path / "nowhere")) == [] and list(base_records(folder / "config.json")) == []
 
 
 # ---- unify without --base -------------------------------------------------------------------
