@@ -8,7 +8,10 @@ they are tested equal to it. Imported only when the caller's tensors are torch t
 
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ImportError as error:  # only callers holding torch tensors get here
+    raise ImportError(f"{__name__} needs torch ({error}): pip install 'condu[torch]'") from error
 
 __all__ = ["unpack_bits", "reconstruct", "rebuild", "fidelity_sums"]
 

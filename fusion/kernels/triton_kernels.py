@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-import triton
-import triton.language as tl
+try:
+    import torch
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError(f"{__name__} needs torch and triton ({error}): pip install 'condu[triton]'") from error
 
 from .. import reference_torch
 from ..dtypes import BF16, F16, F32, F64, float_dtype

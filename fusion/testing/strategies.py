@@ -13,8 +13,12 @@ dependency; the library itself never imports it).
 
 from __future__ import annotations
 
-import hypothesis.strategies as st
 import numpy as np
+
+try:
+    import hypothesis.strategies as st
+except ImportError as error:
+    raise ImportError(f"{__name__} needs hypothesis ({error}): pip install 'condu[test]'") from error
 
 from ..constants import RESCALER_MODES
 from ..dtypes import BF16, F16, F32, DType, float_dtype, from_float32
