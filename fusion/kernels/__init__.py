@@ -105,7 +105,7 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
     except ImportError as error:
         if name == "cpu":  # numba missing: the reference does the same work
             return _load("reference")
-        raise ImportError(f"the CUDA path needs triton ({error}); pip install triton, "
+        raise ImportError(f"the CUDA path needs triton ({error}); pip install 'condu[triton]', "
                           "or move the tensors to the CPU") from error
 
 

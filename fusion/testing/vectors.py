@@ -12,7 +12,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+
+try:
+    from safetensors.numpy import load_file
+except ImportError as error:
+    raise ImportError(f"{__name__} needs safetensors ({error}): pip install 'condu[test]'") from error
 
 from ..arrays import to_host
 from ..fuse import task_delta
