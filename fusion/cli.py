@@ -66,8 +66,20 @@ def _quiet_option(command):
     return click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars or notes.")(command)
 
 
+def _checked_device(ctx, param, value: str) -> str:
+    """--device checked where it is parsed, so its errors speak of the flag (the library's of `device=`)."""
+    if value != "auto":  # auto never fails, and resolving it here would import torch for nothing
+        from .device import resolve_device
+
+        try:
+            resolve_device(value, option="--device")
+        except ValueError as err:
+            _fail(str(err))
+    return value
+
+
 def _device_option(command):
-    return click.option("--device", default="auto", show_default=True,
+    return click.option("--device", default="auto", show_default=True, callback=_checked_device,
                         help="Where the pass runs: auto (CUDA when there is one), cpu, cuda or cuda:N.")(command)
 
 

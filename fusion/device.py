@@ -38,27 +38,44 @@ def _driver_present() -> bool:
     return any(os.path.exists(path) for path in _DRIVER_FILES)
 
 
-def _cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None or not _driver_present():
-        return False
+def _no_cuda_reason() -> str | None:
+    """Why there is no CUDA device here, or None when there is one."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    if not _driver_present():
+        return "no NVIDIA driver is loaded"
     import torch
 
-    return torch.cuda.is_available()
+    return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
 
 
-def resolve_device(device: str | None) -> str:
-    """`cpu`, or a CUDA device (`cuda`, `cuda:1`): `auto` (or None) picks CUDA when there is one."""
+def _cuda_available() -> bool:
+    return _no_cuda_reason() is None
+
+
+def _spelled(option: str, value: str) -> str:
+    """An option as its caller writes it: `--device cpu` on the command line, `device='cpu'` in Python."""
+    return f"{option} {value}" if option.startswith("-") else f"{option}={value!r}"
+
+
+def resolve_device(device: str | None, *, option: str = "device") -> str:
+    """`cpu`, or a CUDA device (`cuda`, `cuda:1`): `auto` (or None) picks CUDA when there is one.
+
+    Errors name the setting as the caller wrote it: `option` is the keyword (`device`, the
+    default) or the command line's flag (`--device`)."""
     text = "auto" if device is None else str(device)
     if text == "auto":
         return "cuda" if _cuda_available() else "cpu"
     if text == "cpu":
         return "cpu"
     if text == "cuda" or text.startswith("cuda:") and text[5:].isdigit():
-        if not _cuda_available():
-            raise ValueError(f"device {text!r}: no CUDA device here (torch is missing, has no CUDA, or sees no "
-                             "GPU); use --device cpu")
+        reason = _no_cuda_reason()
+        if reason is not None:
+            fix = "use" if option.startswith("-") else "pass"
+            raise ValueError(f"{_spelled(option, text)}: no CUDA device is available ({reason}); "
+                             f"{fix} {_spelled(option, 'cpu')}")
         return text
-    raise ValueError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    raise ValueError(f"{_spelled(option, text)}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
 class Pending(NamedTuple):

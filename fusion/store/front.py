@@ -25,23 +25,26 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..dtypes import DType, FLOAT_NAMES, dtype_of, parse_dtype
+from ..dtypes import DType, FLOAT_NAMES, parse_dtype
 from ..engine import DEFAULT_CHUNK
+from ..fuse import FusedDeltas
 from ..io import as_array, open_checkpoint
 from ..io.files import atomic_write_bytes
 from ..io.integrity import digest_file
 from ..device import DeviceStage, resolve_device
 from ..kernels import get_kernel
 from ..kernels.host import rebuild_into
-from ..torch_compat import from_torch, is_torch, to_torch
+from ..torch_compat import is_torch, to_torch
 from . import layout
 from .export import TaskStream, check_output, default_output, model_card, write_file, write_folder
 from .adapters import plan_input
 from .generation import (PASS_ELEMENTS, Runner, check_unify_args, create, file_table, next_generation, no_store_yet,
                          refuse_related, replaced)
-from .inputs import InferredBase, infer_base, resolve_input
+from .inputs import InferredBase, Input, infer_base, resolve_input
 from .inspect import Health, audit, info
 from .manifest import Manifest, ManifestError, TaskEntry, load_manifest, read_manifest_file
+from .memory import (check_fused_args, check_new_store, checkpoint_inputs, host_array, read_fused, refuse_memory_base,
+                     write_fused)
 from .plan import FusedTensor, check_missing
 from .records import TaskRecord, default_task_name, select_task
 from .snapshot import open_base, open_snapshot, reading
@@ -221,40 +224,51 @@ class Store:
     # -- changes -----------------------------------------------------------------------------
 
     @classmethod
-    def unify(cls, path: str | os.PathLike, base: str | os.PathLike | None, checkpoints: Sequence[str | os.PathLike],
+    def unify(cls, path: str | os.PathLike, base: str | os.PathLike | None,
+              checkpoints: Sequence[str | os.PathLike | Mapping],
               *, names: Sequence[str] | None = None, rescaler: str = "model", dtype=None, missing: str = "error",
               kernel: str | None = None, chunk: int | None = None, progress: bool = False,
               max_shard_size: int = DEFAULT_SHARD_SIZE, device: str | DeviceStage = "auto") -> "Store":
         """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas.
 
-        `base` and the checkpoints are paths or hub ids; `base=None` takes the base the
-        checkpoints record, when they all record the same one and it resolves (the store's
-        `inferred_base` says which record). Two checkpoints of the same content are refused unless
-        `names` is given."""
+        `base` and the checkpoints are paths or hub ids, and a checkpoint may be a state dict too
+        (numpy arrays or torch tensors; named `task<N>` unless `names` says; recorded as in memory,
+        fusion.store.memory). `base=None` takes the base the checkpoints record, when they all
+        record the same one and it resolves (the store's `inferred_base` says which record). Two
+        checkpoints of the same content are refused unless `names` is given."""
         store_dir = Path(path)
         check_unify_args(store_dir, checkpoints, names, rescaler, missing, dtype)
+        refuse_memory_base(base, checkpoints)
         inferred = infer_base(checkpoints) if base is None else None
         base_input = resolve_input(base if base is not None else inferred.base)
-        inputs = [resolve_input(c) for c in checkpoints]
+        numbers = range(1, len(checkpoints) + 1)
+        labels, default_names = [f"state dict {k}" for k in numbers], [f"task{k}" for k in numbers]
         created, had_lock = not store_dir.exists(), (store_dir / layout.LOCK).exists()
         runner = Runner(kernel, device)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with change(store_dir, lambda: no_store_yet(store_dir)) as tx:
-                create(tx, base_input, inputs, names, rescaler,
-                        parse_dtype(dtype) if dtype else None, missing, runner, chunk, progress, max_shard_size)
-        except BaseException:
-            remove_new_store(store_dir, created, had_lock)
-            raise
+        with checkpoint_inputs(checkpoints, labels, default_names) as inputs:
+            store_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with change(store_dir, lambda: no_store_yet(store_dir)) as tx:
+                    create(tx, base_input, inputs, names, rescaler,
+                            parse_dtype(dtype) if dtype else None, missing, runner, chunk, progress, max_shard_size)
+            except BaseException:
+                remove_new_store(store_dir, created, had_lock)
+                raise
         store = cls(store_dir, kernel=kernel, chunk=chunk, device=device)
         store.last_pass, store.inferred_base = runner.report, inferred
         return store
 
-    def add(self, checkpoint: str | os.PathLike, *, name: str | None = None, missing: str | None = None,
+    def add(self, checkpoint: str | os.PathLike | Mapping, *, name: str | None = None, missing: str | None = None,
             progress: bool = False) -> TaskRecord:
         """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta.
-        `checkpoint` is a path or a hub id; the content of a stored task is refused unless `name` is given."""
-        source, named = resolve_input(checkpoint), name is not None
+        `checkpoint` is a path, a hub id or a state dict (named `task<N>` unless `name` says); the
+        content of a stored task is refused unless `name` is given."""
+        default = f"task{self.manifest().next_number}"  # a state dict's name (a commit in between only shifts it)
+        with checkpoint_inputs([checkpoint], ["the state dict"], [default]) as (source,):
+            return self._add(source, name, missing, progress)
+
+    def _add(self, source: Input, name: str | None, missing: str | None, progress: bool) -> TaskRecord:
+        named = name is not None
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
             fused = [FusedTensor.of(e) for e in manifest.tensors]
@@ -289,6 +303,35 @@ class Store:
                 self._manifest = next_generation(tx, base, fused, keep, [], runner, self.chunk, progress)
         self.last_pass = runner.report
         return TaskRecord.of(gone)
+
+    @classmethod
+    def from_fused(cls, path: str | os.PathLike, base: str | os.PathLike, state: FusedDeltas, *,
+                   names: Sequence[str] | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE, **options) -> "Store":
+        """A new store holding an in-memory `state` (fusion.FusedDeltas) as it is, bit for bit: its
+        unified delta, masks, rescalers and private tensors; task t of the state is task t here,
+        named `names[t - 1]` (default `task<t>`). `base` is the path or hub id of the base the
+        deltas were taken from; the state must fuse what a store of it fuses (fusion.unify with
+        base=). `options` open the store (Store's keywords)."""
+        store_dir = Path(path)
+        names = check_fused_args(state, names)
+        check_new_store(store_dir)
+        refuse_memory_base(base, [])
+        base_input = resolve_input(base)
+        created, had_lock = not store_dir.exists(), (store_dir / layout.LOCK).exists()
+        store_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with change(store_dir, lambda: no_store_yet(store_dir)) as tx:
+                write_fused(tx, base_input, state, names, max_shard_size)
+        except BaseException:
+            remove_new_store(store_dir, created, had_lock)
+            raise
+        return cls(store_dir, **options)
+
+    def fused(self) -> FusedDeltas:
+        """The current generation as a fusion.FusedDeltas of numpy arrays (read whole, every block
+        checked): task t of the state is the t-th stored task, `self.tasks[t - 1]`. Its L1 tables
+        are None: the store keeps per task only their total."""
+        return read_fused(self.path)
 
     def attach(self, task: int | str, name: str, tensors: Mapping[str, np.ndarray]) -> None:
         """Keep named data with a task (the driver's class prototypes); the store does not interpret it."""
@@ -372,11 +415,7 @@ def _repair(store_dir: Path) -> str:
 # ---- arrays for the caller ------------------------------------------------------------------
 
 
-def _host_array(value) -> tuple[np.ndarray, DType]:
-    """A numpy array (or a torch tensor, brought to the host) and its dtype, for writing."""
-    if is_torch(value):
-        return from_torch(value)
-    return np.require(value, requirements="C"), dtype_of(value)  # keeps a 0-d shape
+_host_array = host_array  # a numpy array (or a torch tensor, brought to the host) and its dtype, for writing
 
 
 def _user_array(raw: np.ndarray, dtype: DType) -> np.ndarray:

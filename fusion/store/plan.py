@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..constants import MISSING_MODES
 from ..dtypes import DTYPES, DType
+from ..fuse import private_names
 from ..io import Checkpoint
 from ..io.files import model_side_files
 from . import layout
@@ -108,7 +109,8 @@ def plan_task(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, n
               missing: str, source: str) -> NewTask:
     """Sort a checkpoint's tensors into fused, private and missing; refuse what cannot be fused."""
     task = NewTask(ckpt, layout.check_task_name(name), number, source, CheckpointDeltas(ckpt), side_files=side_files(ckpt))
-    task.private = [n for n in ckpt.keys() if n not in base or ckpt.info(n).shape != base.info(n).shape]
+    shapes = {n: ckpt.info(n).shape for n in ckpt.keys()}
+    task.private = private_names(shapes, {n: base.info(n).shape for n in base.keys()})
     for t in fused:
         if t.name not in ckpt:
             if missing != "zero":

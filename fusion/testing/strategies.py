@@ -31,6 +31,8 @@ __all__ = [
     "rescaler_modes",
     "chunk_sizes",
     "lora_factors",
+    "with_private_tensors",
+    "checkpoint_sets",
     "FLOAT_DTYPES",
     "as_dtype",
 ]
@@ -144,6 +146,76 @@ def continual_schedules(
     for _ in range(draw(st.integers(0, max_reunify))):
         later.insert(draw(st.integers(0, len(later))), None)
     return sequence[:num_first], later
+
+
+# Names and shapes of tensors a fine-tune may add (a new head, a new bias): drawn per task, so two
+# tasks may share one in one shape, in two shapes, or not at all.
+_EXTRA_NAMES = ("head.weight", "extra.bias")
+_EXTRA_SHAPES = [(2,), (3,), (2, 3)]
+
+
+def _grid(rng: np.random.Generator, shape: tuple, scale: float) -> np.ndarray:
+    return (rng.integers(-8, 9, shape) * scale).astype(np.float32)  # small integers times scale
+
+
+@st.composite
+def with_private_tensors(
+    draw,
+    deltas_list: list[dict[str, np.ndarray]],
+    *,
+    max_extra: int = 2,
+    dtype: DType | str = F32,
+    scale: float = 2.0**-6,
+) -> list[dict[str, np.ndarray]]:
+    """The deltas, each with up to `max_extra` tensors of its own (names of _EXTRA_NAMES, shapes drawn
+    per task): what the in-memory API keeps private unless every delta has it in one shape."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    out = []
+    for delta in deltas_list:
+        names = draw(st.lists(st.sampled_from(_EXTRA_NAMES), max_size=max_extra, unique=True))
+        extra = {name: as_dtype(_grid(rng, draw(st.sampled_from(_EXTRA_SHAPES)), scale), dtype) for name in names}
+        out.append({**delta, **extra})
+    return out
+
+
+@st.composite
+def checkpoint_sets(
+    draw,
+    *,
+    num_tasks: st.SearchStrategy[int] | int = st.integers(1, 4),
+    num_tensors: st.SearchStrategy[int] | int = st.integers(1, 3),
+    max_numel: int = 30,
+    private: bool = True,
+    dtype: DType | str = F32,
+    zero_fraction: float = 0.3,
+    scale: float = 2.0**-6,
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """`(base, finetunes)`: a base state dict (float tensors and an int64 `position_ids` buffer) and
+    T fine-tunes of it, every value a small integer times `scale`, so deltas are exact.
+
+    With `private`, a fine-tune may also carry what a store keeps private to it: tensors the base
+    lacks (drawn per task, so some share a name and a shape) and, when the base has two tensors
+    or more, its first tensor in another shape (then counted as unchanged there).
+    """
+    t = _draw(draw, num_tasks)
+    shapes = draw(state_dicts(num_tasks=1, num_tensors=num_tensors, max_numel=max_numel))[0]
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    base = {name: as_dtype(_grid(rng, a.shape, scale), dtype) for name, a in shapes.items()}
+    tables = {name: draw(deltas(num_tasks=t, length=a.size, zero_fraction=zero_fraction, scale=scale))
+              for name, a in base.items()}  # (T, n) float32
+    finetunes = [{name: as_dtype(a.astype(np.float32) + tables[name][i].reshape(a.shape), dtype)
+                  for name, a in base.items()} for i in range(t)]
+    base["position_ids"] = np.arange(4, dtype=np.int64)
+    for ft in finetunes:
+        ft["position_ids"] = base["position_ids"].copy()
+    if not private:
+        return base, finetunes
+    finetunes = draw(with_private_tensors(finetunes, dtype=dtype, scale=scale))
+    first = next(iter(shapes))
+    for ft in finetunes:
+        if len(shapes) > 1 and draw(st.booleans()):
+            ft[first] = as_dtype(_grid(rng, (base[first].size + 1,), scale), dtype)  # another shape
+    return base, finetunes
 
 
 def rescaler_modes() -> st.SearchStrategy[str]:

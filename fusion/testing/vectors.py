@@ -66,13 +66,13 @@ def expected_delta(mode: str, step: str, task: int) -> dict[str, np.ndarray]:
 def assert_rebuilds_match(state, mode: str, step: str) -> None:
     """Every task's rebuilt delta and the rescalers of `state` (a FusedDeltas of numpy arrays or
     torch tensors) equal the vectors'."""
-    for i in range(state.num_tasks):
-        expected = expected_delta(mode, step, i + 1)
-        rebuilt = {name: to_host(t) for name, t in state.decouple(i).items()}
-        assert set(rebuilt) == set(expected), f"task {i + 1}: tensors {sorted(rebuilt)} != {sorted(expected)}"
+    for task in range(1, state.num_tasks + 1):
+        expected = expected_delta(mode, step, task)
+        rebuilt = {name: to_host(t) for name, t in state.decouple(task).items()}
+        assert set(rebuilt) == set(expected), f"task {task}: tensors {sorted(rebuilt)} != {sorted(expected)}"
         for name, tensor in expected.items():
-            assert rebuilt[name].dtype == np.float32 and rebuilt[name].shape == tensor.shape, f"task {i + 1} {name}"
-            np.testing.assert_allclose(rebuilt[name], tensor, rtol=1e-6, atol=1e-7, err_msg=f"task {i + 1} {name}")
+            assert rebuilt[name].dtype == np.float32 and rebuilt[name].shape == tensor.shape, f"task {task} {name}"
+            np.testing.assert_allclose(rebuilt[name], tensor, rtol=1e-6, atol=1e-7, err_msg=f"task {task} {name}")
     np.testing.assert_allclose(to_host(state.rescalers), expected_rescalers(mode, step, state.names), rtol=1e-6,
                                atol=1e-9)
 

@@ -187,14 +187,14 @@ def test_dispatch_gives_this_kernel():
 def test_unify_and_add_through_the_engine(deltas_list, chunk):
     """The whole pass (chunks that do not divide the tensors, rescalers, decouple) matches the reference."""
     for mode in ("model", "tensor"):
-        ref = add(unify(deltas_list[:-1], mode=mode, kernel="reference", chunk=chunk), deltas_list[-1],
+        ref = add(unify(deltas_list[:-1], rescaler=mode, kernel="reference", chunk=chunk), deltas_list[-1],
                   kernel="reference", chunk=chunk)
-        cpu = add(unify(deltas_list[:-1], mode=mode, kernel="cpu", chunk=chunk), deltas_list[-1],
+        cpu = add(unify(deltas_list[:-1], rescaler=mode, kernel="cpu", chunk=chunk), deltas_list[-1],
                   kernel="cpu", chunk=chunk)
         for name in ref.names:
             assert np.array_equal(cpu.unified[name].view(np.int32), ref.unified[name].view(np.int32))
             assert np.array_equal(cpu.masks[name], ref.masks[name])
-            for task in range(ref.num_tasks):
+            for task in range(1, ref.num_tasks + 1):
                 assert np.array_equal(cpu.decouple(task)[name].view(np.int32), ref.decouple(task)[name].view(np.int32))
         np.testing.assert_allclose(cpu.rescalers, ref.rescalers, rtol=1e-12, atol=0)
 

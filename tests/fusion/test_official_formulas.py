@@ -52,18 +52,18 @@ def _assert_matches(state, unified, masks, rescalers):
     for name in state.names:
         assert np.array_equal(state.unified[name].reshape(unified[name].shape), unified[name]), name
         for i in range(state.num_tasks):
-            assert np.array_equal(state.mask(i, name), masks[i][name]), f"task {i} {name}"
+            assert np.array_equal(state.mask(i + 1, name), masks[i][name]), f"task {i + 1} {name}"
     np.testing.assert_allclose(state.rescalers[:, 0], np.array(rescalers), rtol=1e-12, atol=0)
     assert (state.rescalers == state.rescalers[:, :1]).all()  # one scalar per task
     for i in range(state.num_tasks):
         expected = official_decouple(unified, masks[i], rescalers[i])
-        for name, tensor in state.decouple(i).items():
+        for name, tensor in state.decouple(i + 1).items():
             np.testing.assert_allclose(tensor, expected[name].astype(np.float32), rtol=1e-6, atol=0)
 
 
 @given(state_dicts(num_tasks=st.integers(1, 5), max_numel=40))
 def test_tensor_mean_one_shot_matches_official_formulas(deltas):
-    _assert_matches(unify(deltas, mode="tensor-mean", kernel="reference"), *official_unify(deltas))
+    _assert_matches(unify(deltas, rescaler="tensor-mean", kernel="reference"), *official_unify(deltas))
 
 
 @given(state_dicts(num_tasks=st.integers(2, 5), max_numel=40))
@@ -73,7 +73,7 @@ def test_tensor_mean_continual_step_matches_official_formulas(deltas):
     earlier, new = deltas[:-1], deltas[-1]
     unified, masks, rescalers = official_unify(earlier)
     rebuilt = [official_decouple(unified, masks[i], rescalers[i]) for i in range(len(earlier))]
-    state = add(unify(earlier, mode="tensor-mean", kernel="reference"), new, kernel="reference")
+    state = add(unify(earlier, rescaler="tensor-mean", kernel="reference"), new, kernel="reference")
     _assert_matches(state, *official_unify(rebuilt + [new]))
 
 
@@ -86,12 +86,12 @@ def test_official_tie_rule_on_a_hand_case():
     assert masks[0]["w"].tolist() == [[False, True], [False, True]]
     assert masks[1]["w"].tolist() == [[True, True], [False, True]]
     assert rescalers == pytest.approx([6 / 4, 4 / 6])
-    _assert_matches(unify(deltas, mode="tensor-mean", kernel="reference"), unified, masks, rescalers)
+    _assert_matches(unify(deltas, rescaler="tensor-mean", kernel="reference"), unified, masks, rescalers)
 
 
 def test_zero_denominator_is_zero_not_nan():
     """Where a task keeps nothing, the official division is 0/0 or x/0; the library's rule is 0."""
     deltas = [{"w": np.array(v, dtype=np.float32)} for v in ([-1.0, 0.0], [2.0, 0.0], [0.0, 0.0])]
-    state = unify(deltas, mode="tensor-mean", kernel="reference")
+    state = unify(deltas, rescaler="tensor-mean", kernel="reference")
     assert state.rescalers[:, 0].tolist() == [0.0, 1.0, 0.0]
     assert official_unify(deltas)[2] == [0.0, 1.0, 0.0]

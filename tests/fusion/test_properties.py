@@ -29,7 +29,7 @@ KERNEL = "reference"
 
 def _run(first, later, mode):
     """Yield the state after unify(first) and after each later step (a new delta or a re-unify)."""
-    state = unify(first, mode=mode, kernel=KERNEL)
+    state = unify(first, rescaler=mode, kernel=KERNEL)
     yield state
     for delta in later:
         state = add(state, () if delta is None else delta, kernel=KERNEL)
@@ -54,13 +54,13 @@ def _flat(delta) -> np.ndarray:
 
 
 def _rebuilt(state) -> np.ndarray:
-    return np.stack([_flat(state.decouple(i)) for i in range(state.num_tasks)])  # (T, N)
+    return np.stack([_flat(state.decouple(i + 1)) for i in range(state.num_tasks)])  # (T, N)
 
 
 def _position_weights(state) -> np.ndarray:
     """Per-position weights of the norm a mode preserves: 1, or 1/n_k for `tensor-mean`."""
     sizes = [_numel(s) for s in state.shapes.values()]
-    if state.mode == "tensor-mean":
+    if state.rescaler == "tensor-mean":
         return np.concatenate([np.full(n, 1.0 / n) for n in sizes])
     return np.ones(sum(sizes))
 
@@ -68,7 +68,7 @@ def _position_weights(state) -> np.ndarray:
 def _groups(state) -> list[slice]:
     """Position ranges that share one rescaler: the whole model, or each tensor in `tensor` mode."""
     sizes = [_numel(s) for s in state.shapes.values()]
-    if state.mode != "tensor":
+    if state.rescaler != "tensor":
         return [slice(0, sum(sizes))]
     ends = np.cumsum(sizes).tolist()
     return [slice(end - size, end) for end, size in zip(ends, sizes)]
@@ -136,7 +136,7 @@ def test_lemma_f2_model_rescalers_keep_each_task_l1(schedule):
     for step, state in enumerate(_run(first, later, "model")):
         alive += [True] * (state.num_tasks - len(alive))
         for i in range(state.num_tasks):
-            alive[i] = _check_l1(_l1(_flat(state.decouple(i))), float(state.masked_l1[i].sum()),
+            alive[i] = _check_l1(_l1(_flat(state.decouple(i + 1))), float(state.masked_l1[i].sum()),
                                  float(state.rescalers[i, 0]), alive[i], originals[i], f"step {step} task {i}")
     event(f"tasks outvoted entirely: {alive.count(False)}")
 
@@ -149,7 +149,7 @@ def test_lemma_f2_tensor_rescalers_keep_each_tensor_l1(schedule):
     for step, state in enumerate(_run(first, later, "tensor")):
         alive += [dict.fromkeys(state.names, True) for _ in range(state.num_tasks - len(alive))]
         for i in range(state.num_tasks):
-            rebuilt = state.decouple(i)
+            rebuilt = state.decouple(i + 1)
             for k, name in enumerate(state.names):
                 alive[i][name] = _check_l1(_l1(rebuilt[name]), float(state.masked_l1[i, k]), float(state.rescalers[i, k]),
                                            alive[i][name], originals[i][name], f"step {step} task {i} {name}")
@@ -165,7 +165,7 @@ def test_tensor_mean_rescalers_keep_the_sum_of_mean_abs(schedule):
         alive += [True] * (state.num_tasks - len(alive))
         numels = np.array([_numel(s) for s in state.shapes.values()], dtype=np.float64)
         for i in range(state.num_tasks):
-            mean_abs = sum(_l1(t) / t.size for t in state.decouple(i).values())
+            mean_abs = sum(_l1(t) / t.size for t in state.decouple(i + 1).values())
             alive[i] = _check_l1(mean_abs, float((state.masked_l1[i] / numels).sum()), float(state.rescalers[i, 0]),
                                  alive[i], originals[i], f"step {step} task {i}")
 
@@ -189,7 +189,7 @@ REUNIFY_STEPS = 4
 
 
 def _reunified(deltas, mode, steps=REUNIFY_STEPS):
-    states = [unify(deltas, mode=mode, kernel=KERNEL)]
+    states = [unify(deltas, rescaler=mode, kernel=KERNEL)]
     for _ in range(steps):
         states.append(add(states[-1], (), kernel=KERNEL))
     return states
@@ -197,7 +197,7 @@ def _reunified(deltas, mode, steps=REUNIFY_STEPS):
 
 def _dominant_rows(state, group_index: int) -> np.ndarray:
     """Tasks whose rescaler in the group rounds to exactly 1.0 in float32."""
-    column = state.rescalers[:, group_index if state.mode == "tensor" else 0]
+    column = state.rescalers[:, group_index if state.rescaler == "tensor" else 0]
     return column.astype(np.float32) == 1.0  # (T,) bool
 
 
@@ -309,7 +309,7 @@ def test_theorem_f3_no_finite_fixed_point_in_general():
         if k:
             assert state.unified["w"][1] < states[k - 1].unified["w"][1], f"S_{k} is a fixed point"
         exact = 2 * exact / (10 + exact)
-    np.testing.assert_allclose(states[-1].decouple(1)["w"], [2.0, 0.0], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(states[-1].decouple(2)["w"], [2.0, 0.0], rtol=1e-6, atol=1e-12)
 
 
 def test_theorem_f3_geometric_approach_when_shared_mass_is_small():
@@ -320,7 +320,7 @@ def test_theorem_f3_geometric_approach_when_shared_mass_is_small():
     for before, after in zip(errors[:5], errors[1:6]):
         assert after == pytest.approx(before * 2 / 11, rel=0.05)
     assert errors[-1] < 1e-6
-    np.testing.assert_allclose(states[-1].decouple(1)["w"], [2.0, 9.0], rtol=1.3e-6, atol=1e-5)
+    np.testing.assert_allclose(states[-1].decouple(2)["w"], [2.0, 9.0], rtol=1.3e-6, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,9 +334,9 @@ def test_single_task_rebuilds_exactly(deltas, mode, dtype):
     """T = 1: u is the delta itself (rounded to the store dtype, exact for inputs of that dtype)
     and the rescaler is exactly 1, so the task is rebuilt bit for bit, also after re-unifying."""
     delta = {name: as_dtype(t, dtype) for name, t in deltas[0].items()}
-    state = unify([delta], mode=mode, kernel=KERNEL, dtypes=dict.fromkeys(delta, dtype))
+    state = unify([delta], rescaler=mode, kernel=KERNEL, dtypes=dict.fromkeys(delta, dtype))
     for current in (state, add(state, (), kernel=KERNEL)):
-        rebuilt = current.decouple(0)
+        rebuilt = current.decouple(1)
         for name, tensor in delta.items():
             assert rebuilt[name].dtype == np.float32
             assert np.array_equal(rebuilt[name], as_float32(tensor)), name
@@ -360,7 +360,7 @@ def test_all_zero_deltas_rebuild_zeros_without_nan(shapes, mode):
 def test_an_all_zero_task_is_inert(deltas, mode):
     """Adding a zero task changes no sum and no mask: the others' state is as without it."""
     zero = {name: np.zeros_like(t) for name, t in deltas[0].items()}
-    with_zero, without = unify(deltas + [zero], mode=mode, kernel=KERNEL), unify(deltas, mode=mode, kernel=KERNEL)
+    with_zero, without = unify(deltas + [zero], rescaler=mode, kernel=KERNEL), unify(deltas, rescaler=mode, kernel=KERNEL)
     assert np.array_equal(_unified(with_zero), _unified(without))
     assert np.array_equal(_masks(with_zero)[:-1], _masks(without)) and not _masks(with_zero)[-1].any()
     assert np.array_equal(with_zero.rescalers[:-1], without.rescalers) and (with_zero.rescalers[-1] == 0).all()
@@ -371,7 +371,7 @@ def test_exact_sign_ties_elect_minus_one(deltas, mode):
     """delta and -delta cancel everywhere: every sum is exactly 0, so -1 wins and only the
     negative entries are kept, at full magnitude."""
     delta = _flat(deltas[0])
-    state = unify([deltas[0], {n: -t for n, t in deltas[0].items()}], mode=mode, kernel=KERNEL)
+    state = unify([deltas[0], {n: -t for n, t in deltas[0].items()}], rescaler=mode, kernel=KERNEL)
     assert np.array_equal(_unified(state), -np.abs(delta))
     masks = _masks(state)
     assert np.array_equal(masks[0], delta < 0) and np.array_equal(masks[1], delta > 0)
@@ -397,8 +397,8 @@ def test_permuting_tasks_permutes_masks_and_rescalers(deltas, rnd, mode):
     holds exactly, so every order gives the same bits. L1 sums are per task, so also exact."""
     order = list(range(len(deltas)))
     rnd.shuffle(order)
-    state = unify(deltas, mode=mode, kernel=KERNEL)
-    permuted = unify([deltas[i] for i in order], mode=mode, kernel=KERNEL)
+    state = unify(deltas, rescaler=mode, kernel=KERNEL)
+    permuted = unify([deltas[i] for i in order], rescaler=mode, kernel=KERNEL)
     assert np.array_equal(_unified(permuted), _unified(state))
     for name in state.names:
         assert np.array_equal(permuted.masks[name], state.masks[name][order])

@@ -291,7 +291,7 @@ def _assert_rebuilds(state, expected, *, rtol: float) -> None:
     """Rescalers (host tables, torch tensors) and every rebuilt delta (on the device), to `rtol`."""
     assert isinstance(state.rescalers, torch.Tensor)
     np.testing.assert_allclose(host(state.rescalers), expected.rescalers, rtol=rtol, atol=0)
-    for task in range(expected.num_tasks):
+    for task in range(1, expected.num_tasks + 1):
         rebuilt = state.decouple(task)
         for name, values in expected.decouple(task).items():
             assert rebuilt[name].device.type == DEVICE.type and rebuilt[name].shape == values.shape
@@ -309,12 +309,12 @@ def test_in_memory_api_on_the_triton_path_equals_the_numpy_results(deltas_list, 
     rescalers, so its unified delta and masks are bit-identical too; its own L1 sums run over
     rebuilt values off the grid, so its rescalers agree to the float32 partials' bound."""
     tensors = [{name: torch.from_numpy(t).to(DEVICE) for name, t in d.items()} for d in deltas_list]
-    expected = unify(deltas_list[:-1], mode=mode, kernel="cpu", chunk=16)
-    state = unify(tensors[:-1], mode=mode, kernel="triton", chunk=16)
+    expected = unify(deltas_list[:-1], rescaler=mode, kernel="cpu", chunk=16)
+    state = unify(tensors[:-1], rescaler=mode, kernel="triton", chunk=16)
     _assert_same_unified_and_masks(state, expected)
     _assert_rebuilds(state, expected, rtol=0)
     if expected.num_tasks > 1:
-        _assert_same_unified_and_masks(remove(state, 0, kernel="triton"), remove(expected, 0, kernel="cpu"))
+        _assert_same_unified_and_masks(remove(state, 1, kernel="triton"), remove(expected, 1, kernel="cpu"))
     expected, state = add(expected, deltas_list[-1], kernel="cpu"), add(state, tensors[-1], kernel="triton")
     _assert_same_unified_and_masks(state, expected)
     _assert_rebuilds(state, expected, rtol=4 * L1_RTOL)
@@ -328,7 +328,7 @@ def _vector_tensors() -> list[dict[str, torch.Tensor]]:
 @requires_vectors()
 @pytest.mark.parametrize("mode", MODES)
 def test_conformance_oneshot(mode):
-    state = unify(_vector_tensors()[:3], mode=mode, kernel="triton", chunk=40)
+    state = unify(_vector_tensors()[:3], rescaler=mode, kernel="triton", chunk=40)
     assert_unified_matches(state, mode)
     assert_rebuilds_match(state, mode, "oneshot123")
 
@@ -337,7 +337,7 @@ def test_conformance_oneshot(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_conformance_continual_step(mode):
     deltas_ = _vector_tensors()
-    state = add(unify(deltas_[:3], mode=mode, kernel="triton"), deltas_[3], kernel="triton", chunk=24)
+    state = add(unify(deltas_[:3], rescaler=mode, kernel="triton"), deltas_[3], kernel="triton", chunk=24)
     assert_rebuilds_match(state, mode, "add4")
 
 

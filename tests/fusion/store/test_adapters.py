@@ -93,7 +93,7 @@ def test_factor_space_round_trip_through_the_cli(gpt2, tmp_path):
     assert (out / "adapter_config.json").read_bytes() == (f2 / "adapter_config.json").read_bytes()
     rebuilt, start = lm.factors(out), lm.factors(init)
     assert rebuilt.keys() == start.keys()
-    expected = state.decouple(1)
+    expected = state.decouple(2)  # f2
     for name, value in rebuilt.items():
         np.testing.assert_allclose(value, start[name] + expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
     assert all(np.array_equal(rebuilt[n], v) for n, v in store.load_task("f2").items())
@@ -178,7 +178,7 @@ def test_dense_round_trip_mixing_adapters_and_a_full_finetune(gpt2, tmp_path):
     out = tmp_path / "d2-model"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["n_embd"] == 16
-    expected = fusion.apply_delta(lm.model_weights(base), state.decouple(2))
+    expected = fusion.apply_delta(lm.model_weights(base), state.decouple(3))  # d2
     loaded = GPT2Model.from_pretrained(str(out)).state_dict()
     for name, value in lm.model_weights(out).items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)

@@ -9,9 +9,10 @@ from safetensors.numpy import load_file
 
 from fusion import Store, reference
 from fusion.device import DeviceStage, resolve_device
+from fusion.testing.checkpoints import snapshot
 from fusion.testing.triton import kernel_module
 
-from .helpers import manifest, models, stored_unified
+from .helpers import manifest, models, one_line_error, run, stored_unified
 
 
 def _host(x):
@@ -83,10 +84,30 @@ def test_devices_resolve_without_a_gpu():
     assert resolve_device("auto") in ("cpu", "cuda")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == "cpu"
-        with pytest.raises(ValueError, match="no CUDA device here"):
+        with pytest.raises(ValueError, match=r"^device='cuda': no CUDA device is available \(.+\); pass device='cpu'$"):
             resolve_device("cuda")
-    with pytest.raises(ValueError, match="unknown device"):
+        flag = r"^--device cuda:1: no CUDA device is available \(.+\); use --device cpu$"
+        with pytest.raises(ValueError, match=flag):
+            resolve_device("cuda:1", option="--device")
+    with pytest.raises(ValueError, match=r"^device='tpu': unknown device; use auto, cpu, cuda or cuda:N$"):
         resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the errors of a machine without CUDA")
+def test_device_errors_name_the_setting_as_the_caller_wrote_it(tmp_path):
+    """Python callers are told about `device=`, the command line about `--device`; nothing changes."""
+    base_path, paths, _, _ = models(tmp_path, 3)
+    store = Store.unify(tmp_path / "s", base_path, paths[:2], chunk=24)
+    before = snapshot(store.path)
+    python = r"^device='cuda': no CUDA device is available \(.+\); pass device='cpu'$"
+    with pytest.raises(ValueError, match=python):
+        store.load_task(1, device="cuda")
+    with pytest.raises(ValueError, match=python):
+        Store.open(store.path, device="cuda").add(paths[2])
+    line = one_line_error(run(["add", "--store", "s", "--device", "cuda", paths[2]], tmp_path),
+                          "--device cuda: no CUDA device is available")
+    assert line.endswith("; use --device cpu") and "device='" not in line
+    assert snapshot(store.path) == before
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])

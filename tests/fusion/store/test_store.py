@@ -41,13 +41,13 @@ def test_store_equals_in_memory_unify_add_remove(tmp_path, mode):
     base_path, paths, base, fts = models(tmp_path, 4)
     deltas = [fusion.task_delta(base, ft) for ft in fts]
     store = Store.unify(tmp_path / "s", base_path, paths[:3], rescaler=mode, **OPTS)
-    state = fusion.unify(deltas[:3], mode=mode, kernel="reference")
+    state = fusion.unify(deltas[:3], rescaler=mode, kernel="reference")
     assert_matches_state(store, state)
     store.add(paths[3])
     state = fusion.add(state, deltas[3], kernel="reference")
     assert_matches_state(store, state)
     store.remove(2)
-    state = fusion.remove(state, 1, kernel="reference")
+    state = fusion.remove(state, 2, kernel="reference")
     assert_matches_state(store, state)
     assert [(t.number, t.name) for t in store.tasks] == [(1, "task1"), (3, "task3"), (4, "task4")]
     assert store.verify().ok
