@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts: timing medians, result files, peak memory of a child run.
 
 Every benchmark writes `benchmarks/results/<name>.json` (the numbers) and `<name>.md` (a table a
-person reads), and records the machine and its load so noisy figures can be judged.
+person reads), and records the machine and its load so noisy figures can be judged. A `--quick`
+run writes only to the folder it is given: its tiny figures never replace the results of record.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,8 +22,19 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: children run `-m benchmarks.<name>` from it
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+TINY_CONFIG = ROOT / "benchmarks" / "configs" / "mini_mtil_tiny.yaml"  # the continual run of the quick modes
 GIB = 1 << 30
+
+
+def results_folder(parser: argparse.ArgumentParser, given: str | os.PathLike | None, *, quick: bool,
+                   option: str = "--results-dir") -> Path:
+    """The folder a run writes to: the one given, else benchmarks/results; a quick run must be given one."""
+    if given is None and quick:
+        parser.error(f"--quick writes only to a folder you name: add {option} FOLDER "
+                     "(benchmarks/results keeps the figures of record)")
+    return Path(given) if given is not None else RESULTS_DIR
 
 
 def time_repeats(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[float]:
@@ -121,10 +134,11 @@ def self_peak_rss_bytes() -> int:
 
 
 def run_child_measuring_rss(argv: Sequence[str], *, poll_s: float = 0.005, timeout_s: float = 1800) -> dict[str, Any]:
-    """Run `python argv...` in a child; return the last JSON line it prints, plus the peak RSS that
-    psutil saw while polling it (`polled_peak_rss_bytes`). The child should report its own exact
-    peak (`self_peak_rss_bytes`) in its JSON: polling can miss a short spike."""
-    child = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    """Run `python argv...` in a child, from the repository root (so `-m benchmarks.<name>` resolves);
+    return the last JSON line it prints, plus the peak RSS that psutil saw while polling it
+    (`polled_peak_rss_bytes`). The child should report its own exact peak (`self_peak_rss_bytes`)
+    in its JSON: polling can miss a short spike."""
+    child = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     peak = 0
     done = threading.Event()
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Storage of LoRA adapters in a ConDU store, in both modes, against keeping every task's own files.
 
-    python benchmarks/adapter_storage.py            # GPT-2 shape: 6 layers of width 384, rank 16; T = 2, 4, 8
-    python benchmarks/adapter_storage.py --quick    # a tiny model, T = 2, 3 (the smoke test)
+    python -m benchmarks.adapter_storage            # GPT-2 shape: 6 layers of width 384, rank 16; T = 2, 4, 8
+    python -m benchmarks.adapter_storage --quick --results-dir /tmp/adapter_storage   # a tiny model, T = 2, 3
 
 Factor space: the base is the adapters' shared initialisation, and the store is set against the
 T adapter files. Dense: the base is the model, and the store is set against T merged models (what
@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # _common, next to this file
-sys.path.insert(0, str(HERE.parent))  # the fusion package, when run from a checkout
-
-from _common import RESULTS_DIR, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, results_folder, write_results
 
 MiB = 1 << 20
 NAME = "adapter_storage"
@@ -132,11 +127,13 @@ def _markdown(result: dict, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adapter_storage", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and T = 2, 3")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--results-dir", default=None, help="results folder (default benchmarks/results; "
+                        "required with --quick)")
     parser.add_argument("--workdir", default=None, help="where the models are made (default: a temporary folder)")
     args = parser.parse_args(argv)
+    results_dir = results_folder(parser, args.results_dir, quick=args.quick)
     shape = (dict(layers=2, width=32, vocab=128, rank=4, counts=[2, 3]) if args.quick
              else dict(layers=6, width=384, vocab=8192, rank=16, counts=[2, 4, 8]))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="adapter-storage-"))
@@ -144,9 +141,9 @@ def main(argv=None) -> None:
         result = measure(work, **shape)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = "python benchmarks/adapter_storage.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.adapter_storage" + (" --quick" if args.quick else "")
     result["machine"] = machine_info()
-    for path in write_results(NAME, result, _markdown(result, command), out_dir=args.results_dir):
+    for path in write_results(NAME, result, _markdown(result, command), out_dir=results_dir):
         print(path)
 
 

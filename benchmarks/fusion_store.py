@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Figures of the ConDU store: speed, peak memory, storage and decouple, next to the official way.
 
-    python benchmarks/fusion_store.py                  # 64M parameters a checkpoint, T = 2, 4, 8, 16
-    python benchmarks/fusion_store.py --quick          # 1M parameters, T = 2, 4 (the smoke test)
+    python -m benchmarks.fusion_store                  # 64M parameters a checkpoint, T = 2, 4, 8, 16
+    python -m benchmarks.fusion_store --quick --results-dir /tmp/fusion_store   # 64K parameters, T = 2, 4
 
 The workload is made here: a base and T fine-tuned fp32 checkpoints in transformer-like tensors,
 written as safetensors tensor by tensor. The peer is `official_baseline.py` (whole state dicts,
-bool masks, torch.save), measured in the same run.
+bool masks, torch.save; run as `python -m benchmarks.official_baseline`), measured in the same run.
 
 - unify and add, on both sides, run as the commands a user runs (`condu-fuse ...`, and the peer's
   script), each a fresh process: times include start-up; peak memory is the process's own
@@ -39,9 +38,7 @@ from pathlib import Path
 import psutil
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # official_baseline, next to this file
-sys.path.insert(0, str(HERE.parent))  # the fusion package, when run from a checkout
+from benchmarks._common import ROOT, results_folder
 
 MiB, GiB = 1 << 20, 1 << 30
 RESULT_NAME = "fusion_store"
@@ -278,7 +275,7 @@ def op_compare(store_dir, official_dir, base, scratch) -> dict:
     """Same rules, same answer: the store's unified delta vs the official one, and task 1 rebuilt."""
     from safetensors.torch import load_file
     from fusion import Store
-    import official_baseline as ob
+    from benchmarks import official_baseline as ob
     unified_files = sorted(Path(store_dir).glob("unified*.safetensors"))
     stored = {k: v for f in unified_files for k, v in load_file(str(f)).items()}
     unified, masks, rescalers = ob.load_state(official_dir)
@@ -385,10 +382,10 @@ LAUNCHER = ("import resource, subprocess, sys, time; start = time.perf_counter()
 def run_process(command: list[str]) -> dict:
     """One command as a fresh process, start-up included: wall seconds, its peak RSS (ru_maxrss, through
     a small launcher), and the peak of its anonymous memory sampled from outside."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's Python caches bytecode: start-up is measured that way
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
     launcher, peak_anon = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -415,7 +412,7 @@ def store_command(*args: str) -> list[str]:
 
 
 def official_command(*args: str) -> list[str]:
-    return [sys.executable, str(HERE / "official_baseline.py"), *args]
+    return [sys.executable, "-m", "benchmarks.official_baseline", *args]
 
 
 # ---------------------------------------------------------------- the figures
@@ -857,12 +854,12 @@ def write_results(res: dict, out_dir: Path) -> None:
 
 FULL = {"params": "64M", "tasks": "2,4,8,16", "unify_tasks": 8, "bf16_tasks": 8, "repeats": 3}
 # Tiny tensors on one thread: hand-offs between threads would cost more than the work.
-QUICK = {"params": "1M", "tasks": "2,4", "unify_tasks": 4, "bf16_tasks": 2, "repeats": 1, "threads": 1}
+QUICK = {"params": "64K", "tasks": "2,4", "unify_tasks": 4, "bf16_tasks": 2, "repeats": 1, "threads": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params", help="parameters a checkpoint, e.g. 64M (binary multiples; default 64M, quick 1M)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fusion_store", description=__doc__.splitlines()[0])
+    p.add_argument("--params", help="parameters a checkpoint, e.g. 64M (binary multiples; default 64M, quick 64K)")
     p.add_argument("--tasks", help="T values of the memory and storage sweep (default 2,4,8,16; quick 2,4)")
     p.add_argument("--unify-tasks", type=int, help="T of the unify speed comparison (default 8; quick 4)")
     p.add_argument("--bf16-tasks", type=int, help="T of the bf16 store size, 0 to skip (default 8; quick 2)")
@@ -873,13 +870,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--official-budget-min", type=float, default=None,
                    help="stop starting official-style runs after this many minutes (default: no limit)")
     p.add_argument("--workdir", default=None, help="where checkpoints and stores go (default: a tmp dir, removed)")
-    p.add_argument("--results-dir", default=str(HERE / "results"))
+    p.add_argument("--results-dir", default=None, help="results folder (default benchmarks/results; required "
+                   "with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads in every measured process "
                    "(default: torch's own choice)")
-    p.add_argument("--quick", action="store_true", help="1M parameters, T = 2, 4, one run each, one thread")
+    p.add_argument("--quick", action="store_true", help="64K parameters, T = 2, 4, one run each, one thread "
+                   "(with --results-dir)")
     p.add_argument("--from-json", help="measure nothing: write the md and png again from a saved json")
     args = p.parse_args(argv)
+    args.results_dir = str(results_folder(p, args.results_dir, quick=args.quick))
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -931,7 +931,7 @@ def warm_page_cache(paths: list[str]) -> None:
 def kernel_backend() -> str:
     """Build (or compile) the cpu kernel's backend once, untimed, as a user's first run would; its name."""
     done = subprocess.run([sys.executable, "-c", "from fusion.kernels.cpu import KERNEL; KERNEL.warm(); "
-                           "print(KERNEL.backend.NAME)"], capture_output=True, text=True, check=True, cwd=HERE.parent)
+                           "print(KERNEL.backend.NAME)"], capture_output=True, text=True, check=True, cwd=ROOT)
     return done.stdout.strip()
 
 
@@ -945,7 +945,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     scratch = work / "runs"
     remove_tree(scratch), scratch.mkdir()
     bench = Bench(wl, scratch, args)
-    res = {"command": "python benchmarks/fusion_store.py " + " ".join(sys.argv[1:]), "config": vars(args),
+    res = {"command": "python -m benchmarks.fusion_store " + " ".join(sys.argv[1:]), "config": vars(args),
            "machine": machine_facts(), "workload": asdict(wl), "backend": backend,
            "startup": measure_startup(work, max(args.repeats, 5))}
     unify, adds, bf16 = {}, {}, None
@@ -991,7 +991,7 @@ def notes(res: dict, args: argparse.Namespace) -> list[str]:
 
 def preload_libraries() -> None:
     """Import once here, so every forked process starts from the same floor, without import time."""
-    import official_baseline  # noqa: F401
+    import benchmarks.official_baseline  # noqa: F401
     import safetensors.torch  # noqa: F401
     try:
         import fusion  # noqa: F401

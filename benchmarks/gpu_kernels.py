@@ -3,11 +3,11 @@
 On a CUDA machine (H100/H200, a CUDA build of torch, triton and the project's other
 dependencies; under 3 minutes, Triton compilation included), from the repository root:
 
-    python benchmarks/gpu_kernels.py --out benchmarks/results
+    python -m benchmarks.gpu_kernels --out benchmarks/results
 
 Without a GPU (the Triton interpreter on CPU, tiny sizes, under a minute):
 
-    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --quick --out /tmp/gpu_kernels
+    TRITON_INTERPRET=1 python -m benchmarks.gpu_kernels --quick --out /tmp/gpu_kernels
 
 1. Checks: both kernels against fusion.reference (numpy, on host copies of the inputs) for a few
    shapes, task counts and dtypes: masks and unified values bit for bit, L1 sums to the bound of
@@ -41,17 +41,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fusion import reference  # noqa: E402
-from fusion.kernels import triton_kernels  # noqa: E402
-from fusion.kernels.triton_kernels import KERNEL, TritonKernel  # noqa: E402
+from benchmarks._common import results_folder
+from fusion import reference
+from fusion.kernels import triton_kernels
+from fusion.kernels.triton_kernels import KERNEL, TritonKernel
 
 M = 1 << 20
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (T_old, T_new, n, delta dtype, unified dtype) of the checks; T_old = None checks elect on T_new rows.
@@ -352,13 +350,16 @@ def store_row(numel: int, tasks: int, *, repeats: int, devices=("cuda", "cpu")) 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for gpu_kernels.json and .md")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", "--results-dir", default=None,
+                        help="folder for gpu_kernels.json and .md (default benchmarks/results; required with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the Triton interpreter on CPU")
     parser.add_argument("--numel", type=int, default=None, help="elements per task (default 64M, 4096 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per op (default 10, 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=2)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = str(results_folder(parser, args.out, quick=args.quick, option="--out"))
+    return args
 
 
 def main(argv=None) -> int:
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
     numel = args.numel or (4096 if args.quick else 64 * M)
     repeats = args.repeats or (2 if args.quick else 10)
     warmup = 1 if args.quick else args.warmup
-    data = {"command": " ".join(["python", "benchmarks/gpu_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
+    data = {"command": " ".join(["python -m benchmarks.gpu_kernels", *(argv if argv is not None else sys.argv[1:])]),
             "device": device_info(device), "machine": machine_info(), "default_block": KERNEL.block,
             "default_num_warps": KERNEL.num_warps, "repeats": repeats, "warmup": warmup,
             "checks": [], "throughput": [], "sweep": []}

@@ -1,7 +1,7 @@
 """Throughput of the CPU kernel against the naive whole-tensor code and a copy roofline.
 
-    python benchmarks/kernels.py                 # 64M-element fp32 deltas, T = 2, 8, 16 (minutes)
-    python benchmarks/kernels.py --quick         # a small run, seconds
+    python -m benchmarks.kernels                 # 64M-element fp32 deltas, T = 2, 8, 16 (minutes)
+    python -m benchmarks.kernels --quick --out /tmp/kernels   # a small run, seconds
 
 Measured side by side in one run, per task count T:
 - `cpu` elect and continual step (fusion.kernels.cpu), whole (T, n) numpy arrays in one call, on
@@ -15,7 +15,7 @@ Throughput is GB/s of delta input: T * n * 4 bytes (for the continual step, T - 
 rebuilt from u, their packed masks and rescalers, so it reads fewer bytes than that).
 Also measured: peak RSS of a whole `fusion.fuse_pass` with the cpu kernel at two sizes, each in its
 own process, inputs made chunk by chunk, to show peak memory does not grow with n.
-Writes benchmarks/results/kernels.{json,md,png}.
+Writes kernels.{json,md,png} to --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -27,26 +27,24 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     GIB,
-    RESULTS_DIR,
     machine_info,
     markdown_table,
     current_rss_bytes,
     reset_peak_rss,
     run_child_measuring_rss,
+    results_folder,
     self_peak_rss_bytes,
     summarize,
     time_repeats,
     write_results,
 )
-from fusion.engine import DEFAULT_CHUNK, ChunkInputs, StoredChunk, TensorSpec, fuse_pass  # noqa: E402
-from fusion.kernels.cpu import KERNEL, CpuKernel  # noqa: E402
+from fusion.engine import DEFAULT_CHUNK, ChunkInputs, StoredChunk, TensorSpec, fuse_pass
+from fusion.kernels.cpu import KERNEL, CpuKernel
 
 NUMBA = CpuKernel(backend="numba")  # the backend of machines without a C compiler, measured beside
 
@@ -199,8 +197,7 @@ def child_fuse_pass(numel: int, num_tasks: int, mode: str) -> None:
 
 
 def measure_rss(sizes: list[int], num_tasks: int) -> list[dict]:
-    script = str(Path(__file__).resolve())
-    return [run_child_measuring_rss([script, "--child-fuse-pass", str(n), str(num_tasks), mode])
+    return [run_child_measuring_rss(["-m", "benchmarks.kernels", "--child-fuse-pass", str(n), str(num_tasks), mode])
             for mode in ("unify", "add") for n in sizes]
 
 
@@ -337,7 +334,7 @@ def noise_note(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=64 * M, help="elements per task (default 64M)")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 16], help="task counts (default 2 8 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the cpu kernel and the copy")
@@ -348,12 +345,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rss-numel", type=int, nargs=2, default=[16 * M, 64 * M], help="two sizes for peak RSS")
     parser.add_argument("--rss-tasks", type=int, default=8)
     parser.add_argument("--skip-rss", action="store_true", help="leave out the peak-RSS child runs")
-    parser.add_argument("--quick", action="store_true", help="a small run: 1M elements, T = 2 and 4, 2 repeats")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="a small run: 1M elements, T = 2 and 4, 2 repeats "
+                        "(with --out)")
+    parser.add_argument("--out", "--results-dir", default=None,
+                        help="results folder (default benchmarks/results; required with --quick)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite kernels.md and kernels.png from the kernels.json in --out, measuring nothing")
     parser.add_argument("--child-fuse-pass", nargs=3, metavar=("NUMEL", "TASKS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = str(results_folder(parser, args.out, quick=args.quick, option="--out"))
     if args.child_fuse_pass:
         numel, tasks, mode = args.child_fuse_pass
         child_fuse_pass(int(numel), int(tasks), mode)
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numba
 
     info = machine_info()
-    command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     KERNEL.warm(), NUMBA.warm()  # build, compile or load the machine code once
     records = []
     for num_tasks in args.tasks:

@@ -1,7 +1,8 @@
 """mini-MTIL: run the built-in continual-learning benchmark end to end and record its results.
 
-    python benchmarks/mini_mtil.py                       # the full config (cl_driver/configs/mini_mtil.yaml)
-    python benchmarks/mini_mtil.py --config mini_mtil_quick --name mini_mtil_quick
+    python -m benchmarks.mini_mtil                       # the full config (cl_driver/configs/mini_mtil.yaml)
+    python -m benchmarks.mini_mtil --config mini_mtil_quick --name mini_mtil_quick
+    python -m benchmarks.mini_mtil --quick --results-dir /tmp/mini_mtil   # benchmarks/configs/mini_mtil_tiny.yaml
 
 It runs `condu-cl run CONFIG --out RUN` in child processes (the path a user takes): by default
 two side by side, one per group of methods that share no checkpoints, merged afterwards. It times
@@ -12,6 +13,7 @@ their wall clock and CPU, then writes to benchmarks/results/:
                                  the store size against T separate models, and the timings
     NAME-heatmap-METHOD.png      the accuracy matrix of every method
 The run folder keeps checkpoints and stores; a run interrupted midway resumes where it stopped.
+`--quick` runs the tiny config (two tasks, a few steps) in a temporary run folder, removed after.
 """
 from __future__ import annotations
 
@@ -23,13 +25,12 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cl_driver.results import fidelity_table  # noqa: E402  (after the path: runs from a checkout)
+from benchmarks._common import ROOT, TINY_CONFIG, results_folder
+from cl_driver.results import fidelity_table
 
 CONTINUAL_BASELINES = ("sequential", "task_arithmetic", "magmax")
 
@@ -290,8 +291,9 @@ right after the task's own step and after the last step.
 
 
 def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: dict, *,
-            notes: str | None = None) -> dict:
-    """Read the run's results.json, check the claims and write NAME.json, NAME.md and the heat maps."""
+            notes: str | None = None, command: str | None = None) -> dict:
+    """Read the run's results.json, check the claims and write NAME.json, NAME.md and the heat maps;
+    `command` is the command line recorded (default: the one that runs `config` as `name`)."""
     from cl_driver.config import load_config
 
     results = json.loads((run_dir / "results.json").read_text())
@@ -306,7 +308,7 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
     cfg = load_config(config)
     record = {
         "name": name, "config": os.path.relpath(cfg.path, ROOT), "model": os.path.relpath(cfg.model, ROOT),
-        "command": f"python benchmarks/mini_mtil.py --config {config} --name {name}",
+        "command": command or f"python -m benchmarks.mini_mtil --config {config} --name {name}",
         "driver_commands": [c.replace(str(ROOT) + os.sep, "") for c in timing.get("commands", [])],
         "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), Python {platform.python_version()}",
         "timing": timing, "claims": check_claims(results), "heatmaps": heatmaps, "results": results,
@@ -319,11 +321,15 @@ def collect(config: str, run_dir: Path, results_dir: Path, name: str, timing: di
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="mini_mtil", help="a YAML path or a shipped config name")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mini_mtil", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="a YAML path or a shipped config name (default mini_mtil; "
+                   "quick: benchmarks/configs/mini_mtil_tiny.yaml)")
     p.add_argument("--name", default="mini_mtil", help="file stem of the results")
-    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/NAME)")
-    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="run folder (default: runs/NAME; quick: a temporary folder, removed after)")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="results folder (default benchmarks/results; required with --quick)")
+    p.add_argument("--quick", action="store_true", help="the tiny config: two tasks, a few steps (with --results-dir)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the run (1 is fastest on a busy CPU)")
     p.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to include")
     p.add_argument("--collect-only", action="store_true", help="rewrite the results of a finished run")
@@ -333,13 +339,22 @@ def main(argv=None) -> dict:
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="run the two method groups that share no checkpoints side by side (2 cores)")
     args = p.parse_args(argv)
+    args.results_dir = results_folder(p, args.results_dir, quick=args.quick)
+    args.config = args.config or (str(TINY_CONFIG) if args.quick else "mini_mtil")
+    if args.quick and args.run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="mini-mtil-quick-") as scratch:
+            return run_benchmark(args, Path(scratch), argv)
+    return run_benchmark(args, args.run_dir or ROOT / "runs" / args.name, argv)
+
+
+def run_benchmark(args: argparse.Namespace, run_dir: Path, argv=None) -> dict:
+    """Run (or collect, or render) the benchmark of the parsed command line in `run_dir`."""
     from cl_driver.config import load_config
 
     if args.render_only:
         record = json.loads((args.results_dir / f"{args.name}.json").read_text())
         (args.results_dir / f"{args.name}.md").write_text(markdown(record, args.results_dir))
         return record
-    run_dir = args.run_dir or ROOT / "runs" / args.name
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     saved = args.results_dir / f"{args.name}.json"
     if args.collect_only and saved.exists():
@@ -348,7 +363,11 @@ def main(argv=None) -> dict:
         timing, dirs = run_driver(args.config, run_dir, threads=args.threads, methods=methods, parallel=args.parallel)
         combine_runs(dirs, run_dir, [m.name for m in load_config(args.config).methods])
     notes = args.notes.read_text() if args.notes and args.notes.exists() else None
-    record = collect(args.config, run_dir, args.results_dir, args.name, timing, notes=notes)
+    # A quick run records its own command line: its config is a path, not a shipped name.
+    command = None
+    if args.quick:
+        command = " ".join(["python -m benchmarks.mini_mtil", *(sys.argv[1:] if argv is None else argv)])
+    record = collect(args.config, run_dir, args.results_dir, args.name, timing, notes=notes, command=command)
     print(summary_table(record["results"]) + "\n" + claims_table(record["claims"]))
     return record
 

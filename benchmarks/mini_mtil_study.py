@@ -1,11 +1,12 @@
 """When does ConDU keep zero-shot skill? A study on mini-MTIL across model size, fine-tuning
 strength and aggregation, with the `gated` aggregate beside the official rule.
 
-    python benchmarks/mini_mtil_study.py                  # every run not yet done, then the report
-    python benchmarks/mini_mtil_study.py --only grid      # a slice: grid | seed | order | cli
-    python benchmarks/mini_mtil_study.py --runs M-lr1e-04,S-lr1e-04   # named runs
-    python benchmarks/mini_mtil_study.py --list           # the plan, with what is done
-    python benchmarks/mini_mtil_study.py --report-only    # rewrite the results from the run folders
+    python -m benchmarks.mini_mtil_study                  # every run not yet done, then the report
+    python -m benchmarks.mini_mtil_study --only grid      # a slice: grid | seed | order | cli
+    python -m benchmarks.mini_mtil_study --runs M-lr1e-04,S-lr1e-04   # named runs
+    python -m benchmarks.mini_mtil_study --list           # the plan, with what is done
+    python -m benchmarks.mini_mtil_study --report-only    # rewrite the results from the run folders
+    python -m benchmarks.mini_mtil_study --quick --results-dir /tmp/study   # one tiny run, then its report
 
 Each run is the continual loop of `cl_driver/configs/mini_mtil.yaml` (10 tasks, 200 test images
 each) with zero-shot, the individual experts and ConDU (`model` rescaler) on one mini CLIP, one
@@ -16,6 +17,8 @@ top 4 experts and combined under every aggregation of the study (`StudyRun`): me
 with K = 1, 2, 4 (top-1 and top-2 are the first slots of top-4) and gated with K = 4. The `cli`
 slice runs `condu-cl run ... --aggregate gated` itself on the full config and on the held-out
 order. Results: benchmarks/results/mini_mtil_study.{json,md} and three plots.
+`--quick` runs the plan's smallest model on benchmarks/configs/mini_mtil_tiny.yaml (two tasks, a
+few steps) in a temporary folder, through the same child process, collection and report.
 """
 from __future__ import annotations
 
@@ -26,18 +29,16 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cl_driver.loop import ContinualRun  # noqa: E402  (after the path: runs from a checkout)
+from benchmarks._common import RESULTS_DIR, ROOT, TINY_CONFIG, results_folder
+from cl_driver.loop import ContinualRun
 
 NAME = "mini_mtil_study"
 RUNS_DIR = ROOT / "runs" / "study"
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 BASE_CONFIG = ROOT / "cl_driver" / "configs" / "mini_mtil.yaml"
 ORDER2_CONFIG = ROOT / "benchmarks" / "configs" / "mini_mtil_order2.yaml"
 DESIGN_RECORD = RESULTS_DIR / f"{NAME}_design.json"  # the gated rule's first design, kept as it measured
@@ -82,6 +83,11 @@ def plan() -> list[RunSpec]:
     return grid + [RunSpec("M", 1e-4, 200, seed=1, slice="seed"), RunSpec("M", 1e-4, 200, order="II", slice="order")]
 
 
+def quick_plan() -> list[RunSpec]:
+    """The quick mode's one run: the smallest model, a few steps (on the tiny config's two tasks)."""
+    return [RunSpec("S", 1e-4, 4)]
+
+
 @dataclass(frozen=True)
 class CliRun:
     """`condu-cl run CONFIG --aggregate gated` on a config shipped with the project."""
@@ -112,9 +118,10 @@ def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def run_config(spec: RunSpec) -> dict:
-    """The full mini-MTIL config with this run's model, strength, seed, task order and methods."""
-    raw = read_yaml(BASE_CONFIG)
+def run_config(spec: RunSpec, *, quick: bool = False) -> dict:
+    """The full mini-MTIL config (quick: the tiny one) with this run's model, strength, seed, task order
+    and methods."""
+    raw = read_yaml(TINY_CONFIG if quick else BASE_CONFIG)
     raw["model"] = WIDTHS[spec.width]
     raw["training"].update(lr=spec.lr, iterations=spec.iterations, warmup_steps=spec.iterations // 10, seed=spec.seed)
     raw["evaluation"].update(top_k=max(k for _, k in AGGREGATIONS), aggregate="mean")
@@ -186,18 +193,18 @@ def slot_weights(selection, values, aggregate: str, k: int, thresholds):
     return passes(selection, values, thresholds).to(values.dtype) * first_k  # gated
 
 
-def child(run_id: str) -> None:
-    """Run (or resume) one run of the plan in this process; writes its results.json."""
+def child(run_id: str, *, runs_dir: Path | None = None, quick: bool = False) -> None:
+    """Run (or resume) one run of the plan (quick: of the quick plan) in this process; writes its results.json."""
     import torch
     import yaml
 
     from cl_driver.config import parse_config
 
     torch.set_num_threads(1)
-    spec = {s.id: s for s in plan()}[run_id]
-    out = RUNS_DIR / spec.id
+    spec = {s.id: s for s in (quick_plan() if quick else plan())}[run_id]
+    out = (runs_dir or RUNS_DIR) / spec.id
     out.mkdir(parents=True, exist_ok=True)
-    raw = run_config(spec)
+    raw = run_config(spec, quick=quick)
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     config = parse_config(raw, where=str(out / "config.yaml"), base_dir=BASE_CONFIG.parent)
     StudyRun(config, out, progress=False).run()
@@ -205,8 +212,8 @@ def child(run_id: str) -> None:
 
 # --- running many runs, two at a time -----------------------------------------------------------
 
-def results_path(run_id: str) -> Path:
-    return RUNS_DIR / run_id / "results.json"
+def results_path(run_id: str, runs_dir: Path | None = None) -> Path:
+    return (runs_dir or RUNS_DIR) / run_id / "results.json"
 
 
 def run_children(jobs: list[tuple[str, list[str]]], parallel: int, timings: dict) -> None:
@@ -229,12 +236,17 @@ def run_children(jobs: list[tuple[str, list[str]]], parallel: int, timings: dict
         print(f"done {run_id}: {timings[run_id]['cpu_s'] / 60:.1f} CPU-min", flush=True)
 
 
-def pending_jobs(specs: list[RunSpec], cli: list[CliRun]) -> list[tuple[str, list[str]]]:
-    """The runs without results yet, the largest model first (the longest job starts first)."""
+def pending_jobs(specs: list[RunSpec], cli: list[CliRun], *, runs_dir: Path | None = None,
+                 quick: bool = False) -> list[tuple[str, list[str]]]:
+    """The runs without results yet, the largest model first (the longest job starts first); each
+    child is this module again, run from the repository root."""
+    runs_dir = runs_dir or RUNS_DIR
     order = {w: i for i, w in enumerate(reversed(list(WIDTHS)))}
-    todo = sorted((s for s in specs if not results_path(s.id).exists()), key=lambda s: (order[s.width], -s.iterations))
-    jobs = [(s.id, [sys.executable, str(Path(__file__).resolve()), "--child", s.id]) for s in todo]
-    return jobs + [(c.id, c.command(RUNS_DIR / c.id)) for c in cli if not results_path(c.id).exists()]
+    todo = sorted((s for s in specs if not results_path(s.id, runs_dir).exists()),
+                  key=lambda s: (order[s.width], -s.iterations))
+    child_args = ["--runs-dir", str(runs_dir)] + (["--quick"] if quick else [])
+    jobs = [(s.id, [sys.executable, "-m", f"benchmarks.{NAME}", "--child", s.id, *child_args]) for s in todo]
+    return jobs + [(c.id, c.command(runs_dir / c.id)) for c in cli if not results_path(c.id, runs_dir).exists()]
 
 
 # --- collecting ----------------------------------------------------------------------------------
@@ -292,19 +304,26 @@ def spec_fields(spec: RunSpec, params: dict) -> dict:
             "iterations": spec.iterations, "order": spec.order, "seed": spec.seed, "slice": spec.slice}
 
 
-def collect(timings: dict) -> dict:
-    """Everything finished under runs/study into one record (runs without results are left out)."""
+def collect(timings: dict, *, runs_dir: Path | None = None, results_dir: Path = RESULTS_DIR,
+            quick: bool = False) -> dict:
+    """Everything finished under runs/study (quick: the quick plan's runs under runs_dir) into one
+    record (runs without results are left out); earlier timings come from results_dir's record."""
+    runs_dir = runs_dir or RUNS_DIR
     models = model_records()
-    old = json.loads((RESULTS_DIR / f"{NAME}.json").read_text()) if (RESULTS_DIR / f"{NAME}.json").exists() else {}
+    saved = results_dir / f"{NAME}.json"
+    old = json.loads(saved.read_text()) if saved.exists() else {}
     runs, rows, fidelity = {}, [], []
-    entries = [(s.id, spec_fields(s, models), f"python benchmarks/{NAME}.py --runs {s.id}") for s in plan()]
-    entries += [(c.id, spec_fields(RunSpec("M", 1e-4, 200, order=c.order, slice="cli"), models),
-                 "condu-cl " + " ".join(c.command(RUNS_DIR / c.id)[3:]))
-                for c in CLI_RUNS]
+    if quick:
+        entries = [(s.id, spec_fields(s, models), f"python -m benchmarks.{NAME} --quick") for s in quick_plan()]
+    else:
+        entries = [(s.id, spec_fields(s, models), f"python -m benchmarks.{NAME} --runs {s.id}") for s in plan()]
+        entries += [(c.id, spec_fields(RunSpec("M", 1e-4, 200, order=c.order, slice="cli"), models),
+                     "condu-cl " + " ".join(c.command(runs_dir / c.id)[3:]))
+                    for c in CLI_RUNS]
     for run_id, fields, command in entries:
-        if not results_path(run_id).exists():
+        if not results_path(run_id, runs_dir).exists():
             continue
-        results = json.loads(results_path(run_id).read_text())
+        results = json.loads(results_path(run_id, runs_dir).read_text())
         spec = {"id": run_id, "fields": fields}
         timing = timings.get(run_id) or old.get("runs", {}).get(run_id, {}).get("timing")
         runs[run_id] = {**fields, "command": command, "timing": timing, "tasks": results["tasks"],
@@ -313,7 +332,7 @@ def collect(timings: dict) -> dict:
                         "fidelity": results["fidelity"], "seconds": results["seconds"]}
         rows += summary_rows(spec, results)
         fidelity += fidelity_rows(spec, results)
-    record = {"name": NAME, "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), "
+    record = {"name": NAME, "quick": quick, "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), "
                                       f"Python {platform.python_version()}",
               "plan": {"widths": WIDTHS, "strengths": {f"{lr:.0e}": it for lr, it in STRENGTHS.items()},
                        "aggregations": AGGREGATIONS, "official": OFFICIAL, "seeds": "training and data seed 0 "
@@ -621,7 +640,12 @@ def not_run_text(record: dict) -> str:
     if not missing:
         return "Every run of the plan is here."
     return (f"Planned but not run ({len(missing)} of {len(missing) + len(record['runs'])}): {', '.join(missing)}. "
-            f"`python benchmarks/{NAME}.py` runs them (each resumes where it stopped) and rewrites this page.")
+            f"`python -m benchmarks.{NAME}` runs them (each resumes where it stopped) and rewrites this page.")
+
+
+QUICK_NOTE = ("**A quick run** (`--quick`): the smallest model on benchmarks/configs/mini_mtil_tiny.yaml, two "
+              "tasks and a few steps. It checks the code path; its figures measure nothing, and the text below "
+              "describes the full study.\n\n")
 
 
 def markdown(record: dict, notes: str) -> str:
@@ -633,8 +657,8 @@ def markdown(record: dict, notes: str) -> str:
            "parameters." if trend["zero_gap_parameters"] else "; the line does not rise toward zero.") + "\n")
     return f"""# When does ConDU keep zero-shot skill? mini-MTIL across size, strength and aggregation
 
-Every number here is read from `{NAME}.json`, which `benchmarks/{NAME}.py` wrote from the run
-folders. Ten tasks in the order of `cl_driver/configs/mini_mtil.yaml` (order I), 200 test images
+{QUICK_NOTE if record.get('quick') else ''}Every number here is read from `{NAME}.json`, which
+`python -m benchmarks.{NAME}` wrote from the run folders. Ten tasks in the order of `cl_driver/configs/mini_mtil.yaml` (order I), 200 test images
 each; ConDU with the paper's whole-model rescaler; training and data seed 0 unless a row says
 otherwise; pre-training seed 0. Machine: {record['machine']}; every run on one torch thread.
 
@@ -796,26 +820,27 @@ def plot_gap_vs_k(record: dict, path: Path) -> None:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def load_timings() -> dict:
-    path = RUNS_DIR / "timings.json"
+def load_timings(runs_dir: Path | None = None) -> dict:
+    path = (runs_dir or RUNS_DIR) / "timings.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def add_timings(new: dict) -> dict:
+def add_timings(new: dict, runs_dir: Path | None = None) -> dict:
     """CPU and wall seconds per run, summed over the invocations that worked on it."""
-    timings = load_timings()
+    runs_dir = runs_dir or RUNS_DIR
+    timings = load_timings(runs_dir)
     for run_id, t in new.items():
         old = timings.get(run_id, {"cpu_s": 0.0, "wall_s": 0.0})
         timings[run_id] = {k: old[k] + t[k] for k in ("cpu_s", "wall_s")}
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    (RUNS_DIR / "timings.json").write_text(json.dumps(timings, indent=1))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "timings.json").write_text(json.dumps(timings, indent=1))
     return timings
 
 
-def write_report(record: dict, results_dir: Path, notes_path: Path) -> None:
+def write_report(record: dict, results_dir: Path, notes_path: Path | None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{NAME}.json").write_text(json.dumps(record, indent=1) + "\n")
-    notes = notes_path.read_text() if notes_path.exists() else ""
+    notes = notes_path.read_text() if notes_path and notes_path.exists() else ""
     (results_dir / f"{NAME}.md").write_text(markdown(record, notes))
     if grid_runs(record):
         plot_transfer_vs_last(record, results_dir / f"{NAME}-transfer-vs-last.png")
@@ -824,7 +849,7 @@ def write_report(record: dict, results_dir: Path, notes_path: Path) -> None:
 
 
 def select(args) -> tuple[list[RunSpec], list[CliRun]]:
-    specs, cli = plan(), CLI_RUNS
+    specs, cli = (quick_plan(), []) if args.quick else (plan(), CLI_RUNS)
     if args.runs:
         wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
         known = [s.id for s in specs] + [c.id for c in cli]
@@ -838,28 +863,42 @@ def select(args) -> tuple[list[RunSpec], list[CliRun]]:
 
 
 def main(argv=None) -> dict | None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mini_mtil_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("grid", "seed", "order", "cli"), help="run one slice of the plan")
     p.add_argument("--runs", help="comma-separated run ids (see --list)")
     p.add_argument("--jobs", type=int, default=2, help="child processes side by side (one torch thread each)")
     p.add_argument("--list", action="store_true", help="print the plan and what is done, run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the results from the finished runs")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--notes", type=Path, default=RESULTS_DIR / f"{NAME}_notes.md",
-                   help="markdown of findings to include (no numbers: those come from the json)")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="results folder (default benchmarks/results; required with --quick)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="run folders (default runs/study; quick: a temporary folder, removed after)")
+    p.add_argument("--notes", type=Path, default=None, help="markdown of findings to include (no numbers: those "
+                   f"come from the json; default benchmarks/results/{NAME}_notes.md, none with --quick)")
+    p.add_argument("--quick", action="store_true", help="one tiny run of the smallest model, then its report "
+                   "(with --results-dir)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child)
+        child(args.child, runs_dir=args.runs_dir, quick=args.quick)
         return None
+    args.results_dir = results_folder(p, args.results_dir, quick=args.quick)
+    if args.quick and args.runs_dir is None:
+        with tempfile.TemporaryDirectory(prefix="mini-mtil-study-quick-") as scratch:
+            return study(args, Path(scratch))
+    return study(args, args.runs_dir or RUNS_DIR)
+
+
+def study(args: argparse.Namespace, runs_dir: Path) -> dict | None:
+    """List, run and report the runs the parsed command line selects, with their folders under runs_dir."""
     specs, cli = select(args)
     if args.list:
         for s in specs:
             print(f"{s.id:24s} {s.slice:6s} width {s.width} lr {s.lr:.0e} it {s.iterations:4d} order {s.order} "
-                  f"seed {s.seed}  {'done' if results_path(s.id).exists() else 'to do'}")
+                  f"seed {s.seed}  {'done' if results_path(s.id, runs_dir).exists() else 'to do'}")
         for c in cli:
-            print(f"{c.id:24s} cli    {' '.join(c.command(RUNS_DIR / c.id)[3:])}  "
-                  f"{'done' if results_path(c.id).exists() else 'to do'}")
+            print(f"{c.id:24s} cli    {' '.join(c.command(runs_dir / c.id)[3:])}  "
+                  f"{'done' if results_path(c.id, runs_dir).exists() else 'to do'}")
         return None
     if not args.report_only:
         missing = [WIDTHS[s.width] for s in specs if not (ROOT / "cl_driver" / "assets" / WIDTHS[s.width]).exists()]
@@ -868,11 +907,12 @@ def main(argv=None) -> dict | None:
                              "command in benchmarks/results/mini_mtil_study.md (Commands)")
         new = {}
         try:
-            run_children(pending_jobs(specs, cli), args.jobs, new)
+            run_children(pending_jobs(specs, cli, runs_dir=runs_dir, quick=args.quick), args.jobs, new)
         finally:
-            add_timings(new)
-    record = collect(load_timings())
-    write_report(record, args.results_dir, args.notes)
+            add_timings(new, runs_dir)
+    record = collect(load_timings(runs_dir), runs_dir=runs_dir, results_dir=args.results_dir, quick=args.quick)
+    notes = args.notes or (None if args.quick else RESULTS_DIR / f"{NAME}_notes.md")
+    write_report(record, args.results_dir, notes)
     print(claims_table(record["claims"]))
     return record
 

@@ -1,6 +1,6 @@
 """The ConDU state built the way the official code builds it: the in-memory peer of the store.
 
-What a user has today, and what `benchmarks/fusion_store.py` measures the store against:
+What a user has today, and what `python -m benchmarks.fusion_store` measures the store against:
 - whole state dicts in memory (`safetensors.torch.load_file` of every checkpoint);
 - task vectors as whole tensors, summed over tasks, elected tensor by tensor (EMR-Merging's
   `emr_merge` loop, which ConDU reuses);
@@ -135,7 +135,7 @@ def layout_bytes(state_dir: str | os.PathLike) -> int:
 
 
 def main(argv=None) -> int:
-    """`python benchmarks/official_baseline.py unify BASE OUT CKPT...` or `... add BASE STATE CKPT OUT`:
+    """`python -m benchmarks.official_baseline unify BASE OUT CKPT...` or `... add BASE STATE CKPT OUT`:
     the peer as a command, so that it is timed as a fresh process, start-up included, as condu-fuse is."""
     import sys
 
