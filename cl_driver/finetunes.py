@@ -1,6 +1,7 @@
 """What a fine-tune is on disk, what ConDU fuses of it, and how it becomes CLIP weights.
 
-- `FullWeights` (train_part whole, image or text): a checkpoint is a `.safetensors` state dict;
+- `FullWeights` (train_part whole, image or text): a checkpoint is a model folder (its
+  model.safetensors, the base's config, tokenizer and processor files, a card naming theta0);
   fusion works on the weights themselves, against theta0.
 - `LoraAdapters` (train_part lora): a checkpoint is a PEFT adapter folder; fusion works on the
   LoRA factors, against the shared initial adapter (`base-adapter/`, part of the pre-trained
@@ -20,7 +21,8 @@ from safetensors.torch import load_file
 
 from . import lora
 from .config import TrainingConfig
-from .models import Clip, load_weights
+from .checkpoints import MODEL_WEIGHTS
+from .models import Clip, base_reference, load_weights
 from .train import finetune, finetune_lora, save_checkpoint
 
 StateDict = dict[str, torch.Tensor]
@@ -28,9 +30,11 @@ StateDict = dict[str, torch.Tensor]
 
 def weights_file(checkpoint: str | os.PathLike) -> Path:
     """The safetensors file the merging baselines read for a checkpoint: an adapter folder's
-    factor file, or the checkpoint file itself (the store takes adapter folders whole)."""
+    factor file, a model folder's weights, or a lone file itself (the store takes folders whole)."""
     checkpoint = Path(checkpoint)
-    return checkpoint / lora.ADAPTER_WEIGHTS if lora.is_adapter(checkpoint) else checkpoint
+    if lora.is_adapter(checkpoint):
+        return checkpoint / lora.ADAPTER_WEIGHTS
+    return checkpoint / MODEL_WEIGHTS if checkpoint.is_dir() else checkpoint
 
 
 class FullWeights:
@@ -44,9 +48,6 @@ class FullWeights:
     @property
     def base_path(self) -> Path:
         return self.root / "base.safetensors"
-
-    def checkpoint_name(self, stem: str) -> str:
-        return f"{stem}.safetensors"
 
     def write_base(self, clip: Clip) -> None:
         if not self.base_path.exists():
@@ -65,7 +66,7 @@ class FullWeights:
 
     def train(self, clip: Clip, start: Path | None, spec, dataset, settings: TrainingConfig, out: Path, *,
               seed: int, progress: bool) -> None:
-        weights = self.clip_state if start is None else load_file(str(start))
+        weights = self.clip_state if start is None else load_file(str(weights_file(start)))
         finetune(clip, weights, spec, dataset, settings, out, seed=seed, progress=progress)
 
 
@@ -78,15 +79,12 @@ class LoraAdapters(FullWeights):
     def base_path(self) -> Path:
         return self.root / "base-adapter"
 
-    def checkpoint_name(self, stem: str) -> str:
-        return stem
-
     def write_base(self, clip: Clip) -> None:
         """The initial adapter shared by every task, drawn once with the run's seed."""
         if not lora.is_adapter(self.base_path):
             load_weights(clip.model, self.clip_state)
             lora.write_initial_adapter(clip.model, self.settings.lora.rank, self.settings.lora.init_std,
-                                       self.settings.seed, self.base_path)
+                                       self.settings.seed, self.base_path, base=base_reference(clip))
 
     def base_state(self) -> StateDict:
         return self.fused_state(self.base_path)

@@ -5,9 +5,10 @@ Run folder layout::
     base.safetensors                    theta0, the base of every store
     base-adapter/                       LoRA runs instead: the initial adapter every task starts from,
                                         the base of every store (theta0 is CLIP with it merged)
-    checkpoints/individual/NN-task.safetensors   fine-tuned from theta0 (individual, task arithmetic, ConDU);
-                                        LoRA runs: NN-task/, an adapter folder
-    checkpoints/sequential/NN-task.safetensors   fine-tuned from the previous one (sequential, MagMax)
+    checkpoints/individual/NN-task/     fine-tuned from theta0 (individual, task arithmetic, ConDU): a model
+                                        folder naming theta0 as its base (checkpoints.py); LoRA runs: an
+                                        adapter folder
+    checkpoints/sequential/NN-task/     fine-tuned from the previous one (sequential, MagMax)
     stores/<rescaler>/                  one ConDU store per rescaler mode in the config
     pixels/<task>-test-N-side.npy       uint8 test pixels, when evaluation.pixel_cache is on
     (the `gated` aggregate also reads each learned task's held-out `val` split; gating.py)
@@ -132,8 +133,9 @@ class ContinualRun:
         return self.finetunes.base_path
 
     def checkpoint(self, kind: str, i: int) -> Path:
-        stem = f"{i + 1:02d}-{self.specs[i].name}"
-        return self.root / "checkpoints" / kind / self.finetunes.checkpoint_name(stem)
+        folder = self.root / "checkpoints" / kind / f"{i + 1:02d}-{self.specs[i].name}"
+        lone_file = folder.with_name(folder.name + ".safetensors")  # run folders whose fine-tunes are lone files
+        return lone_file if lone_file.is_file() else folder
 
     def store_dir(self, rescaler: str) -> Path:
         return self.root / "stores" / rescaler

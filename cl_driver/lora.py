@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoints
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MLP_LINEARS = r"(text|vision)_model\.encoder\.layers\.\d+\.mlp\.fc[12]"  # PEFT matches it in full
@@ -40,12 +42,15 @@ def is_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file() and (Path(path) / ADAPTER_WEIGHTS).is_file()
 
 
-def save_adapter(peft_model, out: str | os.PathLike) -> Path:
-    """Write the adapter folder under a temporary name, then rename it into place."""
+def save_adapter(peft_model, out: str | os.PathLike, *, base: str, description: str) -> Path:
+    """Write the adapter folder under a temporary name, then rename it into place. Its
+    adapter_config.json and model card name `base`, the CLIP model it adapts."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.active_peft_config.base_model_name_or_path = base
     peft_model.save_pretrained(str(tmp))
+    checkpoints.adapter_card(tmp, out.name, base, description)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
@@ -60,14 +65,16 @@ def init_factors(peft_model, std: float, seed: int) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def write_initial_adapter(model, rank: int, std: float, seed: int, out: str | os.PathLike) -> Path:
+def write_initial_adapter(model, rank: int, std: float, seed: int, out: str | os.PathLike, *, base: str) -> Path:
     """The shared initial adapter of every task, written to `out` (the model is left as it was)."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config(rank))
     try:
         init_factors(peft_model, std, seed)
-        return save_adapter(peft_model, out)
+        return save_adapter(peft_model, out, base=base,
+                            description="The LoRA adapter every task of a `condu-cl` run starts from (random "
+                                        "factors drawn with the run's seed): the base of its ConDU stores.")
     finally:
         peft_model.unload()
 

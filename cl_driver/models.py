@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -57,9 +58,22 @@ def load_clip(name_or_path: str | os.PathLike, *, device: str | torch.device = "
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{name_or_path}: not a CLIP folder that transformers loads ({reason}); give a CLIP "
                          "model folder or hub id") from None
-    if resolved.from_hub:
-        model.config._name_or_path = resolved.hub_id  # what adapters saved from it record as their base
-    return Clip(model, tokenizer, processor, str(name_or_path), resolved)
+    clip = Clip(model, tokenizer, processor, str(name_or_path), resolved)
+    # what the fine-tunes and adapters saved from it record as their base
+    model.config._name_or_path = model.name_or_path = base_reference(clip)
+    return clip
+
+
+def base_folder(clip: Clip) -> Path:
+    """The local folder theta0 was loaded from (a hub id's cached snapshot)."""
+    return Path(clip.resolved.path if clip.resolved else clip.source)
+
+
+def base_reference(clip: Clip) -> str:
+    """theta0 as a record of it names it: its hub id, or its folder's absolute path."""
+    if clip.resolved is not None and clip.resolved.from_hub:
+        return clip.resolved.hub_id
+    return str(base_folder(clip).resolve())
 
 
 def describe_model(clip: Clip) -> dict:

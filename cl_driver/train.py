@@ -4,7 +4,7 @@ AdamW and a cosine schedule with linear warmup, for a fixed number of iterations
 protocol). Training goes through Hugging Face `accelerate`: under a launcher every process takes
 its share of each batch (the config's batch size is the global one) and the main process alone
 writes the result; one process on a CPU is a plain loop. Whole-model (or one-tower) fine-tunes are
-written as safetensors, LoRA fine-tunes as PEFT adapter folders.
+written as model folders, LoRA fine-tunes as PEFT adapter folders; both name theta0 as their base.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from . import lora
 from .config import TrainingConfig
 from .data import TaskSpec
-from .models import Clip, image_features, load_weights, state_dict_cpu
+from .checkpoints import save_model_folder
+from .models import Clip, base_folder, base_reference, image_features, load_weights, state_dict_cpu
 
 FROZEN = ("logit_scale",)  # CLIP's temperature stays as pre-trained
 PART_PREFIXES = {
@@ -157,13 +158,15 @@ def _fit(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingCo
 
 def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
              out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
-    """Fine-tune from the weights `start` on `dataset` and write the result to `out` (safetensors)."""
+    """Fine-tune from the weights `start` on `dataset` and write the result to `out`, a model folder
+    that names theta0 as its base (checkpoints.py)."""
     torch.manual_seed(seed)
     load_weights(clip.model, start)
     accelerator = _fit(clip, select_trainable(clip.model, settings.train_part), spec, dataset, settings, seed,
                        progress)
     if accelerator.is_main_process:
-        save_checkpoint(state_dict_cpu(clip.model), out)
+        save_model_folder(state_dict_cpu(clip.model), out, base_folder=base_folder(clip), base=base_reference(clip),
+                          task=spec.name)
     accelerator.wait_for_everyone()
     return Path(out)
 
@@ -178,6 +181,8 @@ def finetune_lora(clip: Clip, dense: dict[str, torch.Tensor], start: str | os.Pa
         params = [p for p in peft_model.parameters() if p.requires_grad]
         accelerator = _fit(clip, params, spec, dataset, settings, seed, progress)
         if accelerator.is_main_process:
-            lora.save_adapter(peft_model, out)
+            lora.save_adapter(peft_model, out, base=base_reference(clip),
+                              description=f"A LoRA adapter of CLIP trained by `condu-cl` on the task `{spec.name}`: "
+                                          "`PeftModel.from_pretrained` loads it on the base above.")
         accelerator.wait_for_everyone()
     return Path(out)

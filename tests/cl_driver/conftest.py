@@ -46,3 +46,28 @@ def full_run(tiny_config, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run-full")
     return out, run(tiny_config, out, progress=False)
+
+
+def _small_run(tiny_model, tiny_data, out, **training):
+    """A run of sequential fine-tuning and ConDU only: every kind of folder condu-cl writes, little else."""
+    from cl_driver.config import parse_config
+    from cl_driver.loop import run
+
+    raw = tiny_config_dict(tiny_data, tiny_model, methods=["sequential", {"kind": "condu", "rescaler": "model"}],
+                           iterations=3)
+    raw["training"].update(training)
+    run(parse_config(raw, where="tiny-small.yaml"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_run(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    """Whole-model fine-tunes (from theta0 and sequential) and a store, in a run folder."""
+    return _small_run(tiny_model, tiny_data, tmp_path_factory.mktemp("run-small"))
+
+
+@pytest.fixture(scope="session")
+def small_lora_run(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    """The same with LoRA: adapter folders, the initial adapter, a factor-space store."""
+    return _small_run(tiny_model, tiny_data, tmp_path_factory.mktemp("run-small-lora"), train_part="lora",
+                      lora={"rank": 4, "init_std": 0.01})

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_driver.config import parse_config
+from cl_driver.finetunes import weights_file
 from cl_driver.inference import accuracy, combine_all_experts, top_k_experts
 from cl_driver.loop import PROTOTYPES, ContinualRun, run
 from cl_driver.models import clip_logits, load_clip, load_weights, text_classifier
@@ -84,9 +85,9 @@ def test_baselines_share_the_zero_shot_row_where_nothing_was_learned(full_run):
 
 
 def test_fine_tunes_start_from_theta0_and_sequential_ones_from_the_previous_model(full_run, loop_view):
-    first = [load_file(str(loop_view.checkpoint(kind, 0))) for kind in ("individual", "sequential")]
+    first = [load_file(str(weights_file(loop_view.checkpoint(kind, 0)))) for kind in ("individual", "sequential")]
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # same start, same seed
-    second = [load_file(str(loop_view.checkpoint(kind, 1))) for kind in ("individual", "sequential")]
+    second = [load_file(str(weights_file(loop_view.checkpoint(kind, 1)))) for kind in ("individual", "sequential")]
     assert any(not torch.equal(second[0][k], second[1][k]) for k in second[0])
 
 
@@ -114,7 +115,7 @@ def test_prototypes_are_computed_with_theta0(full_run, loop_view, clip):
         expected = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
         assert stored.shape == (len(spec.class_names), expected.shape[1])
         assert torch.allclose(stored, expected, atol=1e-6)
-        load_weights(clip.model, load_file(str(loop_view.checkpoint("individual", j))))
+        load_weights(clip.model, load_file(str(weights_file(loop_view.checkpoint("individual", j)))))
         feats, labels = dataset_features(clip, train)
         tuned = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
         assert not torch.allclose(stored, tuned, atol=1e-4)
@@ -197,7 +198,8 @@ def test_shots_train_each_task_on_n_images_a_class(tiny_model, tiny_data, full_r
         feats, labels = dataset_features(clip, train)  # the prototypes come from those few images too
         expected = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
         assert torch.allclose(torch.from_numpy(store.attachment(j + 1, PROTOTYPES)[PROTOTYPES]), expected, atol=1e-6)
-    few, full = (load_file(str(root / "checkpoints" / "individual" / "01-colors.safetensors")) for root in (out, full_run[0]))
+    few, full = (load_file(str(root / "checkpoints" / "individual" / "01-colors" / "model.safetensors"))
+                 for root in (out, full_run[0]))
     assert any(not torch.equal(few[k], full[k]) for k in few)
     assert len(results["matrices"]["condu-model"]) == T
 

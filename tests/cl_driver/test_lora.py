@@ -14,7 +14,8 @@ from cl_driver.config import TrainingConfig, parse_config
 from cl_driver.data import TaskSpec, as_dataset, folder_split
 from cl_driver.inference import accuracy
 from cl_driver.loop import ContinualRun, run
-from cl_driver.models import clip_logits, image_features, load_clip, load_weights, state_dict_cpu, text_classifier
+from cl_driver.models import (base_reference, clip_logits, image_features, load_clip, load_weights, state_dict_cpu,
+                              text_classifier)
 from cl_driver.prototypes import dataset_features
 from cl_driver.train import finetune_lora
 from fusion import Store
@@ -32,7 +33,8 @@ def clip(tiny_model):
 
 @pytest.fixture
 def initial(clip, tmp_path):
-    return lora.write_initial_adapter(clip.model, RANK, 0.01, seed=0, out=tmp_path / "base-adapter")
+    return lora.write_initial_adapter(clip.model, RANK, 0.01, seed=0, out=tmp_path / "base-adapter",
+                                      base=base_reference(clip))
 
 
 def test_the_initial_adapter_covers_the_mlp_linears_of_both_towers(clip, initial, tmp_path):
@@ -44,8 +46,8 @@ def test_the_initial_adapter_covers_the_mlp_linears_of_both_towers(clip, initial
     assert lora.adapter_scaling(initial) == pytest.approx(1 / math.sqrt(RANK))
     for key, factor in factors.items():  # both factors random and small, none zero
         assert factor.abs().min() > 0 and 0.005 < factor.std() < 0.02, key
-    again = load_file(str(lora.write_initial_adapter(clip.model, RANK, 0.01, seed=0, out=tmp_path / "again")
-                          / lora.ADAPTER_WEIGHTS))
+    again = load_file(str(lora.write_initial_adapter(clip.model, RANK, 0.01, seed=0, out=tmp_path / "again",
+                                                     base=base_reference(clip)) / lora.ADAPTER_WEIGHTS))
     assert all(torch.equal(again[k], factors[k]) for k in factors)  # one init, the same for every task
     assert not any("lora" in name for name, _ in clip.model.named_modules())  # the model is left as it was
 

@@ -91,7 +91,7 @@ def test_accelerate_launch_on_cpu_really_starts_two_processes(tiny_data, tiny_mo
     assert done.returncode == 0, output[-3000:]
     assert output.count("2 processes (gloo)") == 1  # said once, by the main process of two
     assert output.count("stopped after 1 tasks") == 1
-    assert (tmp_path / "out" / "checkpoints" / "individual" / "01-colors.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoints" / "individual" / "01-colors" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("parent, expected", [

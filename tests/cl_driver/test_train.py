@@ -29,8 +29,8 @@ def test_finetune_changes_only_the_chosen_tower(part, tiny_model, tmp_path):
     spec = TaskSpec("colors", tuple(TASKS["colors"]), tuple(TEMPLATES), {"kind": "folder"})
     dataset = as_dataset(folder_split(tmp_path / "colors" / "train", TASKS["colors"]), clip.processor, SIDE)
     settings = TrainingConfig(iterations=3, batch_size=4, lr=1e-2, warmup_steps=1, train_part=part)
-    path = finetune(clip, theta0, spec, dataset, settings, tmp_path / "ckpt.safetensors", progress=False)
-    tuned = load_file(str(path))
+    path = finetune(clip, theta0, spec, dataset, settings, tmp_path / "01-colors", progress=False)
+    tuned = load_file(str(path / "model.safetensors"))
     assert set(tuned) == set(theta0)
     changed = {name for name in theta0 if not torch.equal(tuned[name], theta0[name])}
     towers = ("vision_model.", "visual_projection.") if part == "image" else ("text_model.", "text_projection.")
