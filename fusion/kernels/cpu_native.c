@@ -307,3 +307,17 @@ SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict m
     for (int64_t j = 0; j < n; j++) ADD_FIDELITY_TERMS(u[j], original[j], mask[j] != 0);
     add_sums(out, a, e, d, z, c);
 }
+
+/* Decouple's rebuild (fusion.reference.rebuild): out = base + where(M, u * scale, +0.0) over n
+ * elements, M from the packed bits, a mask byte (eight elements) at a time; one pass over the
+ * inputs where numpy needs five. `out` may be `u` or `base` (each element is read before it is
+ * written), so those three are not restrict. */
+void condu_rebuild(const float *base, const float *u, const uint8_t *restrict packed, float scale, int64_t n,
+                   float *out) {
+    const int64_t full = n / 8;
+    for (int64_t k = 0; k < full; k++) {
+        const uint32_t byte = packed[k];
+        for (int b = 0; b < 8; b++) out[8 * k + b] = base[8 * k + b] + rebuilt(u[8 * k + b], scale, (byte >> b) & 1u);
+    }
+    for (int64_t j = 8 * full; j < n; j++) out[j] = base[j] + rebuilt(u[j], scale, (packed[full] >> (j & 7)) & 1u);
+}

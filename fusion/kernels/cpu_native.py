@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NAME", "available", "require", "unify", "fidelity_sums"]
+__all__ = ["NAME", "available", "require", "unify", "fidelity_sums", "rebuild"]
 
 NAME = "native"
 _SOURCE = Path(__file__).with_name("cpu_native.c")
@@ -100,6 +100,8 @@ def _load() -> ctypes.CDLL:
     library.condu_unify.restype = ctypes.c_int
     library.condu_fidelity_sums.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
     library.condu_fidelity_sums.restype = None
+    library.condu_rebuild.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p]
+    library.condu_rebuild.restype = None
     return library
 
 
@@ -199,3 +201,11 @@ def fidelity_sums(unified: np.ndarray, mask: np.ndarray, original: np.ndarray, o
     """out (5,) += A, E, D, Z, C of float32 u against `original` under the 0/1 byte mask."""
     _library().condu_fidelity_sums(_address(unified), _address(mask), _address(original), unified.size,
                                    _address(out))
+
+
+def rebuild(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, out: np.ndarray) -> np.ndarray:
+    """out (n,) = base + where(M, u * float32(rescaler), +0.0): contiguous float32 base, u and out, the
+    mask's packed bytes; on the calling thread (decouple overlaps it with its reads)."""
+    _library().condu_rebuild(_address(base), _address(unified), _address(packed), float(rescaler), out.size,
+                             _address(out))
+    return out

@@ -36,7 +36,7 @@ from ..progress import progress_bar
 from .manifest import Manifest, TaskEntry
 from .snapshot import Snapshot
 
-__all__ = ["TaskStream", "write_file", "write_folder", "check_output", "default_output", "model_card"]
+__all__ = ["TaskStream", "ArrayTarget", "write_file", "write_folder", "check_output", "default_output", "model_card"]
 
 
 class _Piece(NamedTuple):
@@ -70,7 +70,9 @@ class TaskStream:
     """A task's full state dict as a stream of flat chunks, in the output dtype's storage.
 
     Reading (and checking) the next chunk, rebuilding this one and writing the last overlap
-    (fusion.pipeline), so the checks cost little time beside the copies they ride on.
+    (fusion.pipeline), so the checks cost little time beside the copies they ride on. `fill`
+    rebuilds each chunk in the place its bytes go (a direct writer's buffer, or the caller's
+    array), so nothing is copied between the rebuild and the disk.
     """
 
     def __init__(self, snapshot: Snapshot, base: Checkpoint, task: TaskEntry, *, dtype: DType | None, rebuild,
@@ -125,26 +127,32 @@ class TaskStream:
     def _compute(self, piece: _Piece, inputs: tuple):
         """The chunk in the output dtype, in a buffer of its own until it is written (a device tensor
         for a rebuilt chunk on a device stage)."""
-        info, out = self.sources[piece.name], self.out_dtype(self.sources[piece.name].dtype)
-        n = piece.hi - piece.lo
         if piece.rebuilt and self.stage:
             base, unified, packed = inputs
             theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name))  # (n,) float32 there
-            return theta.to(getattr(self.stage.torch, out.name))
+            return theta.to(getattr(self.stage.torch, self.out_dtype(self.sources[piece.name].dtype).name))
+        itemsize = self.out_dtype(self.sources[piece.name].dtype).itemsize
+        return self._compute_into(piece, inputs, self.results.next((piece.hi - piece.lo) * itemsize))
+
+    def _compute_into(self, piece: _Piece, inputs: tuple, into: np.ndarray) -> np.ndarray:
+        """The chunk in the output dtype's storage, written into `into` (bytes or that storage)."""
+        info = self.sources[piece.name]
+        out = self.out_dtype(info.dtype)
+        into = into.view(out.storage)  # (n,)
         if piece.rebuilt:
             base, unified, packed = inputs
-            theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name),
-                                        out=self.results.next(4 * n).view(np.float32))
-            return from_float32(theta, out)  # float32 out: the buffer itself
+            scratch = into.view(np.float32) if out is F32 else self.results.next(4 * into.size).view(np.float32)
+            theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name), out=scratch)  # (n,)
+            return into if out is F32 else from_float32(theta, out, out=into)
         (raw,) = inputs
         if out is info.dtype:
-            copy = self.results.next(raw.nbytes).view(raw.dtype)
-            copy[...] = raw
-            return copy
-        return from_float32(to_float32(raw, info.dtype), out)
+            into[...] = raw
+            return into
+        return from_float32(to_float32(raw, info.dtype), out, out=into)
 
     def write_all(self, write, *, progress: bool) -> None:
-        """write(name, flat chunk) for every chunk, in layout order (on a writer thread)."""
+        """write(name, flat chunk) for every chunk, in layout order (on a writer thread); a chunk's
+        buffer is reused once `write` returns."""
         bar = progress_bar(progress, self.numel, "decouple")
 
         def finish(piece: _Piece, data: np.ndarray) -> None:
@@ -157,6 +165,42 @@ class TaskStream:
         finally:
             if bar:
                 bar.close()
+
+    def fill(self, target, *, progress: bool) -> None:
+        """Every chunk computed straight into `target.reserve(name, count)` and then committed, in
+        layout order: no copy between the rebuild and the writer's (or the caller's) buffers."""
+        assert self.stage is None, "fill rebuilds on the host; a device stage streams through write_all"
+        bar = progress_bar(progress, self.numel, "decouple")
+
+        def compute(piece: _Piece, inputs: tuple) -> int:
+            count = piece.hi - piece.lo
+            self._compute_into(piece, inputs, target.reserve(piece.name, count))
+            target.commit(piece.name, count)
+            return count
+
+        def finish(piece: _Piece, count: int) -> None:
+            if bar:
+                bar.update(count)
+
+        try:
+            run_stages(self.pieces(), self._read, compute, finish)
+        finally:
+            if bar:
+                bar.close()
+
+
+class ArrayTarget:
+    """A stream's chunks straight into one flat array per tensor, in its storage dtype (load_task)."""
+
+    def __init__(self, layout):
+        self.flat = {name: np.empty(int(np.prod(shape)), dtype=dtype.storage) for name, dtype, shape in layout}
+        self.filled = dict.fromkeys(self.flat, 0)
+
+    def reserve(self, name: str, count: int) -> np.ndarray:
+        return self.flat[name][self.filled[name] : self.filled[name] + count]
+
+    def commit(self, name: str, count: int) -> None:
+        self.filled[name] += count
 
 
 # ---- where an output may go -----------------------------------------------------------------
@@ -196,8 +240,8 @@ def check_output(out: Path, protected: dict[str, Path], *, force: bool) -> None:
 
 def write_file(stream: TaskStream, out: Path, *, progress: bool) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with SafetensorsWriter(out, stream.layout, metadata={"format": "pt"}, checksums=False) as writer:
-        stream.write_all(writer.write, progress=progress)
+    with SafetensorsWriter(out, stream.layout, metadata={"format": "pt"}, checksums=False, direct=True) as writer:
+        stream.fill(writer, progress=progress)
     fsync_dir(out.parent)
     return out
 
@@ -254,8 +298,8 @@ def write_folder(stream: TaskStream, out: Path, *, side: dict[str, bytes], base_
     try:
         with ShardedWriter(tmp, stream.layout, single=weights, max_shard_size=max_shard_size,
                            shard_name=lambda k, n: f"model-{k:05d}-of-{n:05d}.safetensors",
-                           metadata={"format": "pt"}, checksums=False) as writer:
-            stream.write_all(writer.write, progress=progress)
+                           metadata={"format": "pt"}, checksums=False, direct=True) as writer:
+            stream.fill(writer, progress=progress)
         if len(writer.shards) > 1:
             index = {"metadata": {"total_size": writer.total_size}, "weight_map": writer.weight_map}
             atomic_write_text(tmp / HF_INDEX, json.dumps(index, indent=2) + "\n")

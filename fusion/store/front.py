@@ -36,7 +36,7 @@ from ..kernels import get_kernel
 from ..kernels.host import rebuild_into
 from ..torch_compat import is_torch, to_torch
 from . import layout
-from .export import TaskStream, check_output, default_output, model_card, write_file, write_folder
+from .export import ArrayTarget, TaskStream, check_output, default_output, model_card, write_file, write_folder
 from .adapters import plan_input
 from .generation import (PASS_ELEMENTS, Runner, check_unify_args, create, file_table, next_generation, no_store_yet,
                          refuse_related, replaced)
@@ -194,15 +194,9 @@ class Store:
         if stage is not None:
             return self._load_onto(task, dtype, stage)
         with self._opened(task, dtype) as (_, _, stream):
-            flat = {name: np.empty(int(np.prod(shape)), dtype=d.storage) for name, d, shape in stream.layout}
-            filled = dict.fromkeys(flat, 0)
-
-            def write(name: str, piece: np.ndarray) -> None:  # pieces are reused buffers: copy each out
-                flat[name][filled[name] : filled[name] + piece.size] = piece
-                filled[name] += piece.size
-
-            stream.write_all(write, progress=False)
-            out = {name: (flat[name].reshape(shape), d) for name, d, shape in stream.layout}
+            target = ArrayTarget(stream.layout)  # chunks are rebuilt in place, never copied
+            stream.fill(target, progress=False)
+            out = {name: (target.flat[name].reshape(shape), d) for name, d, shape in stream.layout}
         return _as_user_arrays(out, device)
 
     def _load_onto(self, task, dtype, stage: DeviceStage) -> dict:
