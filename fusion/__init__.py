@@ -21,12 +21,14 @@ _HOMES = {
     "Store": "store", "TaskRecord": "store", "StoreLockedError": "store",
     "load": "io", "save": "io",
     "passive_waiting": "threads",
+    "ConduError": "errors", "InputError": "errors", "StoreDamaged": "errors", "IntegrityError": "errors",
+    "ManifestError": "errors", "StoreLocked": "errors", "Interrupted": "errors",
 }
 
 __all__ = ["KERNELS", "MISSING_MODES", "RESCALER_MODES", "hub", *sorted(_HOMES)]  # hub: ids the driver resolves too
 
 
-_MODULES = ("cli", "constants", "dtypes", "engine", "fidelity", "fuse", "hub", "io", "kernels", "lora", "reference",
+_MODULES = ("cli", "constants", "dtypes", "engine", "errors", "fidelity", "fuse", "hub", "io", "kernels", "lora", "reference",
             "rescale", "store", "testing", "threads", "torch_compat")
 
 

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ..errors import IntegrityError
+
 __all__ = ["HASH_NAME", "DEFAULT_BLOCK", "DIGEST_HEX", "FileDigests", "BlockHasher", "IntegrityError",
            "block_digest", "digest_file", "content_digest"]
 
 HASH_NAME = "xxh3-64"
 DEFAULT_BLOCK = 1 << 20
 DIGEST_HEX = 16
-
-
-class IntegrityError(ValueError):
-    """Bytes read from a file do not match the checksums recorded for it."""
 
 
 def block_digest(data) -> str:

@@ -25,6 +25,7 @@ import xxhash
 
 from ..constants import MISSING_MODES, RESCALER_MODES
 from ..dtypes import DTYPES
+from ..errors import ManifestError
 from ..io.integrity import DIGEST_HEX, FileDigests
 from . import layout
 
@@ -36,10 +37,6 @@ FORMAT = "condu-store"
 VERSION = 2
 
 _STRICT = dict(forbid_unknown_fields=True, frozen=True, kw_only=True)
-
-
-class ManifestError(ValueError):
-    """The manifest is missing, damaged, of another version, or inconsistent."""
 
 
 class Digests(msgspec.Struct, **_STRICT):

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import StoreLocked
 from ..io.files import atomic_write_bytes, fsync_dir
 from ..io.integrity import BlockHasher
 from ..io.writer import SafetensorsWriter, ShardedWriter
@@ -31,8 +32,7 @@ from .manifest import Digests, Manifest, ManifestError, encode_manifest, read_ma
 __all__ = ["StoreLockedError", "Transaction", "change", "writer_lock", "cleanup"]
 
 
-class StoreLockedError(OSError):
-    """Another process is writing the store."""
+StoreLockedError = StoreLocked  # the name of earlier releases
 
 
 @contextlib.contextmanager
