@@ -16,7 +16,7 @@ TOOLS := $(VENV)/tools
 # The lowest Python requires-python allows: the lock holds pins for it and every later one.
 LOCK_PYTHON := 3.10
 LOCK_COMPILE := uv pip compile pyproject.toml --universal --all-extras --python-version $(LOCK_PYTHON) \
-	--no-python-downloads --annotation-style line --no-header -o $(LOCK)
+	--no-python-downloads --annotation-style line --no-header --quiet -o $(LOCK)
 
 .PHONY: install demo test bench lock
 install: $(VENV)/.demo
