@@ -192,7 +192,8 @@ def test_the_core_alone_imports_every_module_and_runs_unify_decouple_load(tmp_pa
     def run(*args: str) -> str:
         done = subprocess.run([str(python), "-I", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                               timeout=120)
-        assert done.returncode == 0, f"{args[:3]}: {done.stderr[-2000:]}"
+        shown = " ".join(arg for arg in args if "\n" not in arg)  # the probe scripts left out
+        assert done.returncode == 0, f"python {shown}: {done.stderr[-2000:]}"
         return done.stdout
 
     probe = json.loads(run("-c", PROBE, *_modules()))
