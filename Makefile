@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 # The lock as pip constraints: it fixes each version, and installs only what the extras asked for.
 INSTALL := $(PY) -m pip install -q -c $(LOCK)
-# pip itself is not in the lock; 21.3 is the least that installs this project editable.
+# pip is not in the lock, and a new venv's own pip may be older than 21.3, the first to install it editable.
 PIP_VERSION := 26.3
 ACTIVATE := @echo "condu-fuse and condu-cl are in $(VENV)/bin; to put them on PATH: source $(VENV)/bin/activate"
 
