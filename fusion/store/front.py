@@ -165,7 +165,8 @@ class Store:
         the folder is an adapter folder that PeftModel.from_pretrained loads."""
         if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
             raise ValueError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
-        with self._opened(task, dtype, side=True) as (snapshot, base, stream):
+        to_folder = out is None or Path(out).suffix != ".safetensors"  # a lone weights file reads no side files
+        with self._opened(task, dtype, side=to_folder) as (snapshot, base, stream):
             out = Path(out) if out is not None else default_output(stream.task.name, self._protected(snapshot.manifest))
             if out.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt"):
                 raise ValueError(f"{out}: decouple writes safetensors only; name the output .safetensors or a folder")
