@@ -30,8 +30,8 @@ from ..io.integrity import DIGEST_HEX, FileDigests
 from . import layout
 
 __all__ = ["FORMAT", "VERSION", "Digests", "HubRef", "BaseRef", "TensorEntry", "Fidelity", "SourceRef", "TaskEntry",
-           "UnifiedEntry", "Manifest", "ManifestError", "load_manifest", "read_manifest_file", "encode_manifest",
-           "check_manifest"]
+           "HistoryEvent", "UnifiedEntry", "Manifest", "ManifestError", "load_manifest", "read_manifest_file",
+           "encode_manifest", "check_manifest"]
 
 FORMAT = "condu-store"
 VERSION = 2
@@ -126,6 +126,15 @@ class TaskEntry(msgspec.Struct, **_STRICT):
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler
 
 
+class HistoryEvent(msgspec.Struct, **_STRICT):
+    """A change its caller let through although it damaged tasks (`--allow-degrade`): what it let through."""
+
+    generation: int  # the generation the change made
+    operation: Literal["unify", "add", "remove"]
+    tasks: list[int]  # the tasks it damaged, by number
+    allowed: list[str]  # each refusal it overrode, one line each
+
+
 class UnifiedEntry(msgspec.Struct, **_STRICT):
     files: list[str]
     weight_map: dict[str, str]  # tensor -> file
@@ -146,6 +155,7 @@ class Manifest(msgspec.Struct, **_STRICT):
     tasks: list[TaskEntry]
     unified: UnifiedEntry
     files: dict[str, Digests]
+    history: list[HistoryEvent] = []  # changes let through with --allow-degrade (older stores: none)
     checksum: str = ""
 
     def task_by_number(self, number: int) -> TaskEntry | None:
@@ -306,3 +316,5 @@ def check_manifest(m: Manifest, where: str) -> None:
     for task in m.tasks:
         _check_task(m, task, where)
     _check_files(m, where)
+    _require(all(0 <= e.generation <= m.generation and all(0 < n < m.next_number for n in e.tasks)
+                 for e in m.history), where, "a history event names a later generation or an unknown task")
