@@ -167,6 +167,12 @@ SPACE_TEXT = {
 }
 
 
+def _own_dtype_text(dtype, base_dtypes: list[str]) -> list[str]:
+    """A task whose own dtype is not the base's says what decouple writes it in (one per tensor: all of them)."""
+    own = sorted(set(dtype.values())) if isinstance(dtype, dict) else [dtype] if dtype else []
+    return [f"own dtype {'/'.join(own)}"] if own and own != base_dtypes else []
+
+
 def format_info(info: dict) -> str:
     """The readable table `condu-fuse info` prints."""
     base = info["base"]
@@ -179,7 +185,8 @@ def format_info(info: dict) -> str:
              f"{'#':>3}  {'name':<24} {'kind':<7} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} "
              f"{'at gen':>6}  kept with it"]
     for t in info["tasks"]:
-        kept = [*(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
+        kept = [*_own_dtype_text(t.get("dtype"), base.get("dtypes", [])),
+                *(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
                 *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"]),
                 *([f"hub {_hub_text(t['hub'])}"] if t["hub"] else [])]
         lines.append(f"{t['number']:>3}  {t['name']:<24} {t['kind']:<7} {_rescaler_text(t['rescaler']):<26} "
@@ -258,7 +265,9 @@ def add(store, name, missing, device, quiet, checkpoint):
 @_task_option
 @_store_option
 @click.option("-o", "--out", default=None, help="OUT.safetensors, or a model folder (default: ./<task name>/).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Output dtype (default: the base's).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Output dtype (default: the task's own, as it was added; the base's where the store did not "
+                   "record it).")
 @click.option("--force/--no-force", default=False, help="Replace an existing output (never the store, base or sources).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MiB.")
 @_quiet_option

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..dtypes import DType, F32, from_float32, to_float32
+from ..dtypes import DTYPES, DType, F32, from_float32, to_float32
 from ..device import DeviceStage
 from ..engine import chunk_ranges
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
@@ -87,11 +87,31 @@ class TaskStream:
         # Output order: the base's tensors (a private one replaces its namesake), then new ones.
         self.sources: dict[str, TensorInfo] = {n: own.get(n) or base.info(n) for n in base.keys()}
         self.sources.update({n: i for n, i in own.items() if n not in self.sources})
-        self.layout = [(n, self.out_dtype(i.dtype), i.shape) for n, i in self.sources.items()]
+        self.layout = [(n, self.out_dtype(n), i.shape) for n, i in self.sources.items()]
         self.slots, self.results = [_Ring(3), _Ring(3)], _Ring(RESULTS_IN_FLIGHT)
 
-    def out_dtype(self, dtype: DType) -> DType:
-        return self.dtype if self.dtype is not None and dtype.is_float else dtype
+    def out_dtype(self, name: str) -> DType:
+        """What tensor `name` is written in: the dtype asked for (floats only); else a rebuilt tensor in
+        the task's own dtype where the store recorded it, and everything else as it is stored."""
+        dtype = self.sources[name].dtype
+        if not dtype.is_float:
+            return dtype
+        if self.dtype is not None:
+            return self.dtype
+        own = self.task.dtype_of(name) if self._rebuilt(name) else None
+        return DTYPES[own] if own else dtype
+
+    def _rebuilt(self, name: str) -> bool:
+        return name in self.fused and not (self.private and name in self.private.entries)
+
+    @property
+    def main_dtype(self) -> DType:
+        """The float dtype most of the output's elements are written in (config.json's `dtype`)."""
+        counts: dict[DType, int] = {}
+        for _, dtype, shape in self.layout:
+            if dtype.is_float:
+                counts[dtype] = counts.get(dtype, 0) + int(np.prod(shape))
+        return max(counts, key=counts.get) if counts else F32
 
     @property
     def numel(self) -> int:
@@ -102,8 +122,7 @@ class TaskStream:
         return sum(int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in self.layout)
 
     def pieces(self) -> list[_Piece]:
-        rebuilt = lambda name: name in self.fused and not (self.private and name in self.private.entries)  # noqa: E731
-        return [_Piece(name, lo, hi, rebuilt(name)) for name, _, _ in self.layout
+        return [_Piece(name, lo, hi, self._rebuilt(name)) for name, _, _ in self.layout
                 for lo, hi in chunk_ranges(self.sources[name].numel, self.chunk)]
 
     # -- the three stages ------------------------------------------------------------------------
@@ -130,14 +149,14 @@ class TaskStream:
         if piece.rebuilt and self.stage:
             base, unified, packed = inputs
             theta = self.rebuild(base, unified, packed, self.task.rescaler_of(piece.name))  # (n,) float32 there
-            return theta.to(getattr(self.stage.torch, self.out_dtype(self.sources[piece.name].dtype).name))
-        itemsize = self.out_dtype(self.sources[piece.name].dtype).itemsize
+            return theta.to(getattr(self.stage.torch, self.out_dtype(piece.name).name))
+        itemsize = self.out_dtype(piece.name).itemsize
         return self._compute_into(piece, inputs, self.results.next((piece.hi - piece.lo) * itemsize))
 
     def _compute_into(self, piece: _Piece, inputs: tuple, into: np.ndarray) -> np.ndarray:
         """The chunk in the output dtype's storage, written into `into` (bytes or that storage)."""
         info = self.sources[piece.name]
-        out = self.out_dtype(info.dtype)
+        out = self.out_dtype(piece.name)
         into = into.view(out.storage)  # (n,)
         if piece.rebuilt:
             base, unified, packed = inputs

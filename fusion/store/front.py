@@ -162,7 +162,8 @@ class Store:
                  progress: bool = False, max_shard_size: int = DEFAULT_MODEL_SHARD_SIZE) -> Path:
         """Write one task's full model: `out` ending in .safetensors is one file, anything else a model
         folder (default: a folder named after the task in the current directory). In factor space
-        the folder is an adapter folder that PeftModel.from_pretrained loads."""
+        the folder is an adapter folder that PeftModel.from_pretrained loads. Float tensors are written
+        in `dtype`, by default in the task's own (its fine-tune's, recorded when it was added)."""
         if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
             raise ValueError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
         to_folder = out is None or Path(out).suffix != ".safetensors"  # a lone weights file reads no side files
@@ -175,7 +176,7 @@ class Store:
                 return write_file(stream, out, progress=progress)
             manifest, entry = snapshot.manifest, stream.task
             side = {Path(rel).name: snapshot.raw[rel] for rel in entry.files.values()}
-            out_dtype = parse_dtype(dtype) if dtype else snapshot.fused[0].dtype
+            out_dtype = stream.main_dtype
             base_folder = base.path if base.is_folder else None
             return write_folder(stream, out, side=side, base_folder=base_folder,
                                 card=model_card(self.path, manifest, entry, out_dtype), config_dtype=out_dtype,
@@ -223,14 +224,16 @@ class Store:
               checkpoints: Sequence[str | os.PathLike | Mapping],
               *, names: Sequence[str] | None = None, rescaler: str = "model", dtype=None, missing: str = "error",
               kernel: str | None = None, chunk: int | None = None, progress: bool = False,
-              max_shard_size: int = DEFAULT_SHARD_SIZE, device: str | DeviceStage = "auto") -> "Store":
+              max_shard_size: int = DEFAULT_SHARD_SIZE, device: str | DeviceStage = "auto",
+              allow_degrade: bool = False) -> "Store":
         """A new store from `base` and a one-shot (EMR-style) unify of the checkpoints' deltas.
 
         `base` and the checkpoints are paths or hub ids, and a checkpoint may be a state dict too
         (numpy arrays or torch tensors; named `task<N>` unless `names` says; recorded as in memory,
         fusion.store.memory). `base=None` takes the base the checkpoints record, when they all
         record the same one and it resolves (the store's `inferred_base` says which record). Two
-        checkpoints of the same content are refused unless `names` is given."""
+        checkpoints of the same content are refused unless `names` is given. A delta out of all
+        proportion to the base is refused unless `allow_degrade` (fusion.store.guard)."""
         store_dir = Path(path)
         check_unify_args(store_dir, checkpoints, names, rescaler, missing, dtype)
         refuse_memory_base(base, checkpoints)
@@ -244,8 +247,8 @@ class Store:
             store_dir.mkdir(parents=True, exist_ok=True)
             try:
                 with change(store_dir, lambda: no_store_yet(store_dir)) as tx:
-                    create(tx, base_input, inputs, names, rescaler,
-                            parse_dtype(dtype) if dtype else None, missing, runner, chunk, progress, max_shard_size)
+                    create(tx, base_input, inputs, names, rescaler, parse_dtype(dtype) if dtype else None, missing,
+                           runner, chunk, progress, max_shard_size, allow_degrade=allow_degrade)
             except BaseException:
                 remove_new_store(store_dir, created, had_lock)
                 raise
@@ -254,15 +257,17 @@ class Store:
         return store
 
     def add(self, checkpoint: str | os.PathLike | Mapping, *, name: str | None = None, missing: str | None = None,
-            progress: bool = False) -> TaskRecord:
+            progress: bool = False, allow_degrade: bool = False) -> TaskRecord:
         """The ConDU continual step: rebuild every task, unify them with the new checkpoint's delta.
         `checkpoint` is a path, a hub id or a state dict (named `task<N>` unless `name` says); the
-        content of a stored task is refused unless `name` is given."""
+        content of a stored task is refused unless `name` is given, and a change that would damage
+        a stored task (fusion.store.guard) unless `allow_degrade`."""
         default = f"task{self.manifest().next_number}"  # a state dict's name (a commit in between only shifts it)
         with checkpoint_inputs([checkpoint], ["the state dict"], [default]) as (source,):
-            return self._add(source, name, missing, progress)
+            return self._add(source, name, missing, progress, allow_degrade)
 
-    def _add(self, source: Input, name: str | None, missing: str | None, progress: bool) -> TaskRecord:
+    def _add(self, source: Input, name: str | None, missing: str | None, progress: bool,
+             allow_degrade: bool = False) -> TaskRecord:
         named = name is not None
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
@@ -277,13 +282,14 @@ class Store:
                 new = plan_input(ckpt, base, fused, space=manifest.space, base_config=manifest.base.adapter_config,
                                  name=name, number=manifest.next_number,
                                  missing=check_missing(missing or manifest.missing), source=source.source, hub=source.hub)
-                self._manifest = next_generation(tx, base, fused, list(manifest.tasks), [new],
-                                                  runner, self.chunk, progress, keep_copies=named)
+                self._manifest = next_generation(tx, base, fused, list(manifest.tasks), [new], runner, self.chunk,
+                                                  progress, keep_copies=named, allow_degrade=allow_degrade)
         self.last_pass = runner.report
         return TaskRecord.of(self._manifest.tasks[-1])
 
-    def remove(self, task: int | str, *, progress: bool = False) -> TaskRecord:
-        """Drop a task and re-unify the others from their reconstructions; its files are never read."""
+    def remove(self, task: int | str, *, progress: bool = False, allow_degrade: bool = False) -> TaskRecord:
+        """Drop a task and re-unify the others from their reconstructions; its files are never read.
+        Refused if that would damage another task (fusion.store.guard), unless `allow_degrade`."""
         with change(self.path, lambda: load_manifest(self.path)) as tx:
             manifest = tx.current
             gone = select_task(manifest, task, self.path)
@@ -295,7 +301,8 @@ class Store:
             runner = Runner(self.kernel, self.device)
             runner.start(fused, len(keep))
             with open_base(manifest) as base:
-                self._manifest = next_generation(tx, base, fused, keep, [], runner, self.chunk, progress)
+                self._manifest = next_generation(tx, base, fused, keep, [], runner, self.chunk, progress,
+                                                  operation="remove", removed=gone, allow_degrade=allow_degrade)
         self.last_pass = runner.report
         return TaskRecord.of(gone)
 

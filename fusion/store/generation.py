@@ -17,12 +17,14 @@ from ..constants import KERNELS, RESCALER_MODES
 from ..device import DeviceStage, resolve_device
 from ..dtypes import DType, FLOAT_NAMES, parse_dtype
 from ..engine import DEFAULT_CHUNK, chunk_ranges
+from ..errors import InputError
 from ..io import Checkpoint, open_checkpoint
 from ..kernels import default_kernel_name, get_kernel, preload
 from . import layout
 from .adapters import base_adapter_config, dense_adapter_deltas, plan_input, space_of
+from .guard import Finding, assess, refuse
 from .inputs import Input
-from .manifest import BaseRef, Digests, Fidelity, Manifest, SourceRef, TaskEntry, UnifiedEntry
+from .manifest import BaseRef, Digests, Fidelity, HistoryEvent, Manifest, SourceRef, TaskEntry, UnifiedEntry
 from .passio import OldSource, PassPlan, PassResult, run_pass
 from .plan import FusedTensor, NewTask, check_missing, plan_tensors
 from .records import default_task_name
@@ -138,7 +140,8 @@ def refuse_related(path: Path, store_dir: Path, what: str, other: str) -> None:
 
 
 def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | None,
-            missing: str, runner: Runner, chunk: int | None, progress: bool, max_shard_size: int) -> None:
+            missing: str, runner: Runner, chunk: int | None, progress: bool, max_shard_size: int, *,
+            allow_degrade: bool = False) -> None:
     """Plan and check everything, then run the first generation's pass and commit it."""
     for p, what in [(base_input.path, "the base"), *((i.path, "a checkpoint") for i in inputs)]:
         refuse_related(p, tx.store_dir, what, "the store")
@@ -162,14 +165,18 @@ def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode:
                          rescaler=mode, missing=missing, max_shard_size=max_shard_size,
                          tensors=[t.entry() for t in fused], next_number=1, tasks=[],
                          unified=UnifiedEntry(files=[], weight_map={}), files={})
-        next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty, keep_copies=names is not None)
+        next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty, keep_copies=names is not None,
+                        operation="unify", allow_degrade=allow_degrade)
 
 
 def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor], keep: list[TaskEntry],
                      new: list[NewTask], runner: Runner, chunk: int | None, progress: bool, *,
-                     first: Manifest | None = None, keep_copies: bool = False) -> Manifest:
+                     first: Manifest | None = None, keep_copies: bool = False, operation: str = "add",
+                     removed: TaskEntry | None = None, allow_degrade: bool = False) -> Manifest:
     """Run one pass (carry `keep`, add `new`), write the new generation's files, and commit it.
-    A new task with the content of another is refused (before the commit) unless `keep_copies`."""
+    A new task with the content of another is refused (before the commit) unless `keep_copies`;
+    a change that damages a task (fusion.store.guard) unless `allow_degrade`, which the history
+    then records. `operation` (unify, add, remove; `removed`: the task remove drops) names the change."""
     manifest = first or tx.current
     num_tasks = len(keep) + len(new)
     chunk = chunk or chunk_for(num_tasks)
@@ -179,7 +186,7 @@ def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor],
             old = stack.enter_context(reading(tx.store_dir, lambda m: [*m.unified.files, *(t.triggers for t in keep)]))
         sources = [_old_source(task, fused, manifest.space, stack) for task in keep]
         plan = PassPlan(base, fused, old, keep, new, sources, manifest.rescaler, runner.kernel(), chunk,
-                        manifest.max_shard_size, runner.stage)
+                        manifest.max_shard_size, runner.stage, operation, allow_degrade)
         result = run_pass(plan, tx, [t.number for t in keep] + [t.number for t in new], progress=progress)
         runner.done()
         for task in new:
@@ -188,7 +195,35 @@ def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor],
     after = _manifest_after(tx, manifest, base_files, fused, keep, new, result)
     if not keep_copies:
         refuse_copies(after, new)  # the pass measured the content; the transaction drops its files
-    return tx.commit(after)
+    findings = result.findings + _drift_findings(keep, new, fused, result, runner, operation, removed)
+    return tx.commit(_guarded(after, findings, operation, allow_degrade))
+
+
+def _drift_findings(keep: list[TaskEntry], new: list[NewTask], fused: list[FusedTensor], result: PassResult,
+                    runner: Runner, operation: str, removed: TaskEntry | None) -> list[Finding]:
+    """The stored tasks the pass damaged (fusion.store.guard); every task's drift goes to the runner's report."""
+    if not keep:
+        return []
+    drifts = assess(keep, [t.name for t in fused], result.rescalers, result.drift)
+    runner.report["drift"] = [d.as_dict() for d in drifts]
+    if operation == "remove" and removed is not None:
+        change, fix = f"remove task {removed.number} ({removed.name})", "keep it"
+    else:
+        change = f"{operation} {_label(new[0])}" if new else operation
+        fix = "check that tensor of the checkpoint"
+    return refuse(drifts, change=change, fix=fix)
+
+
+def _guarded(after: Manifest, findings: list[Finding], operation: str, allow_degrade: bool) -> Manifest:
+    """Refuse a damaging change in one line (the worst damage); allowed, the history records all of it."""
+    if not findings:
+        return after
+    if not allow_degrade:
+        more = f" ({len(findings) - 1} more finding(s) of the same kind)" if len(findings) > 1 else ""
+        raise InputError(findings[0].message + more)
+    event = HistoryEvent(generation=after.generation, operation=operation,
+                         tasks=sorted({f.number for f in findings}), allowed=[f.message for f in findings])
+    return replaced(after, history=[*after.history, event])
 
 
 def same_content(a: TaskEntry, b: TaskEntry, files: dict[str, Digests]) -> bool:
@@ -292,7 +327,8 @@ def _new_entry(task: NewTask, g: int, content: str) -> TaskEntry:
                      fidelity=Fidelity(cosine=None, rel_l2=None, generation=g), triggers="",
                      private=layout.private_name(task.number) if task.private else None,
                      private_tensors=list(task.private), zero_filled=list(task.zero_filled),
-                     files={p.name: layout.side_file_name(task.number, p.name) for p in task.side_files})
+                     files={p.name: layout.side_file_name(task.number, p.name) for p in task.side_files},
+                     dtype=task.dtype)
 
 
 def _rescaler(row: np.ndarray, fused: list[FusedTensor], mode: str):

@@ -127,7 +127,8 @@ def info(store_dir: Path, manifest: Manifest, records: list) -> dict:
     return {
         "store": str(store_dir.resolve()), "format": manifest.format, "version": manifest.version,
         "generation": manifest.generation,
-        "base": {"path": manifest.base.path, "hub": msgspec.to_builtins(manifest.base.hub), "bytes": manifest.base.nbytes},
+        "base": {"path": manifest.base.path, "hub": msgspec.to_builtins(manifest.base.hub), "bytes": manifest.base.nbytes,
+                 "dtypes": sorted({DTYPES[t.dtype].name for t in manifest.tensors})},
         "space": manifest.space,
         "rescaler": manifest.rescaler, "missing": manifest.missing,
         "tensors": len(manifest.tensors),

@@ -5,8 +5,8 @@ task is a full fine-tune or a LoRA adapter counted as its dense delta; `factors`
 LoRA adapter, and every task is an adapter of its configuration), the base (where it is, its hub
 id and commit, the checksums of its content, and in factor space its adapter configuration), the
 tensor table, and per task its number, name, kind (`model` or `adapter`), source (path, hub id
-and commit), rescaler(s), statistics and files, plus the size and block checksums of every file
-of the generation. It ends with
+and commit), rescaler(s), statistics, files and own dtype, plus the size and block checksums of
+every file of the generation. It ends with
 `checksum`, an XXH3-128 of its canonical content (every other field, keys sorted, compact JSON):
 a changed digit anywhere makes it fail to load. Loading checks, in this order: the JSON, the
 format and version, the checksum, the types (msgspec), then the rules that tie fields together
@@ -114,6 +114,10 @@ class TaskEntry(msgspec.Struct, **_STRICT):
     zero_filled: list[str] = []
     files: dict[str, str] = {}  # side file name -> path in the store
     attachments: dict[str, str] = {}  # attachment name -> path in the store
+    # The dtype of its fused tensors in its own checkpoint (a safetensors code; one per tensor where
+    # they differ), which decouple writes by default. None: not recorded (stores made before it,
+    # adapters counted dense): decouple writes the base's dtypes.
+    dtype: str | dict[str, str] | None = None
 
     @property
     def id(self) -> str:
@@ -124,6 +128,10 @@ class TaskEntry(msgspec.Struct, **_STRICT):
 
     def rescaler_of(self, tensor: str) -> float:
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler
+
+    def dtype_of(self, tensor: str) -> str | None:
+        """The code of fused `tensor`'s dtype in the task's own checkpoint, None where not recorded."""
+        return self.dtype.get(tensor) if isinstance(self.dtype, dict) else self.dtype
 
 
 class HistoryEvent(msgspec.Struct, **_STRICT):
@@ -288,6 +296,11 @@ def _check_task(m: Manifest, task: TaskEntry, where: str) -> None:
                  "needs one rescaler per fused tensor")
     else:
         _require(not isinstance(task.rescaler, dict), label, f"needs one rescaler in mode {m.rescaler!r}")
+    codes = list(task.dtype.values()) if isinstance(task.dtype, dict) else [task.dtype] if task.dtype else []
+    _require(all(c in DTYPES and DTYPES[c].is_float for c in codes), label,
+             f"dtype {task.dtype!r} is not a float dtype")
+    _require(not isinstance(task.dtype, dict) or set(task.dtype) <= {t.name for t in m.tensors}, label,
+             "dtype names a tensor that is not fused")
     expected = {"triggers": [task.triggers], "private": [task.private] if task.private else [],
                 "files": list(task.files.values()), "attachments": list(task.attachments.values())}
     for kind, paths in expected.items():

@@ -84,6 +84,7 @@ class NewTask:
     side_files: list[Path] = field(default_factory=list)
     kind: str = "model"  # or "adapter" (a PEFT LoRA adapter, fused as factors or as scaling * B @ A)
     hub: HubRef | None = None  # the hub id it was resolved from
+    dtype: str | dict[str, str] | None = None  # its fused tensors' own dtype (own_dtype), decouple's default
 
     def where(self, name: str) -> str:
         """The file that holds fused tensor `name`'s delta, for error messages."""
@@ -126,4 +127,12 @@ def plan_task(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, n
     if len(task.zero) == len(fused):
         raise ValueError(f"{ckpt.path}: shares no fused tensor with the base (none has the base's name and shape); "
                          "it does not fine-tune this base: check --base")
+    task.dtype = own_dtype({t.name: ckpt.info(t.name).dtype for t in fused if t.name not in task.zero})
     return task
+
+
+def own_dtype(dtypes: dict[str, DType]) -> str | dict[str, str] | None:
+    """How a task records its fused tensors' dtypes: one code when they agree, else one per tensor."""
+    codes = {name: dtype.code for name, dtype in dtypes.items()}
+    distinct = set(codes.values())
+    return (distinct.pop() if len(distinct) == 1 else codes) if codes else None

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import msgspec
 
+from ..dtypes import DTYPES
 from . import layout
 from .manifest import Manifest, TaskEntry
 
@@ -40,6 +41,9 @@ class TaskRecord:
     attachments: tuple[str, ...] = ()  # names of the data kept with it (fusion.Store.attach)
     kind: str = "model"  # "adapter": it came from a PEFT LoRA adapter
     hub: dict | None = None  # {"id", "revision", "commit"} when it came from the hub
+    # What decouple writes it in by default: its own checkpoint's dtype ("bfloat16"), one per fused
+    # tensor where they differ, or None where the store did not record it (then the base's).
+    dtype: str | dict[str, str] | None = None
 
     @classmethod
     def of(cls, task: TaskEntry) -> "TaskRecord":
@@ -48,7 +52,7 @@ class TaskRecord:
         rescaler = dict(task.rescaler) if isinstance(task.rescaler, dict) else task.rescaler
         return cls(task.number, task.name, source, task.added_generation, rescaler, task.l1, task.mask_density,
                    fidelity, tuple(task.private_tensors), tuple(task.zero_filled), tuple(task.files),
-                   tuple(task.attachments), task.kind, msgspec.to_builtins(task.source.hub))
+                   tuple(task.attachments), task.kind, msgspec.to_builtins(task.source.hub), _dtype_names(task.dtype))
 
     def rescaler_of(self, tensor: str) -> float:
         return self.rescaler[tensor] if isinstance(self.rescaler, dict) else self.rescaler
@@ -64,7 +68,14 @@ class TaskRecord:
                 "added_generation": self.added_generation, "rescaler": self.rescaler, "l1": self.l1,
                 "mask_density": self.mask_density, "fidelity": self.fidelity, "private": list(self.private),
                 "zero_filled": list(self.zero_filled), "files": list(self.files), "attachments": list(self.attachments),
-                "kind": self.kind, "hub": self.hub, "degraded": self.degraded}
+                "kind": self.kind, "hub": self.hub, "degraded": self.degraded, "dtype": self.dtype}
+
+
+def _dtype_names(recorded: str | dict[str, str] | None) -> str | dict[str, str] | None:
+    """A task's recorded dtype codes (BF16) as the names users write (bfloat16)."""
+    if isinstance(recorded, dict):
+        return {tensor: DTYPES[code].name for tensor, code in recorded.items()}
+    return DTYPES[recorded].name if recorded else None
 
 
 def select_task(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEntry:
