@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m benchmarks.adapter_storage" + (" --quick" if args.quick else "")
-    result["machine"] = machine_info()
+    result["command"], result["machine"] = command, machine_info()
     for path in write_results(NAME, result, _markdown(result, command), out_dir=results_dir):
         print(path)
 

@@ -658,9 +658,10 @@ def markdown(record: dict, notes: str) -> str:
     return f"""# When does ConDU keep zero-shot skill? mini-MTIL across size, strength and aggregation
 
 {QUICK_NOTE if record.get('quick') else ''}Every number here is read from `{NAME}.json`, which
-`python -m benchmarks.{NAME}` wrote from the run folders. Ten tasks in the order of `cl_driver/configs/mini_mtil.yaml` (order I), 200 test images
-each; ConDU with the paper's whole-model rescaler; training and data seed 0 unless a row says
-otherwise; pre-training seed 0. Machine: {record['machine']}; every run on one torch thread.
+`python -m benchmarks.{NAME}` wrote from the run folders. Ten tasks in the order of
+`cl_driver/configs/mini_mtil.yaml` (order I), 200 test images each; ConDU with the paper's
+whole-model rescaler; training and data seed 0 unless a row says otherwise; pre-training seed 0.
+Machine: {record['machine']}; every run on one torch thread.
 
 {not_run_text(record)}
 ## Models: one recipe, three widths

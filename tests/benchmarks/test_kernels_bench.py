@@ -1,11 +1,12 @@
-"""Smoke test of benchmarks/kernels.py: its naive peer computes ConDU, and a tiny run writes its reports."""
+"""benchmarks.kernels: its naive peer computes ConDU, and its peak-RSS child reports its own peak
+(its quick run, reports included, is in test_quick_runs.py)."""
 
 import json
 
 import numpy as np
 import torch
 
-from benchmarks.kernels import child_fuse_pass, main, naive_continual, naive_elect, naive_numel
+from benchmarks.kernels import child_fuse_pass, naive_continual, naive_elect, naive_numel
 from fusion import reference
 
 
@@ -42,22 +43,6 @@ def test_naive_size_shrinks_to_the_memory_budget():
     assert naive_numel(2, 1 << 24, budget=8 << 30) == 1 << 24
     assert naive_numel(16, 1 << 26, budget=6 << 30) == 1 << 24
     assert naive_numel(16, 1 << 26, budget=0) == 1 << 20  # never below 1M
-
-
-def test_tiny_run_writes_json_markdown_and_plot(tmp_path):
-    data = main(["--numel", "65536", "--tasks", "2", "3", "--repeats", "1", "--naive-repeats", "1", "--skip-rss",
-                 "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "kernels.json").read_text())
-    assert [r["tasks"] for r in saved["records"]] == [2, 3]
-    for record in saved["records"]:
-        for op in ("elect", "continual"):
-            assert record["cpu"][op]["gbps"] > 0 and record["naive"][op]["gbps"] > 0
-            assert record["ratios"][op]["cpu_over_naive"] > 0
-        assert record["cpu"]["copy"]["gbps"] > 0
-    assert data["records"][0]["numel"] == 65536
-    md = (tmp_path / "kernels.md").read_text()
-    assert "| T | op | cpu GB/s" in md and "cpu / copy" in md
-    assert (tmp_path / "kernels.png").stat().st_size > 1000
 
 
 def test_fuse_pass_child_reports_its_peak(capsys):

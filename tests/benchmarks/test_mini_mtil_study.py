@@ -1,4 +1,4 @@
-"""benchmarks/mini_mtil_study.py: its plan, its one-pass evaluation of every aggregation (equal to the
+"""benchmarks.mini_mtil_study: its plan, its one-pass evaluation of every aggregation (equal to the
 loop run once per rule), and its report built from the run folders."""
 
 import json

@@ -1,6 +1,5 @@
 """A reduced mini-MTIL (2 tasks, a few steps, the shipped mini CLIP) through the driver's loop
 and the benchmark's collection of results."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,16 +7,10 @@ import pytest
 import torch
 import yaml
 
+import benchmarks.mini_mtil as bench
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "cl_driver" / "assets" / "mini-clip"
-
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("mini_mtil_benchmark", ROOT / "benchmarks" / "mini_mtil.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -46,7 +39,6 @@ def test_reduced_benchmark_runs_and_reports_every_claim(tmp_path, one_thread):
     from cl_driver.config import load_config
     from cl_driver.loop import run
 
-    bench = load_benchmark()
     config = reduced_config(tmp_path / "mini.yaml")
     run(load_config(config), tmp_path / "run", progress=False)
     record = bench.collect(str(config), tmp_path / "run", tmp_path / "results", "mini",
@@ -79,7 +71,6 @@ def test_shipped_configs_name_the_shipped_model_and_every_method():
 
 
 def test_merging_method_groups_keeps_the_config_order():
-    bench = load_benchmark()
     part_a = {"tasks": ["a", "b"], "methods": {"condu-model": {"kind": "condu"}}, "matrices": {"condu-model": [[1]]},
               "summary": {"condu-model": {"last": 1}}, "fidelity": {"model": []}, "stores": {"model": {}},
               "seconds": {"x": 1}}
@@ -91,15 +82,14 @@ def test_merging_method_groups_keeps_the_config_order():
 
 
 def test_the_full_page_shows_the_other_settings_rows_and_their_commands(tmp_path):
-    bench = load_benchmark()
     summary = {m: {"transfer": 50.0 + i, "average": 60.0 + i, "last": 70.0 + i}
                for i, m in enumerate(("zero_shot", "sequential", "individual", "condu-model"))}
-    record = {"name": "mini_mtil_lora", "command": "python benchmarks/mini_mtil.py --config mini_mtil_lora "
+    record = {"name": "mini_mtil_lora", "command": "python -m benchmarks.mini_mtil --config mini_mtil_lora "
               "--name mini_mtil_lora", "results": {"summary": summary}}
     (tmp_path / "mini_mtil_lora.json").write_text(json.dumps(record))
     section = bench.settings_section(tmp_path)
     assert "| LoRA: rank 64 on the MLP linears of both towers, fused in factor space, lr 1e-3 | condu-model | "\
            "53.0 | 63.0 | 73.0 |" in section
     assert "| sequential |" not in section and "| 5-shot" not in section  # only the runs that exist, their key rows
-    assert "`python benchmarks/mini_mtil.py --config mini_mtil_lora --name mini_mtil_lora`" in section
+    assert "`python -m benchmarks.mini_mtil --config mini_mtil_lora --name mini_mtil_lora`" in section
     assert bench.settings_section(tmp_path / "nothing-here") == ""
