@@ -2,12 +2,20 @@
  *
  * The same loops as the numba backend (fusion/kernels/cpu_numba.py), block for block, and the
  * same numerics as fusion.reference: masks, signs and unified values bit for bit; the L1 and
- * fidelity sums in float64, per block, compared to a tolerance. Built once per machine by
- * fusion/kernels/cpu_native.py with the system C compiler, and loaded with ctypes: a process
- * starts it in milliseconds, where numba needs its import and its cached code (0.7 s).
+ * fidelity sums in float64, per block, compared to a tolerance. Built when the package is installed
+ * (setuptools' build_ext, declared in pyproject.toml) into a shared library beside
+ * fusion/kernels/cpu_native.py, which loads it with ctypes: a process starts it in milliseconds,
+ * where numba needs its import and its cached code (0.7 s).
  *
  * Numerics: compiled with -ffp-contract=off and without fast-math, so every float32 operation
  * rounds as written (no fused multiply-adds); only the float64 sums (SUMS) may be reordered.
+ *
+ * CPU dispatch: on x86-64 with glibc, every function with a loop is compiled three times (AVX-512,
+ * AVX2, the x86-64 baseline) and the dynamic loader picks the version this CPU runs when the library
+ * loads (GCC and clang function multiversioning, through ifunc), so one build serves every x86-64
+ * machine. A function without CONDU_CLONES that the compiler does not inline runs the baseline code
+ * in every version. Each version rounds every float32 operation as written, so all give the same
+ * bits; `-DCONDU_CLONES=` builds the baseline alone, which the tests compare with the dispatched one.
  *
  * Threads: every thread calling condu_unify takes the next `step` blocks from a shared counter
  * until none is left. Results are per block, so they do not depend on which thread took which.
@@ -18,6 +26,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef CONDU_CLONES
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CONDU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#endif
+#ifndef CONDU_CLONES
+#define CONDU_CLONES
+#endif
 
 #define NOT_MEASURED (-1)
 #define OWN_ROW (-2)
@@ -54,7 +73,7 @@ static inline float rebuilt(float u, float scale, uint32_t bit) {
 
 /* stage[i, :m] = where(bit i of element lo+j, u[lo+j] * lam[i], 0) for every stored task i, a mask
  * byte (eight elements, one vector) at a time. */
-static void rebuild_block(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
+CONDU_CLONES static void rebuild_block(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
     const int64_t bytes = (p->n + 7) / 8, full = m / 8;
     const float *restrict u = p->stored_u + lo;
     for (int64_t i = 0; i < p->num_old; i++) {
@@ -70,7 +89,7 @@ static void rebuild_block(const Pass *p, int64_t lo, int64_t m, float *restrict 
 }
 
 /* stage[num_old + t, :m] = row t on [lo, lo+m) as float32, minus base when given (one rounding). */
-static void stage_rows(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
+CONDU_CLONES static void stage_rows(const Pass *p, int64_t lo, int64_t m, float *restrict stage) {
     const float *restrict base = p->base ? p->base + lo : NULL;
     for (int64_t t = 0; t < p->num_new; t++) {
         float *restrict out = stage + (p->num_old + t) * p->block;
@@ -88,7 +107,8 @@ static void stage_rows(const Pass *p, int64_t lo, int64_t m, float *restrict sta
 }
 
 /* sign[:m] = +1 where the sequential float32 sum over tasks is > 0, else -1 (the reference's rule). */
-static void elect_sign(const float *restrict stage, int64_t tasks, int64_t block, int64_t m, float *restrict sign) {
+CONDU_CLONES static void elect_sign(const float *restrict stage, int64_t tasks, int64_t block, int64_t m,
+                                    float *restrict sign) {
     memcpy(sign, stage, (size_t)m * sizeof(float));
     for (int64_t t = 1; t < tasks; t++) {
         const float *row = stage + t * block;
@@ -99,7 +119,7 @@ static void elect_sign(const float *restrict stage, int64_t tasks, int64_t block
 
 /* magnitude[:m] = the largest |value| that agrees strictly with sign, else +0.0: x * sign is
  * exact (sign is +-1) and equals |x| where x agrees, <= 0 elsewhere; a NaN never wins. */
-static void magnitude_of(const float *restrict stage, int64_t tasks, int64_t block, int64_t m,
+CONDU_CLONES static void magnitude_of(const float *restrict stage, int64_t tasks, int64_t block, int64_t m,
                          const float *restrict sign, float *restrict magnitude) {
     for (int64_t j = 0; j < m; j++) magnitude[j] = 0.0f;
     for (int64_t t = 0; t < tasks; t++) {
@@ -129,7 +149,7 @@ static uint32_t f16_bits(uint32_t bits) {
 }
 
 /* u[:m] rounded to the store's dtype and widened back, so the sums see what is stored. */
-static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_table) {
+CONDU_CLONES static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_table) {
     if (rounding == 2) {
         for (int64_t j = 0; j < m; j++) {
             const uint32_t b = bits_of(u[j]);
@@ -145,10 +165,10 @@ static void round_block(float *u, int64_t m, int64_t rounding, const float *f16_
  * `omp simd reduction` lanes of seven sums in memory, 40x slower; hand-made lanes did not vectorise.)
  * The masks computed beside the sums are comparisons of exact products, which no flag here changes. */
 #if defined(__clang__)
-#define SUMS __attribute__((noinline))
+#define SUMS CONDU_CLONES __attribute__((noinline))
 #define REORDER_SUMS _Pragma("clang fp reassociate(on) contract(fast)")
 #else
-#define SUMS __attribute__((noinline, optimize("associative-math", "no-signed-zeros", "no-trapping-math", \
+#define SUMS CONDU_CLONES __attribute__((noinline, optimize("associative-math", "no-signed-zeros", "no-trapping-math", \
                                                 "fp-contract=fast", "unroll-loops")))
 #define REORDER_SUMS
 #endif
@@ -227,7 +247,7 @@ SUMS static void task_sums_fidelity(const float *restrict row, const float *rest
 
 /* Byte masks (0/1) -> bits, element 8k+b at bit b of byte k: eight mask bytes as one
  * little-endian word, times 0x0102040810204080, hold the packed byte in their top eight bits. */
-static void pack_mask(const uint8_t *mask, int64_t m, uint8_t *out) {
+CONDU_CLONES static void pack_mask(const uint8_t *mask, int64_t m, uint8_t *out) {
     const int64_t full = m / 8;
     for (int64_t k = 0; k < full; k++) {
         uint64_t word;
@@ -246,7 +266,7 @@ typedef struct {
     uint8_t *masks;
 } Scratch;
 
-static void elect_block(const Pass *p, int64_t b, Scratch *s) {
+CONDU_CLONES static void elect_block(const Pass *p, int64_t b, Scratch *s) {
     const int64_t tasks = p->num_old + p->num_new, lo = b * p->block;
     const int64_t m = p->n - lo < p->block ? p->n - lo : p->block;
     const int64_t bytes = (p->n + 7) / 8;
@@ -275,9 +295,12 @@ static void elect_block(const Pass *p, int64_t b, Scratch *s) {
     }
 }
 
+/* sizeof(Pass): the loader refuses a library whose struct differs from its mirror (_Pass). */
+int64_t condu_pass_size(void) { return (int64_t)sizeof(Pass); }
+
 /* Called by every thread of a pass: blocks `step` at a time from the shared counter. 0, or -1
  * when the scratch could not be allocated (then the thread does nothing; the caller raises). */
-int condu_unify(Pass *p, int64_t step) {
+CONDU_CLONES int condu_unify(Pass *p, int64_t step) {
     const int64_t tasks = p->num_old + p->num_new;
     Scratch s;
     s.stage = malloc((size_t)(tasks * p->block) * sizeof(float));
@@ -312,6 +335,7 @@ SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict m
  * elements, M from the packed bits, a mask byte (eight elements) at a time; one pass over the
  * inputs where numpy needs five. `out` may be `u` or `base` (each element is read before it is
  * written), so those three are not restrict. */
+CONDU_CLONES
 void condu_rebuild(const float *base, const float *u, const uint8_t *restrict packed, float scale, int64_t n,
                    float *out) {
     const int64_t full = n / 8;
