@@ -19,7 +19,7 @@ _HOMES = {
     "task_delta": "fuse", "unify": "fuse",
     "get_kernel": "kernels", "preload": "kernels",
     "Store": "store", "TaskRecord": "store", "StoreLockedError": "store",
-    "load": "io", "save": "io",
+    "load": "io", "save": "io", "atomic_write": "io.files",
     "passive_waiting": "threads",
     "ConduError": "errors", "InputError": "errors", "StoreDamaged": "errors", "IntegrityError": "errors",
     "ManifestError": "errors", "StoreLocked": "errors", "Interrupted": "errors",

@@ -6,7 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["temporary_name", "fsync_dir", "start_writeback", "atomic_write_bytes", "atomic_write_text", "model_side_files",
+__all__ = ["temporary_name", "fsync_dir", "start_writeback", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "model_side_files",
            "copy_file_durably", "WEIGHT_SUFFIXES", "SMALL_FILE_BYTES"]
 
 # Files of a model folder that are weights in some format; small files besides them are its side files.
@@ -73,6 +74,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | dict[str, bytes | str]) -> Path:
+    """Write a file (bytes, or text as UTF-8), or a whole folder ({file name: content}), so a reader
+    sees the old content or the new, never a mix, and a crash after the return loses nothing: the
+    files are fsynced, renamed into place, and the folder that holds them fsynced.
+
+    A folder is written under a temporary name and renamed whole, so one that exists is complete;
+    it must not exist yet (`path`'s parent must). Returns `path`."""
+    path = Path(path)
+    if isinstance(data, (bytes, bytearray, memoryview, str)):
+        atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        return path
+    _atomic_folder(path, data)
+    return path
+
+
+def _atomic_folder(path: Path, files: dict[str, bytes | str]) -> None:
+    import shutil  # here, not at the top: only folder writes need it
+
+    if path.exists():
+        raise FileExistsError(f"{path}: exists; a folder is written whole, under a name not taken yet")
+    for name in files:
+        if name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(f"{path}: {name!r} is not a file name; give the folder's files plain names")
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            atomic_write_bytes(tmp / name, content.encode("utf-8") if isinstance(content, str) else bytes(content))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def model_side_files(folder: str | os.PathLike) -> list[Path]:

@@ -95,6 +95,13 @@ class Store:
     def open(cls, path: str | os.PathLike, **options) -> "Store":
         return cls(path, **options)
 
+    @classmethod
+    def exists(cls, path: str | os.PathLike) -> bool:
+        """Whether `path` holds a store, whole or not: its manifest, or the backup a repair restores
+        it from. Where it does, `unify` refuses and `open` opens it or says what to do."""
+        path = Path(path)
+        return (path / layout.MANIFEST).is_file() or (path / layout.BACKUP).is_file()
+
     # -- reading -----------------------------------------------------------------------------
 
     def manifest(self) -> Manifest:
