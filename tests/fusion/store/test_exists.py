@@ -8,7 +8,8 @@ import pytest
 from fusion import ManifestError, Store
 
 from .helpers import OPTS, models
-from .test_migrate import FIXTURE
+
+V1_STORE = Path(__file__).resolve().parents[1] / "data" / "v1_store" / "store"  # the shipped older-format store
 
 
 def test_a_store_exists_once_unified_and_nothing_else_is_one(tmp_path):
@@ -38,7 +39,7 @@ def test_a_store_that_lost_its_manifest_still_exists_and_unify_there_refuses(tmp
 
 
 def test_an_older_format_store_exists(tmp_path):
-    old = shutil.copytree(FIXTURE, tmp_path / "v1") / "store"
+    old = shutil.copytree(V1_STORE, tmp_path / "v1")
     assert Store.exists(old)
     with pytest.raises(ManifestError, match="migrate"):
         Store.open(old)
