@@ -116,6 +116,20 @@ def _inferred_base_notes(store) -> list[str]:
     return notes
 
 
+def _allow_degrade_option(command):
+    return click.option("--allow-degrade/--no-allow-degrade", default=False,
+                        help="Make the change even if it would damage a stored task or store an absurd delta; "
+                             "the store's history records it.")(command)
+
+
+def _warn_allowed(store) -> None:
+    """One stderr line per damage the change just made was let through with (--allow-degrade)."""
+    manifest = store.manifest()
+    if manifest.history and manifest.history[-1].generation == manifest.generation:
+        for message in manifest.history[-1].allowed:
+            click.echo(f"condu-fuse: warning: allowed: {message}", err=True)
+
+
 def _task_option(command):
     return click.option("--task", required=True, help="Task number or name (see `condu-fuse info`).")(command)
 
@@ -188,6 +202,7 @@ def format_info(info: dict) -> str:
         kept = [*_own_dtype_text(t.get("dtype"), base.get("dtypes", [])),
                 *(f"private {n}" for n in t["private"]), *(f"attachment {n}" for n in t["attachments"]),
                 *(f"{len(t['zero_filled'])} zero-filled",) * bool(t["zero_filled"]),
+                *(f"degraded by choice at gen {g}" for g in t.get("degraded_by_choice", [])),
                 *([f"hub {_hub_text(t['hub'])}"] if t["hub"] else [])]
         lines.append(f"{t['number']:>3}  {t['name']:<24} {t['kind']:<7} {_rescaler_text(t['rescaler']):<26} "
                      f"{t['mask_density']:>8.3f} {_number(t['fidelity']['cosine']):>8} "
@@ -222,10 +237,11 @@ def main():
 @click.option("--chunk", type=click.IntRange(min=8), default=None,
               help="Elements per chunk and task (default: 4Mi shared by the tasks).")
 @_device_option
+@_allow_degrade_option
 @_quiet_option
 @click.argument("checkpoints", nargs=-1, required=True)
 @_one_line_errors
-def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, quiet, checkpoints):
+def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, allow_degrade, quiet, checkpoints):
     """Create a store from BASE and one or more checkpoints (one-shot unify).
 
     CHECKPOINTS are .safetensors files, model folders, PEFT adapter folders or hub ids
@@ -233,13 +249,15 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, q
     from .store import Store
 
     result = Store.unify(store, base, checkpoints, names=list(names) or None, rescaler=rescaler, dtype=dtype,
-                         missing=missing, kernel=kernel, chunk=chunk, progress=not quiet, device=device)
+                         missing=missing, kernel=kernel, chunk=chunk, progress=not quiet, device=device,
+                         allow_degrade=allow_degrade)
     if base is None and not quiet:
         for note in _inferred_base_notes(result):
             click.echo(f"condu-fuse: {note}", err=True)
     tasks = ", ".join(f"{t.number} ({t.name})" for t in result.tasks)
     click.echo(f"unified {len(result.tasks)} task(s) into {store} ({result.manifest().space}): {tasks}"
                f"{_pass_report(result)}")
+    _warn_allowed(result)
     _warn_degraded([t.as_dict() for t in result.tasks], result.generation)
 
 
@@ -249,15 +267,17 @@ def unify(base, store, rescaler, dtype, missing, names, kernel, chunk, device, q
 @click.option("--missing", type=click.Choice(MISSING_MODES), default=None,
               help="A base tensor the checkpoint lacks (default: the store's setting).")
 @_device_option
+@_allow_degrade_option
 @_quiet_option
 @click.argument("checkpoint")
 @_one_line_errors
-def add(store, name, missing, device, quiet, checkpoint):
+def add(store, name, missing, device, allow_degrade, quiet, checkpoint):
     """Add CHECKPOINT (a path, a PEFT adapter folder or a hub id) as a new task: the ConDU continual step."""
     opened = _open(store, device=device)
-    record = opened.add(checkpoint, name=name, missing=missing, progress=not quiet)
+    record = opened.add(checkpoint, name=name, missing=missing, progress=not quiet, allow_degrade=allow_degrade)
     zero = f"; {len(record.zero_filled)} tensor(s) it lacks counted as unchanged" if record.zero_filled else ""
     click.echo(f"added task {record.number} ({record.name}) to {store}{zero}{_pass_report(opened)}")
+    _warn_allowed(opened)
     _warn_degraded([t.as_dict() for t in opened.tasks], opened.generation)
 
 
@@ -283,13 +303,15 @@ def decouple(task, store, out, dtype, force, max_shard_size, quiet):
 @_task_option
 @_store_option
 @_device_option
+@_allow_degrade_option
 @_quiet_option
 @_one_line_errors
-def remove(task, store, device, quiet):
+def remove(task, store, device, allow_degrade, quiet):
     """Drop a task and re-unify the others; they keep their numbers."""
     opened = _open(store, device=device)
-    gone = opened.remove(task, progress=not quiet)
+    gone = opened.remove(task, progress=not quiet, allow_degrade=allow_degrade)
     click.echo(f"removed task {gone.number} ({gone.name}) from {store}{_pass_report(opened)}")
+    _warn_allowed(opened)
 
 
 @main.command()

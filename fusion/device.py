@@ -132,7 +132,8 @@ class DeviceStage:
                 None if stored is None else StoredChunk(self._up(stored.unified), self._up(stored.packed_masks),
                                                         self._up(np.asarray(stored.rescalers, dtype=np.float64))),
                 None if inputs.originals is None else Originals(self._up(inputs.originals.rows),
-                                                                np.asarray(inputs.originals.index)))
+                                                                np.asarray(inputs.originals.index),
+                                                                inputs.originals.drift))
         if self.cuda:
             self.copy_stream.synchronize()  # the pinned slot may be refilled as soon as this returns
         return moved

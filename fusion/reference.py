@@ -54,6 +54,7 @@ class ChunkResult(NamedTuple):
     delta_l1: np.ndarray  # (T,) float64: sum |delta_i| over the chunk
     masked_l1: np.ndarray  # (T,) float64: sum |M_i * u| over the chunk
     fidelity: np.ndarray | None = None  # (T, 5) float64 fidelity sums where asked for (zeros elsewhere)
+    drift: np.ndarray | None = None  # (T, 5) float64 sums against each task's own input row, when asked for
 
 
 NOT_MEASURED, OWN_ROW = -1, -2
@@ -65,10 +66,15 @@ class Originals(NamedTuple):
     `index[i]` for task i of the result: NOT_MEASURED; OWN_ROW, its own row of the new deltas
     (a new task's delta is its original); or r >= 0, row r of `rows` (a stored task whose
     fine-tune is still at hand). With `base` given, `rows` hold fine-tuned weights as well.
+
+    `drift=True` also asks for every task's sums against the row it entered the pass as
+    (`ChunkResult.drift`): a stored task's rebuild from the stored generation, a new task's delta.
+    They say how far a change moves each stored task's rebuild (fusion.store.guard).
     """
 
     rows: np.ndarray  # (R, n)
     index: np.ndarray  # (T,) int64
+    drift: bool = False
 
 
 # ---- unify ----------------------------------------------------------------------------------------
@@ -118,7 +124,8 @@ def elect(deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = No
     masked_l1 = np.where(masks, np.abs(unified), np.float32(0.0)).astype(np.float64).sum(axis=1)  # (T,)
     packed = pack_bits(masks)
     fidelity = None if originals is None else fidelity_table(unified, packed, deltas, originals, base)
-    return ChunkResult(unified, packed, delta_l1, masked_l1, fidelity)
+    drift = drift_table(unified, packed, deltas) if originals is not None and originals.drift else None
+    return ChunkResult(unified, packed, delta_l1, masked_l1, fidelity, drift)
 
 
 # ---- decouple ---------------------------------------------------------------------------------------
@@ -193,9 +200,14 @@ def fidelity_table(unified: np.ndarray, packed_masks: np.ndarray, deltas: np.nda
     return table
 
 
+def drift_table(unified: np.ndarray, packed_masks: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """(T, 5) sums of each task's new rebuild against the row it was unified from, `deltas[i]`."""
+    return np.stack([fidelity_sums(unified, packed_masks[i], deltas[i]) for i in range(len(deltas))])  # (T, 5)
+
+
 def _shifted(originals: Originals, base: np.ndarray | None) -> Originals:
     """The originals of a continual step as `elect` on the stacked (already subtracted) rows sees them."""
-    return Originals(task_deltas(originals.rows, base), originals.index)
+    return originals._replace(rows=task_deltas(originals.rows, base))
 
 
 # ---- mask bits ---------------------------------------------------------------------------------------

@@ -152,12 +152,13 @@ class CpuKernel:
         src, table = _as_rows(rows, "deltas")  # (T_new, n)
         base32 = _NO_BASE if base is None else np.ascontiguousarray(as_float32(base).reshape(-1))  # (n,)
         orig, index = _originals(originals, num_tasks, n)
-        out = self._outputs(num_tasks, n)
+        drift = originals is not None and originals.drift
+        out = self._outputs(num_tasks, n, drift)
         self.backend.unify(*stored, src, table, base32, self.block, out, _ROUNDING[float_dtype(unified_dtype).code],
                            _TABLES[F16], orig, index)
-        unified, packed, delta_l1, masked_l1, fidelity = out
+        unified, packed, delta_l1, masked_l1, fidelity, drift_sums = out
         return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0),
-                           None if originals is None else fidelity.sum(axis=0))
+                           None if originals is None else fidelity.sum(axis=0), drift_sums.sum(axis=0) if drift else None)
 
     def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -180,12 +181,14 @@ class CpuKernel:
         self.continual(result.unified, result.packed_masks, np.ones(2), deltas[:1])
         self.fidelity_sums(result.unified, result.packed_masks[0], deltas[0])
 
-    def _outputs(self, num_tasks: int, n: int) -> tuple:
-        """unified (n,), packed masks (T, n/8), and per-block partials of the L1 and fidelity sums."""
+    def _outputs(self, num_tasks: int, n: int, drift: bool) -> tuple:
+        """unified (n,), packed masks (T, n/8), and per-block partials of the L1, fidelity and drift
+        sums (drift: no blocks when not asked for, which tells the backend to skip it)."""
         num_blocks = max(1, -(-n // self.block))
         return (np.empty(n, dtype=np.float32), np.empty((num_tasks, -(-n // 8)), dtype=np.uint8),
                 np.zeros((num_blocks, num_tasks), dtype=np.float64), np.zeros((num_blocks, num_tasks), dtype=np.float64),
-                np.zeros((num_blocks, num_tasks, NUM_SUMS), dtype=np.float64))
+                np.zeros((num_blocks, num_tasks, NUM_SUMS), dtype=np.float64),
+                np.zeros((num_blocks if drift else 0, num_tasks, NUM_SUMS), dtype=np.float64))
 
     def __repr__(self) -> str:
         chosen = self._backend.NAME if self._backend is not None else self.requested

@@ -59,6 +59,7 @@ typedef struct {
     uint8_t *packed;               /* (T, ceil(n/8)) out */
     double *delta_l1, *masked_l1;  /* (num_blocks, T) out */
     double *fidelity;              /* (num_blocks, T, 5) out: A, E, D, Z, C */
+    double *drift;                 /* (num_blocks, T, 5) out: the same against each task's own row; or NULL */
     _Atomic int64_t next_block;    /* the shared counter of blocks handed out */
 } Pass;
 
@@ -245,6 +246,10 @@ SUMS static void task_sums_fidelity(const float *restrict row, const float *rest
     add_sums(sums, a, e, d, z, c);
 }
 
+/* out += A, E, D, Z, C of u against `original` under the byte mask (0/1) `mask`, over n elements. */
+SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict mask, const float *restrict original,
+                              int64_t n, double *out);
+
 /* Byte masks (0/1) -> bits, element 8k+b at bit b of byte k: eight mask bytes as one
  * little-endian word, times 0x0102040810204080, hold the packed byte in their top eight bits. */
 CONDU_CLONES static void pack_mask(const uint8_t *mask, int64_t m, uint8_t *out) {
@@ -283,11 +288,16 @@ CONDU_CLONES static void elect_block(const Pass *p, int64_t b, Scratch *s) {
         uint8_t *mask = s->masks + t * p->block;
         double *l1 = p->delta_l1 + b * tasks + t, *masked = p->masked_l1 + b * tasks + t;
         double *sums = p->fidelity + (b * tasks + t) * NUM_SUMS;
+        double *drift = p->drift ? p->drift + (b * tasks + t) * NUM_SUMS : NULL;
         if (r == OWN_ROW) { /* a new task: its own delta is the original */
             task_sums_fidelity(row, s->sign, u, m, mask, row, NULL, l1, masked, sums);
+            if (drift) memcpy(drift, sums, NUM_SUMS * sizeof(double)); /* its row is its original */
         } else if (r >= 0) { /* a kept task: its fine-tuned weights minus theta0, or its delta */
             task_sums_fidelity(row, s->sign, u, m, mask, p->orig + r * p->n + lo, p->base ? p->base + lo : NULL, l1,
                                masked, sums);
+            if (drift) condu_fidelity_sums(u, mask, row, m, drift);
+        } else if (drift) { /* against its own row: a stored task's rebuild from the stored generation */
+            task_sums_fidelity(row, s->sign, u, m, mask, row, NULL, l1, masked, drift);
         } else {
             task_sums(row, s->sign, u, m, mask, l1, masked);
         }

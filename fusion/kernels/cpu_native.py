@@ -51,7 +51,7 @@ class _Pass(ctypes.Structure):
         [(name, ctypes.c_void_p) for name in ("stored_u", "stored_packed", "lam", "src", "table", "base", "orig",
                                               "index")] + \
         [("rounding", ctypes.c_int64), ("f16_table", ctypes.c_void_p)] + \
-        [(name, ctypes.c_void_p) for name in ("unified", "packed", "delta_l1", "masked_l1", "fidelity")] + \
+        [(name, ctypes.c_void_p) for name in ("unified", "packed", "delta_l1", "masked_l1", "fidelity", "drift")] + \
         [("next_block", ctypes.c_int64)]
 
 
@@ -180,13 +180,13 @@ def _address(array: np.ndarray | None) -> int | None:
 def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index) -> None:
     """One chunk's pass (the arguments of fusion.kernels.cpu's drivers) into `out`."""
     library = _library()
-    unified, packed, delta_l1, masked_l1, fidelity = out
+    unified, packed, delta_l1, masked_l1, fidelity, drift = out
     n = unified.shape[0]
     index = np.ascontiguousarray(index, dtype=np.int64)
     arrays = dict(stored_u=stored_u, stored_packed=stored_packed, lam=lam, src=src,
                   table=table if table.size > 1 else None,  # a one-entry table: float32 rows, nothing to decode
                   base=base, orig=orig, index=index, f16_table=f16_table, unified=unified, packed=packed,
-                  delta_l1=delta_l1, masked_l1=masked_l1, fidelity=fidelity)
+                  delta_l1=delta_l1, masked_l1=masked_l1, fidelity=fidelity, drift=drift)  # drift: NULL when empty
     job = _Pass(n=n, block=block, num_old=stored_packed.shape[0], num_new=src.shape[0], num_blocks=-(-n // block),
                 rounding=rounding, next_block=0, **{name: _address(a) for name, a in arrays.items()})
     pool, threads = _workers()

@@ -265,7 +265,8 @@ def _agreement_fidelity(row, sign, u, m, mask, original, base, lo, out):
 @njit(**_JIT)
 def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base):
     """Elect one block of stacked deltas stage[:, :m] into the outputs at element out_lo."""
-    unified, packed, delta_l1, masked_l1, fidelity = out
+    unified, packed, delta_l1, masked_l1, fidelity, drift = out
+    measure_drift = drift.shape[0] > 0  # against each task's own row: asked for, or an empty table
     sign, magnitude, spare, masks = scratch
     _elect_sign(stage, m, sign)
     _magnitude(stage, m, sign, magnitude, spare)
@@ -277,9 +278,15 @@ def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, i
         r = index[t]
         if r == OWN_ROW:
             sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], stage[t], _NO_BASE, 0, fidelity[b, t])
+            if measure_drift:  # its row is its original
+                drift[b, t, :] = fidelity[b, t, :]
         elif r >= 0:
             sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], orig[r, out_lo : out_lo + m], base, out_lo,
                                        fidelity[b, t])
+            if measure_drift:
+                _fidelity_block(u, masks[t], stage[t], _NO_BASE, 0, m, drift[b, t])
+        elif measure_drift:  # against its own row: a stored task's rebuild from the stored generation
+            sums = _agreement_fidelity(stage[t], sign, u, m, masks[t], stage[t], _NO_BASE, 0, drift[b, t])
         else:
             sums = _agreement(stage[t], sign, u, m, masks[t])
         delta_l1[b, t], masked_l1[b, t] = sums

@@ -255,7 +255,7 @@ class TritonKernel:
         rows = _minus_base(deltas.to(device), base)  # (T, n)
         out = _Outputs.allocate(*rows.shape, self.block, device)
         self._launch(_elect_kernel, out, rows, T=rows.shape[0], ROUNDING=rounding)
-        return _with_fidelity(out.result(deltas.device), rows, 0, originals, base)
+        return _with_fidelity(out.result(deltas.device), rows, None, originals, base)
 
     def continual(self, unified: torch.Tensor, packed_masks: torch.Tensor, rescalers: torch.Tensor,
                   new_deltas: torch.Tensor, *, unified_dtype=F32, base: torch.Tensor | None = None,
@@ -274,7 +274,7 @@ class TritonKernel:
         t_old = packed_masks.shape[0]
         out = _Outputs.allocate(t_old + rows.shape[0], n, self.block, device)
         self._launch(_continual_kernel, out, *inputs, T_OLD=t_old, T=t_old + rows.shape[0], ROUNDING=rounding)
-        return _with_fidelity(out.result(unified.device), rows, t_old, originals, base)
+        return _with_fidelity(out.result(unified.device), rows, inputs[:3], originals, base)
 
     def rebuild(self, base: torch.Tensor, unified: torch.Tensor, packed: torch.Tensor, rescaler: float, *,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,20 +304,36 @@ def _minus_base(rows: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
     return (rows.float() - torch.as_tensor(base, device=rows.device).float().reshape(1, -1)).contiguous()
 
 
-def _with_fidelity(result: ChunkResult, rows: torch.Tensor, t_old: int, originals: Originals | None,
+def _stacked_row(i: int, rows: torch.Tensor, stored: list | None) -> torch.Tensor:
+    """Row i the kernel unified: stored task i rebuilt from (u, packed masks, float32 rescalers), or a new delta."""
+    t_old = 0 if stored is None else stored[1].shape[0]
+    if i >= t_old:
+        return rows[i - t_old]
+    unified, packed, rescalers32 = stored
+    mask = reference_torch.unpack_bits(packed[i : i + 1], unified.numel())[0]  # (n,) bool
+    return reference_torch.reconstruct(unified, mask, float(rescalers32[i]))  # (n,)
+
+
+def _with_fidelity(result: ChunkResult, rows: torch.Tensor, stored: list | None, originals: Originals | None,
                    base: torch.Tensor | None) -> ChunkResult:
-    """The result with each measured task's fidelity sums (torch operations on the device)."""
+    """The result with each measured task's fidelity sums, and with `originals.drift` every task's
+    sums against its own row (torch operations on the device). `stored`: the continual step's
+    (unified, packed masks, float32 rescalers) on the device."""
     if originals is None:
         return result
     unified, masks = result.unified.to(rows.device), result.packed_masks.to(rows.device)
     table = torch.zeros((masks.shape[0], 5), dtype=torch.float64, device=rows.device)  # (T, 5)
     for i, r in enumerate(torch.as_tensor(originals.index).tolist()):
         if r == OWN_ROW:
-            table[i] = reference_torch.fidelity_sums(unified, masks[i], rows[i - t_old])
+            table[i] = reference_torch.fidelity_sums(unified, masks[i], _stacked_row(i, rows, stored))
         elif r >= 0:
             original = _minus_base(torch.as_tensor(originals.rows[r], device=rows.device).reshape(1, -1), base)[0]
             table[i] = reference_torch.fidelity_sums(unified, masks[i], original)
-    return result._replace(fidelity=table.to(result.unified.device))
+    drift = None
+    if originals.drift:
+        drift = torch.stack([reference_torch.fidelity_sums(unified, masks[i], _stacked_row(i, rows, stored))
+                             for i in range(masks.shape[0])]).to(result.unified.device)  # (T, 5)
+    return result._replace(fidelity=table.to(result.unified.device), drift=drift)
 
 
 class _Outputs:

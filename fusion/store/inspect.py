@@ -120,10 +120,20 @@ def _sizes(manifest: Manifest) -> dict[str, int]:
     return sizes
 
 
+def _degraded_by_choice(manifest: Manifest) -> dict[int, list[int]]:
+    """Per task number, the generations whose change damaged it and was let through (--allow-degrade)."""
+    chosen: dict[int, list[int]] = {}
+    for event in manifest.history:
+        for number in event.tasks:
+            chosen.setdefault(number, []).append(event.generation)
+    return chosen
+
+
 def info(store_dir: Path, manifest: Manifest, records: list) -> dict:
     """Tasks, sizes and savings, JSON-able (`condu-fuse info --json`)."""
     sizes = _sizes(manifest)
     separate = len(records) * manifest.base.nbytes
+    chosen = _degraded_by_choice(manifest)
     return {
         "store": str(store_dir.resolve()), "format": manifest.format, "version": manifest.version,
         "generation": manifest.generation,
@@ -134,7 +144,8 @@ def info(store_dir: Path, manifest: Manifest, records: list) -> dict:
         "tensors": len(manifest.tensors),
         "fused_parameters": sum(FusedTensor.of(t).numel for t in manifest.tensors),
         "unified_dtypes": sorted({DTYPES[t.unified_dtype].name for t in manifest.tensors}),
-        "tasks": [r.as_dict() for r in records],
+        "tasks": [{**r.as_dict(), "degraded_by_choice": chosen.get(r.number, [])} for r in records],
+        "history": msgspec.to_builtins(manifest.history),
         "sizes": sizes,
         "separate_checkpoints_bytes": separate,
         "savings": separate / sizes["total"] if sizes["total"] else None,

@@ -29,6 +29,7 @@ from ..io import Checkpoint
 from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
 from ..rescale import compute_rescalers
 from . import faults, layout
+from .guard import Finding, MagnitudeWatch
 from .manifest import TaskEntry
 from .plan import FusedTensor, NewTask
 from ..progress import progress_bar
@@ -67,6 +68,8 @@ class PassPlan:
     chunk: int
     max_shard_size: int
     device: DeviceStage | None = None  # a torch device the kernel runs on (None: the host)
+    operation: str = "add"  # what the pass is for, as errors name it: unify, add, remove
+    allow_degrade: bool = False  # record (instead of refusing) new deltas out of bounds (fusion.store.guard)
 
     @property
     def num_tasks(self) -> int:
@@ -83,6 +86,8 @@ class PassResult:
     triggers: list[str]  # per task: its trigger file
     unified_files: list[str]
     weight_map: dict[str, str]
+    drift: np.ndarray | None = None  # (T, K, 5) each task's sums against its input row (stored tasks only)
+    findings: list[Finding] | None = None  # new deltas out of bounds, let through by allow_degrade
 
 
 class _Sink:
@@ -160,6 +165,8 @@ class _Reads:
             index[i] = r
         self.index = np.array(index, dtype=np.int64)  # (T,)
         self.pool = ThreadPoolExecutor(max_workers=_READER_THREADS, thread_name_prefix="condu-read")
+        self.watch = MagnitudeWatch(plan.new, {t.name: t.numel for t in plan.fused}, largest,
+                                    operation=plan.operation, allow=plan.allow_degrade)
 
     def read(self, name: str, lo: int, hi: int, slot: int) -> ChunkInputs:
         buffers, n = self.slots[slot], hi - lo
@@ -180,7 +187,10 @@ class _Reads:
             wait(rows)  # no row is still being written into the slot when this returns or raises
         for row in rows:
             row.result()
-        return ChunkInputs(new, base if self.weights else None, stored, Originals(originals, self.index))
+        self.watch.chunk(name, new, base, self.weights)
+        # drift: how far the pass moves each stored task's rebuild (fusion.store.guard)
+        return ChunkInputs(new, base if self.weights else None, stored,
+                           Originals(originals, self.index, drift=bool(self.plan.keep)))
 
     def _row(self, name: str, lo: int, hi: int, base: np.ndarray | None, source, zero: set[str], out: np.ndarray) -> None:
         """One task's row: its weights (or delta), or theta0 (a zero delta) for a tensor it lacks;
@@ -223,13 +233,19 @@ def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: b
     reads, sink = _Reads(plan), _Sink(plan, tx, numbers)
     bits = np.zeros(plan.num_tasks, dtype=np.int64)
     sums = np.zeros((plan.num_tasks, len(plan.fused), NUM_SUMS), dtype=np.float64)  # (T, K, 5)
+    drift = np.zeros_like(sums) if plan.keep else None  # (T, K, 5)
     column = {t.name: k for k, t in enumerate(plan.fused)}
+    numel = {t.name: t.numel for t in plan.fused}
 
     def emit(name: str, lo: int, hi: int, result: ChunkResult) -> None:
         _check_finite(plan, name, result.delta_l1[len(plan.keep):])
+        if hi == numel[name]:
+            reads.watch.tensor_done(name)  # before anything of an out-of-bounds tensor is written
         sink.write(name, result)
         bits[:] += np.bitwise_count(result.packed_masks).sum(axis=1, dtype=np.int64)  # (T,)
         sums[:, column[name]] += result.fidelity
+        if drift is not None:
+            drift[:, column[name]] += result.drift
         faults.hit("pass-chunk")
 
     specs = [TensorSpec(t.name, t.numel, t.unified_dtype) for t in plan.fused]
@@ -246,7 +262,8 @@ def run_pass(plan: PassPlan, tx: Transaction, numbers: list[int], *, progress: b
     rescalers = compute_rescalers(tables.delta_l1, tables.masked_l1, numels, plan.mode)
     return PassResult(rescalers, tables.delta_l1, bits, _fidelities(plan, sums, rescalers),
                       [task.deltas.content() for task in plan.new], sink.trigger_names,
-                      list(dict.fromkeys(sink.unified.weight_map.values())), dict(sink.unified.weight_map))
+                      list(dict.fromkeys(sink.unified.weight_map.values())), dict(sink.unified.weight_map),
+                      drift, reads.watch.findings)
 
 
 def _fidelities(plan: PassPlan, sums: np.ndarray, rescalers: np.ndarray) -> list:

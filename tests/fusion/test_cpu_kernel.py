@@ -217,18 +217,23 @@ def test_kernel_leaves_torch_thread_count_alone():
 
 
 def _originals(draw, num_tasks: int, num_new: int, n: int, scale: float) -> reference.Originals:
-    """Measure some tasks: new ones against their own row, stored ones against drawn originals."""
+    """Measure some tasks: new ones against their own row, stored ones against drawn originals or their
+    own (rebuilt) row; and maybe every task against its own row too (drift)."""
     num_old = num_tasks - num_new
     rows = draw(deltas(num_tasks=max(num_old, 1), length=n, scale=scale))
-    index = [draw(st.sampled_from([reference.NOT_MEASURED, i])) for i in range(num_old)]
+    index = [draw(st.sampled_from([reference.NOT_MEASURED, reference.OWN_ROW, i])) for i in range(num_old)]
     index += [draw(st.sampled_from([reference.NOT_MEASURED, reference.OWN_ROW])) for _ in range(num_new)]
-    return reference.Originals(rows, np.array(index, dtype=np.int64))
+    return reference.Originals(rows, np.array(index, dtype=np.int64), drift=draw(st.booleans()))
 
 
 def assert_same_fidelity(result: reference.ChunkResult, expected: reference.ChunkResult) -> None:
     assert_same(result, expected)
     assert result.fidelity.shape == expected.fidelity.shape
     np.testing.assert_allclose(result.fidelity, expected.fidelity, rtol=1e-10, atol=1e-12)
+    assert (result.drift is None) == (expected.drift is None)
+    if expected.drift is not None:
+        assert result.drift.shape == expected.drift.shape == (len(expected.packed_masks), 5)
+        np.testing.assert_allclose(result.drift, expected.drift, rtol=1e-10, atol=1e-12)
 
 
 @given(data=st.data(), block=BLOCKS)

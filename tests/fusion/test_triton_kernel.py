@@ -395,3 +395,34 @@ def test_base_and_originals_equal_the_reference(data, old, new):
     expected = reference.continual_chunk(*[host(a) for a in args], base=host(base), originals=originals)
     _assert_same(result, expected)
     np.testing.assert_allclose(host(result.fidelity), expected.fidelity, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), old=st.integers(0, 3), new=st.integers(0, 2))
+def test_drift_sums_equal_the_reference(data, old, new):
+    """With Originals.drift every task's sums against its own row (a stored task's rebuild, a new
+    delta), and a stored task measured against its own row (OWN_ROW), as the reference."""
+    if old + new == 0:
+        new = 1
+    n = data.draw(st.integers(1, 40))
+    rows = torch.from_numpy(data.draw(deltas(num_tasks=old + new, length=n)))  # (T, n)
+    base = torch.from_numpy(data.draw(deltas(num_tasks=1, length=n, scale=2.0**-3))[0])
+    index = [data.draw(st.sampled_from([reference.NOT_MEASURED, reference.OWN_ROW, 0])) for _ in range(old)]
+    index += [data.draw(st.sampled_from([reference.NOT_MEASURED, reference.OWN_ROW])) for _ in range(new)]
+    originals = reference.Originals(data.draw(deltas(num_tasks=1, length=n)), np.array(index), drift=True)
+    stored = reference.elect(host(rows[:max(old, 1)]))
+    rescalers = data.draw(st.lists(st.sampled_from([0.0, 0.75, 1.0, 1.37]), min_size=old, max_size=old))
+    args = (torch.from_numpy(stored.unified), torch.from_numpy(stored.packed_masks[:old]),
+            torch.tensor(rescalers, dtype=torch.float64), rows[old:] + base)
+    result = tk.TritonKernel(block=16).continual(*args, base=base, originals=originals)
+    expected = reference.continual_chunk(*[host(a) for a in args], base=host(base), originals=originals)
+    _assert_same(result, expected)
+    np.testing.assert_allclose(host(result.fidelity), expected.fidelity, rtol=1e-9, atol=1e-12)
+    assert result.drift.shape == (old + new, 5)
+    np.testing.assert_allclose(host(result.drift), expected.drift, rtol=1e-9, atol=1e-12)
+    if new:  # elect (no stored task) measures the same way
+        elected = tk.TritonKernel(block=16).elect(rows[old:] + base, base=base, originals=originals._replace(
+            index=np.array(index[old:])))
+        reference_elected = reference.elect(host(rows[old:] + base), base=host(base),
+                                            originals=originals._replace(index=np.array(index[old:])))
+        np.testing.assert_allclose(host(elected.drift), reference_elected.drift, rtol=1e-9, atol=1e-12)

@@ -29,12 +29,12 @@ class TorchReference:
     name = "reference-on-torch"
 
     def elect(self, deltas, *, unified_dtype, base=None, originals=None):
-        originals = originals and reference.Originals(_host(originals.rows), _host(originals.index))
+        originals = originals and originals._replace(rows=_host(originals.rows), index=_host(originals.index))
         return _tensors(reference.elect(_host(deltas), unified_dtype=unified_dtype, base=_host(base),
                                         originals=originals))
 
     def continual(self, unified, packed_masks, rescalers, new_deltas, *, unified_dtype, base=None, originals=None):
-        originals = originals and reference.Originals(_host(originals.rows), _host(originals.index))
+        originals = originals and originals._replace(rows=_host(originals.rows), index=_host(originals.index))
         return _tensors(reference.continual_chunk(_host(unified), _host(packed_masks), _host(rescalers),
                                                   _host(new_deltas), unified_dtype=unified_dtype, base=_host(base),
                                                   originals=originals))
