@@ -337,14 +337,16 @@ def verify(store, as_json):
     health = _open(store).verify()
     if as_json:
         click.echo(json.dumps({"ok": health.ok, "shared": health.shared,
-                               "tasks": [{"number": t.number, "name": t.name, "problems": p} for t, p in health.tasks]},
-                              indent=2))
+                               "tasks": [{"number": t.number, "name": t.name, "problems": p} for t, p in health.tasks],
+                               "store": health.store}, indent=2))
     else:
         for problem in health.shared:
             click.echo(f"every task: {problem}")
         for task, problems in health.tasks:
             state = "whole" if health.whole(task) else "DAMAGED" if problems else "lost with the shared damage"
             click.echo(f"task {task.number} ({task.name}): {state}" + "".join(f"\n    {p}" for p in problems))
+        for problem in health.store:  # the store's own: its backup manifest
+            click.echo(f"store: {problem}")
     if not health.ok:
         _fail(f"{len(health.problems)} problem(s) in {store}")
     if not as_json:

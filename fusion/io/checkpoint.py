@@ -24,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .files import check_inside, check_opened
 from .format import TensorInfo
 from .integrity import FileDigests
 from .reader import SafetensorsFile, open_files
@@ -68,20 +69,26 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
 
+def _folder_file(folder: Path, name: str) -> Path:
+    """folder/name, refused in one line if it is a link out of the folder (fusion.io.files.check_inside)."""
+    check_inside(folder / name, folder)
+    return folder / name
+
+
 def _folder_files(folder: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
     """The safetensors files of a model folder by name, and the index's weight map if sharded."""
     if is_adapter_folder(folder):
-        return {ADAPTER_WEIGHTS: folder / ADAPTER_WEIGHTS}, None
+        return {ADAPTER_WEIGHTS: _folder_file(folder, ADAPTER_WEIGHTS)}, None
     index = folder / HF_INDEX
     if index.is_file():
-        weight_map = _read_index(index)
+        weight_map = _read_index(_folder_file(folder, HF_INDEX))
         names = dict.fromkeys(weight_map.values())
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise ValueError(f"{index}: lists shard {missing[0]}, which is not in {folder}; restore it or re-save the model")
-        return {n: folder / n for n in names}, weight_map
+        return {n: _folder_file(folder, n) for n in names}, weight_map
     if (folder / HF_WEIGHTS).is_file():
-        return {HF_WEIGHTS: folder / HF_WEIGHTS}, None
+        return {HF_WEIGHTS: _folder_file(folder, HF_WEIGHTS)}, None
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(f"{folder}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors "
@@ -132,6 +139,8 @@ class Checkpoint:
                 label = f"{where} ({name})" if where and len(paths) > 1 else (where or str(p))
                 self.files.update(open_files({name: p}, digests=(digests or {}).get(name), record=record,
                                              where=label))
+                if self.path.is_dir():  # the file as opened, in case a link was swapped in since the check
+                    check_opened(self.files[name]._fd, p, folder=self.path)
             except BaseException:
                 self.close()
                 raise

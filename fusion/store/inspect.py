@@ -3,7 +3,10 @@
 `verify` reads every file of the generation and the base in full and checks each block
 against its checksum, and each data file's header against the tensor table. It reports what
 is whole per task: damage to the unified delta or the base touches every task, damage to a
-task's own files only that task (which `remove` can then drop).
+task's own files only that task (which `remove` can then drop). It also checks the backup
+manifest: when `condu.backup.json` could not restore `condu.json`, the store is one damaged file
+away from losing its table of contents, so that is a problem too (not ok, exit status 1), though
+every task is whole.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from ..io import SafetensorsFile
 from ..io.integrity import digest_file
 import msgspec
 
-from .manifest import Manifest, TaskEntry
+from . import layout
+from .manifest import Manifest, ManifestError, TaskEntry, read_manifest_file
 from .plan import FusedTensor
 from .snapshot import describe
 
@@ -25,14 +29,16 @@ __all__ = ["Health", "audit", "info"]
 
 @dataclass
 class Health:
-    """What `verify` found: problems shared by every task, and each task's own."""
+    """What `verify` found: problems shared by every task, each task's own, and the store's own
+    (its backup manifest), which leave every task whole."""
 
     shared: list[str] = field(default_factory=list)
     tasks: list[tuple[TaskEntry, list[str]]] = field(default_factory=list)
+    store: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
-        return self.shared + [p for _, problems in self.tasks for p in problems]
+        return self.shared + [p for _, problems in self.tasks for p in problems] + self.store
 
     @property
     def ok(self) -> bool:
@@ -100,6 +106,26 @@ def _base_problems(manifest: Manifest, base_path: str) -> list[str]:
     return problems
 
 
+def _backup_problem(store_dir: Path) -> str | None:
+    """Why `repair` could not restore condu.json from condu.backup.json, or None when it could."""
+    backup = store_dir / layout.BACKUP
+    try:
+        saved = read_manifest_file(backup)
+    except FileNotFoundError:
+        reason = "missing"
+    except ManifestError:
+        reason = "damaged"
+    except OSError as err:
+        reason = f"unreadable ({err.strerror or err.__class__.__name__})"
+    else:
+        gone = [rel for rel in saved.files if not (store_dir / rel).is_file()]
+        if not gone:
+            return None
+        reason = f"names {gone[0]}, which is gone"
+    return (f"{layout.BACKUP}: {reason}, so `condu-fuse repair` could not restore a damaged {layout.MANIFEST}; "
+            f"replace it with a copy of {layout.MANIFEST}, which is whole")
+
+
 def audit(store_dir: Path, manifest: Manifest) -> Health:
     """Read everything once and report what is whole."""
     damaged = {rel: p for rel in manifest.files if (p := _check_file(store_dir, manifest, rel))}
@@ -109,6 +135,7 @@ def audit(store_dir: Path, manifest: Manifest) -> Health:
         health.shared += [problem] if problem else []
     health.shared += _base_problems(manifest, manifest.base.path)
     health.tasks = [(t, _task_problems(store_dir, manifest, t, damaged)) for t in manifest.tasks]
+    health.store += filter(None, [_backup_problem(store_dir)])
     return health
 
 

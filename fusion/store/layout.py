@@ -20,7 +20,7 @@ import re
 
 __all__ = ["MANIFEST", "BACKUP", "LOCK", "SUBDIRS", "task_id", "unified_names", "trigger_name", "private_name",
            "side_file_name", "attachment_name", "is_owned", "check_task_name", "check_token", "clean_task_name",
-           "owned_kind"]
+           "owned_kind", "v1_kind"]
 
 MANIFEST = "condu.json"
 BACKUP = "condu.backup.json"
@@ -38,6 +38,11 @@ _PATTERNS = {
     "attachments": rf"attachments/{_TASK}/{_TOKEN}-{_GEN}\.safetensors",
 }
 _OWNED = re.compile("|".join(f"(?P<{kind}>{p})" for kind, p in _PATTERNS.items()))
+# The files a version 1 store (condu 0.1) wrote, for fusion.store.migrate: no files/ or
+# attachments/, but prototypes/t<number>-g<gen>.safetensors.
+_V1_PATTERNS = {kind: _PATTERNS[kind] for kind in ("unified", "triggers", "private")}
+_V1_PATTERNS["prototypes"] = rf"prototypes/{_TASK}-{_GEN}\.safetensors"
+_V1 = re.compile("|".join(f"(?P<{kind}>{p})" for kind, p in _V1_PATTERNS.items()))
 _TEMPORARY = re.compile(r"(?P<path>.+)\.tmp-\d+")
 
 
@@ -74,6 +79,12 @@ def attachment_name(number: int, name: str, generation: int) -> str:
 def owned_kind(rel: str) -> str | None:
     """Which kind of store file `rel` (a posix path relative to the store) is, or None."""
     match = _OWNED.fullmatch(rel)
+    return match.lastgroup if match else None
+
+
+def v1_kind(rel: str) -> str | None:
+    """Which kind of version 1 store file `rel` is (unified, triggers, private, prototypes), or None."""
+    match = _V1.fullmatch(rel) if isinstance(rel, str) else None
     return match.lastgroup if match else None
 
 

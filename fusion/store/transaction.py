@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import StoreLocked
-from ..io.files import atomic_write_bytes, fsync_dir
+from ..io.files import atomic_write_bytes, fsync_dir, naming_full_disk, read_side_file, stored_mode
 from ..io.integrity import BlockHasher
 from ..io.writer import SafetensorsWriter, ShardedWriter
 from . import faults, layout
@@ -110,13 +110,14 @@ class Transaction:
         self.written[rel] = Digests.of(writer.digests)
 
     def copy_in(self, src: Path, rel: str) -> None:
-        """Copy a small file into the store, checksummed as it is written, then fsynced."""
+        """Copy a side file of an input folder into the store (read as fusion.io.files.read_side_file
+        allows, no more open than the source), checksummed as it is written, then fsynced."""
+        side = read_side_file(src)  # read before anything is made, so a refused file leaves nothing
         target = self.store_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        data = Path(src).read_bytes()
         hasher = BlockHasher()
-        hasher.update(data)
-        atomic_write_bytes(target, data)
+        hasher.update(side.data)
+        atomic_write_bytes(target, side.data, mode=stored_mode(side.mode))
         self.written[rel] = Digests.of(hasher.finish())
 
     def digests(self, rel: str) -> Digests:
@@ -170,7 +171,8 @@ def change(store_dir: Path, current_loader) -> Iterator[Transaction]:
         _heal_backup(store_dir, current)
         tx = Transaction(store_dir, current)
         try:
-            yield tx
+            with naming_full_disk(store_dir):  # a full disk the writers did not name: the store, at least
+                yield tx
         except BaseException:
             tx.abort()
             raise

@@ -1,6 +1,7 @@
 """A version 1 store: refused in one line that says how to migrate, and migrated exactly."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fusion import Store
 from fusion.testing.checkpoints import snapshot
 
 from .helpers import one_line_error, run
+from .ondisk import disk_state
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "v1_store"
 
@@ -60,3 +62,125 @@ def test_migrating_twice_is_refused(v1, tmp_path):
     assert run(["migrate", "--store", v1 / "store"], tmp_path).exit_code == 0
     one_line_error(run(["migrate", "--store", v1 / "store"], tmp_path), "not a version 1 store")
     assert json.loads((v1 / "store" / "condu.json").read_text())["version"] == 2
+
+
+# ---- what a version 1 manifest may name, and how it may be written ---------------------------
+
+
+def _edit(v1, change):
+    """Rewrite the version 1 manifest with `change(content)` applied."""
+    path = v1 / "store" / "condu.json"
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def _gamma(content) -> dict:
+    return next(t for t in content["tasks"] if t["name"] == "gamma")
+
+
+def _refused(v1, tmp_path, phrase, *outside):
+    """migrate fails in one line containing `phrase`; nothing in the store or `outside` changed."""
+    before = disk_state(v1, *outside)
+    line = one_line_error(run(["migrate", "--store", v1 / "store"], tmp_path), phrase)
+    assert disk_state(v1, *outside) == before
+    return line
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_prototypes_outside_the_store_are_never_moved(v1, tmp_path, listed):
+    victim = tmp_path / "elsewhere" / "x-g000003.safetensors"
+    victim.parent.mkdir()
+    shutil.copy(v1 / "store" / "prototypes" / "t0003-g000003.safetensors", victim)
+
+    def point_outside(content):
+        old = _gamma(content)["prototypes"]
+        _gamma(content)["prototypes"] = str(victim)
+        if listed:
+            content["files"][str(victim)] = content["files"].pop(old)
+
+    _edit(v1, point_outside)
+    _refused(v1, tmp_path, "not a version 1", victim.parent)
+
+
+@pytest.mark.parametrize("path", ["prototypes/../../x-g000003.safetensors", "prototypes/t0002-g000003.safetensors",
+                                  "triggers/t0003-g000004.safetensors"])
+def test_prototypes_that_leave_their_folder_or_task_are_refused(v1, tmp_path, path):
+    victim = v1 / "x-g000003.safetensors"
+    shutil.copy(v1 / "store" / "prototypes" / "t0003-g000003.safetensors", victim)
+    _edit(v1, lambda content: _gamma(content).update(prototypes=path))
+    _refused(v1, tmp_path, "is not a version 1 prototypes file name of its own")
+
+
+def test_a_store_file_that_is_a_link_is_refused(v1, tmp_path):
+    store = v1 / "store"
+    outside = tmp_path / "outside.safetensors"
+    os.rename(store / "prototypes" / "t0003-g000003.safetensors", outside)
+    os.symlink(outside, store / "prototypes" / "t0003-g000003.safetensors")
+    _refused(v1, tmp_path, "outside its folder", outside)
+    os.unlink(store / "prototypes" / "t0003-g000003.safetensors")
+    os.symlink("../" + "triggers/t0002-g000004.safetensors", store / "prototypes" / "t0003-g000003.safetensors")
+    _refused(v1, tmp_path, "a link, where version 1 wrote a file")
+
+
+def test_a_folder_on_the_way_that_links_out_is_refused(v1, tmp_path):
+    store = v1 / "store"
+    os.rename(store / "prototypes", tmp_path / "prototypes")
+    os.symlink(tmp_path / "prototypes", store / "prototypes")
+    _refused(v1, tmp_path, "outside its folder", tmp_path / "prototypes")
+
+
+def _drop(*keys):
+    def change(content):
+        target = content
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+    return change
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (_drop("tasks"), "missing required field `tasks`"),
+    (_drop("base", "fingerprint"), "missing required field `fingerprint` - at `$.base`"),
+    (lambda c: c["tasks"][0].update(uid=5), "Expected `str`, got `int` - at `$.tasks[0].uid`"),
+    (lambda c: c["tasks"][0].update(fidelity=None), "Expected `object`, got `null` - at `$.tasks[0].fidelity`"),
+    (lambda c: c.update(files=[]), "Expected `object`, got `array` - at `$.files`"),
+    (lambda c: c.update(generation="4"), "Expected `int`, got `str` - at `$.generation`"),
+    (lambda c: c["tasks"][0].update(uid="t2"), "at `$.tasks[0].uid`"),
+    (lambda c: c["tensors"][0].update(shape=[[[[[8]]]]]), "at `$.tensors[0].shape[0]`"),
+    (lambda c: c.update(extra=1), "unknown field `extra`"),
+])
+def test_a_malformed_version_1_manifest_is_one_line(v1, tmp_path, change, phrase):
+    _edit(v1, change)
+    assert "a damaged version 1 manifest (" in _refused(v1, tmp_path, phrase)
+
+
+def test_deeply_nested_json_is_one_line(v1, tmp_path):
+    path = v1 / "store" / "condu.json"
+    text = path.read_text()
+    for deep in ("[" * 100000 + "]" * 100000, "[" * 100000):
+        path.write_text(text.replace('"files":', f'"x": {deep}, "files":', 1))
+        _refused(v1, tmp_path, "a damaged version 1 manifest")
+
+
+def test_task_files_must_be_their_own(v1, tmp_path):
+    def swap(content):
+        content["tasks"][0]["triggers"], content["tasks"][1]["triggers"] = (content["tasks"][1]["triggers"],
+                                                                          content["tasks"][0]["triggers"])
+    _edit(v1, swap)
+    _refused(v1, tmp_path, "task t0002's triggers 'triggers/t0003-g000004.safetensors' is not a version 1 triggers")
+
+
+def test_a_migration_that_fails_late_leaves_nothing_behind(v1, tmp_path):
+    """The last step, writing the manifest, fails: the links, their folders and the backup go."""
+    (v1 / "store" / "condu.backup.json").mkdir()  # the backup cannot be written
+    before = disk_state(v1)
+    result = run(["migrate", "--store", v1 / "store"], tmp_path)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert disk_state(v1) == before and not (v1 / "store" / "attachments").exists()
+
+
+def test_a_store_without_a_lock_file_keeps_none_after_a_refusal(v1, tmp_path):
+    os.unlink(v1 / "store" / "condu.lock")
+    _edit(v1, _drop("tasks"))
+    _refused(v1, tmp_path, "missing required field `tasks`")
