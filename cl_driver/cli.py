@@ -4,7 +4,10 @@
     condu-cl report DIR
     condu-cl prepare mtil --root DOWNLOADS --out DATA [--download]
     condu-cl prepare datasets SOURCE --out DATA/TASK [--image-column image] [--label-column label]
+    condu-cl prepare split FOLDER --out OUT [--test 0.2] [--val 0.1] [--seed 0]
     condu-cl demo
+
+`-h` and `--help` work on every command.
 """
 
 from __future__ import annotations
@@ -63,7 +66,11 @@ def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-@click.group()
+HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it
+PREPARE_EXTRA = "install the `prepare` extra: pip install -e '.[prepare]' (torchvision built for your torch)"
+
+
+@click.group(context_settings=HELP)
 def main() -> None:
     """Continual learning of Hugging Face CLIP with ConDU model fusion."""
 
@@ -164,7 +171,7 @@ def prepare_mtil(root, out, config_name, tasks, download, test_fraction, seed):
                                          test_fraction=test_fraction, seed=seed)
             click.echo(f"{name}: {sum(counts['train'])} train, {sum(counts['test'])} test images")
     except ImportError as err:
-        _missing_package(err, "torchvision", "install the torchvision build that matches your torch")
+        _missing_package(err, "torchvision", PREPARE_EXTRA)
     except ValueError as err:
         _fail(err)
 
@@ -193,6 +200,28 @@ def prepare_hf(source, out, class_names, image_column, label_column, train_split
         _missing_package(err, "datasets", "pip install datasets")
     except ValueError as err:
         _fail(err)
+
+
+@prepare.command("split")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="a new folder for train/, test/, val/")
+@click.option("--test", type=float, default=0.2, show_default=True, help="share of each class held out for testing")
+@click.option("--val", type=float, default=0.1, show_default=True,
+              help="share held out for validation (0: no val/)")
+@click.option("--seed", type=int, default=0, show_default=True, help="the shuffle's seed")
+def prepare_split(folder, out, test, val, seed):
+    """FOLDER/<class>/* into OUT/{train,test,val}/<class>/: per class, seeded, as hard links where
+    possible (else copies); the same cut as a folder source's `split`. Refuses an existing OUT."""
+    from .prepare import write_split
+
+    try:
+        counts = write_split(folder, out, test=test, val=val, seed=seed)
+    except ValueError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(ValueError(f"{err.filename or out}: {err.strerror or err}; nothing was written to {out}"))
+    parts = ", ".join(f"{sum(n)} {split}" for split, n in counts.items())
+    click.echo(f"{out}: {parts} images in {len(counts['train'])} classes")
 
 
 if __name__ == "__main__":

@@ -1,63 +1,18 @@
 """The run configuration of `condu-cl run`: one YAML file, validated once, here, by declared models.
 
-Schema (every key but `model`, `tasks` and `methods` has a default)::
+docs/config.md lists every key with its type, default and meaning; it is generated from the
+models below (`python -m cl_driver.config_doc > docs/config.md`, checked by a test). A small
+config of one's own image folders::
 
-    model: PATH_OR_HUB_ID        # theta0: a local CLIP folder, or a hub id org/name[@revision]; a
-                                 # relative path is resolved against the config file, then the packaged assets
-    device: auto                 # auto | cpu | cuda | cuda:N
-    image_size: null             # pixels for builtin tasks (default: the processor's crop size)
-    fusion_kernel: null          # reference | cpu | triton; null: fusion picks by device
-    data_root: null              # relative source paths start here (default: the config's folder);
-                                 # ~ and $VARS expand; `condu-cl run --data-root DIR` overrides it
-    tasks_file: mtil_tasks.yaml  # optional: task specs in another YAML file (a list, or {tasks: [...]})
-    tasks:                       # the task order; each entry:
-      - name: shapes                     # unique, [A-Za-z0-9_.-]
-        class_names: [circle, square]    # optional for builtin tasks (taken from the task)
-        templates: ["a photo of a {}."]  # each with one "{}"; optional for builtin tasks
-        source: {kind: builtin, task: shapes}
-        # or  source: {kind: folder, path: DIR}   DIR/train/<class>/*, DIR/test/<class>/*
-        # or  source: {kind: folder, train: DIR, test: DIR}
-        # or  source: {kind: hf_disk, path: DIR, image_column: image, label_column: label,
-        #              train_split: train, test_split: test}   (datasets.save_to_disk output)
-        # folder classes are matched to class_names by sub-folder name, or taken in sorted order
-        max_train: null                  # optional caps on images per split (a seeded subset)
-        max_test: null
-        lr: null                         # optional per-task overrides of `training`
-        iterations: null
-    task_order: [b, a]           # optional: run these tasks (of tasks_file and tasks), in this order
-    task_overrides:              # optional: per task name, the same overrides as in a task entry
-      a: {lr: 5.0e-5}
-    training:
-      iterations: 1000
-      batch_size: 64             # the global batch: split across processes under a launcher
-      lr: 1.0e-5
-      weight_decay: 0.0
-      warmup_steps: 100
-      label_smoothing: 0.2
-      train_part: whole          # whole | image | text | lora
-      lora: {rank: 64, init_std: 0.01}   # train_part lora: the MLP linears of both towers
-      shots: null                # N: train on N images per class (a seeded choice), few-shot
-      train_template: 0          # which template builds the class texts while training
-      seed: 0
-      num_workers: 0
-      mixed_precision: "no"      # no | fp16 | bf16 (accelerate)
-    evaluation:
-      batch_size: 128
-      top_k: 4                   # experts routed to, besides theta0
-      aggregate: mean            # mean (the official rule) | weighted (by prototype similarity) | gated
-      cache_size: 4              # decoupled experts kept in memory (LRU)
-      max_test: null             # cap on test images per task, for every task
-      pixel_cache: false         # keep large test sets as uint8 pixels on disk (run/pixels/), decoded once
-    methods:                     # a name, or a mapping with `kind` and options
-      - zero_shot
-      - sequential               # each task starts from the previous model
-      - {kind: task_arithmetic, alpha: 0.3}
-      - {kind: magmax, scale: 1.0}
-      - individual               # one fine-tune per task, with task identity (upper bound)
-      - {kind: condu, rescaler: model}            # name defaults to condu-model
-      - {kind: condu, rescaler: tensor, agnostic: true, top_k: 4, aggregate: mean}
+    model: openai/clip-vit-base-patch16
+    tasks:
+      - {name: myshapes, source: {kind: folder, path: myshapes, split: {test: 0.2, val: 0.1}}}
+      - {name: mycolors, source: {kind: folder, path: mycolors, split: {test: 0.2, val: 0.1}}}
+    training: {iterations: 100, batch_size: 16}
+    methods: [zero_shot, individual, {kind: condu, rescaler: model}]
 
-Method names must be unique; `condu-cl run --methods a,b` selects by name. A mistake is one
+Class names come from the class folders' names when a task gives none, with DEFAULT_TEMPLATES;
+`split` cuts one folder of class sub-folders into train/test/val (data.py). A mistake is one
 `ValueError` line: `FILE: FIELD: what is wrong; the fix`.
 """
 
@@ -111,24 +66,32 @@ class _Section(BaseModel):
 
 
 class LoraSettings(_Section):
-    rank: Int = Field(64, ge=1)
-    init_std: Float = Field(0.01, gt=0)  # both factors start as N(0, init_std^2), shared by all tasks
+    """`training.train_part: lora`: LoRA on the MLP linears (mlp.fc1, mlp.fc2) of both towers."""
+
+    rank: Int = Field(64, ge=1, description="the rank of every adapter")
+    init_std: Float = Field(0.01, gt=0, description="both factors start as N(0, init_std^2), drawn once and "
+                                                     "shared by all tasks")
 
 
 class TrainingConfig(_Section):
-    iterations: Int = Field(1000, ge=1)
-    batch_size: Int = Field(64, ge=1)
-    lr: Float = Field(1e-5, ge=0)
-    weight_decay: Float = Field(0.0, ge=0)
-    warmup_steps: Int = Field(100, ge=0)
-    label_smoothing: Float = Field(0.2, ge=0)
-    train_part: Literal[TRAIN_PARTS] = "whole"
-    lora: LoraSettings = LoraSettings()
-    shots: Int | None = Field(None, ge=1)
-    train_template: Int = Field(0, ge=0)
-    seed: Int = 0
-    num_workers: Int = Field(0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """How each task is fine-tuned from theta0 (AdamW, cosine schedule with warmup)."""
+
+    iterations: Int = Field(1000, ge=1, description="optimizer steps per task")
+    batch_size: Int = Field(64, ge=1, description="the global batch: split across processes under a launcher")
+    lr: Float = Field(1e-5, ge=0, description="peak learning rate")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: Int = Field(100, ge=0, description="linear warmup before the cosine decay")
+    label_smoothing: Float = Field(0.2, ge=0, description="of the cross-entropy over the task's classes")
+    train_part: Literal[TRAIN_PARTS] = Field("whole", description="what trains: the whole model, one tower, or "
+                                                                  "LoRA adapters (`lora`)")
+    lora: LoraSettings = Field(LoraSettings(), description="[LoRA settings](#training-lora), for `train_part: lora`")
+    shots: Int | None = Field(None, ge=1, description="N: train on N images per class (a seeded choice), few-shot; "
+                                                      "null: every training image")
+    train_template: Int = Field(0, ge=0, description="which of the task's templates builds the class texts "
+                                                     "while training")
+    seed: Int = Field(0, description="seeds training, subsets and few-shot choices")
+    num_workers: Int = Field(0, ge=0, description="DataLoader worker processes")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate's mixed precision")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -137,57 +100,113 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    batch_size: Int = Field(128, ge=1)
-    top_k: Int = Field(4, ge=1)
-    aggregate: Literal[AGGREGATES] = "mean"
-    cache_size: Int = Field(4, ge=1)
-    max_test: Int | None = Field(None, ge=1)
-    pixel_cache: bool = False
+    """How every method is evaluated after each task."""
+
+    batch_size: Int = Field(128, ge=1, description="images per forward pass")
+    top_k: Int = Field(4, ge=1, description="experts routed to, besides theta0 (`condu-cl run --top-k`)")
+    aggregate: Literal[AGGREGATES] = Field("mean", description="routed logits: the plain mean (the paper's rule), "
+                                                               "weighted by prototype similarity, or gated "
+                                                               "(`condu-cl run --aggregate`)")
+    cache_size: Int = Field(4, ge=1, description="decoupled experts kept in memory (least recently used goes)")
+    max_test: Int | None = Field(None, ge=1, description="cap on test images per task, for every task "
+                                                         "(a seeded subset)")
+    pixel_cache: bool = Field(False, description="keep large test sets as uint8 pixels on disk (RUN/pixels/), "
+                                                 "decoded once")
+
+
+class SplitSettings(_Section):
+    """A folder source's own train/test/val split: each class's images are shuffled with the seed and
+    cut by these fractions (the rest trains); every class keeps at least one training image. The
+    split is a function of the file names and the seed, and a run records the one it used
+    (RUN/splits/TASK.json) so that a resumed run reads the same."""
+
+    test: Float = Field(gt=0, lt=1, description="share of each class's images held out for testing")
+    val: Float = Field(0.0, ge=0, lt=1, description="share held out for validation (the `gated` aggregate "
+                                                    "calibrates on it)")
+    seed: Int = Field(0, description="the shuffle's seed")
+
+    @model_validator(mode="after")
+    def _room_to_train(self):
+        if self.test + self.val >= 1:
+            raise ValueError(f"test + val is {self.test + self.val:g}; leave a share to train (below 1)")
+        return self
 
 
 class FolderSource(_Section):
-    kind: Literal["folder"]
-    path: str | None = None
-    train: str | None = None
-    test: str | None = None
+    """Image folders, one sub-folder per class. Three layouts: `path` with train/ and test/ (and
+    val/) inside; `train` and `test` given apart; or `path` of class folders with `split`."""
+
+    kind: Literal["folder"] = Field(description="`folder`")
+    path: str | None = Field(None, description="the task's folder: with train/ and test/ sub-folders, or, with "
+                                               "`split`, the class folders themselves")
+    train: str | None = Field(None, description="the training class folders (with `test`, instead of `path`)")
+    test: str | None = Field(None, description="the test class folders (with `train`)")
+    split: SplitSettings | None = Field(None, description="cut `path`'s class folders into train/test/val: "
+                                                          "[split](#split)")
 
     @model_validator(mode="after")
     def _complete(self):
+        if self.split is not None and not (self.path and not (self.train or self.test)):
+            raise ValueError("a folder source with `split` needs `path` (the folder of class folders) and no "
+                             "`train` or `test`")
         if not (self.path or (self.train and self.test)):
-            raise ValueError("a folder source needs `path` (with train/ and test/) or both `train` and `test`")
+            raise ValueError("a folder source needs `path` (with train/ and test/, or class folders and `split`) "
+                             "or both `train` and `test`")
         return self
 
 
 class HfDiskSource(_Section):
-    kind: Literal["hf_disk"]
+    """A dataset written by `datasets.save_to_disk` (needs the `datasets` package)."""
+
+    kind: Literal["hf_disk"] = Field(description="`hf_disk`")
     path: str = Field(description="the folder that datasets.save_to_disk wrote")
-    image_column: str = "image"
-    label_column: str = "label"
-    train_split: str = "train"
-    test_split: str = "test"
+    image_column: str = Field("image", description="the column of images")
+    label_column: str = Field("label", description="the column of integer labels (a ClassLabel names the "
+                                                   "classes when the task gives no class_names)")
+    train_split: str = Field("train", description="the split to train on")
+    test_split: str = Field("test", description="the split to test on")
 
 
 class BuiltinSource(_Section):
-    kind: Literal["builtin"]
-    task: str = Field(min_length=1)
+    """A built-in procedural task of the mini benchmark (cl_driver.mini.tasks)."""
+
+    kind: Literal["builtin"] = Field(description="`builtin`")
+    task: str = Field(min_length=1, description="its name: shapes, colors, digits, letters, textures, counts, "
+                                                "positions, sizes, arrows or faces")
 
 
 Source = Annotated[Union[FolderSource, HfDiskSource, BuiltinSource], Field(discriminator="kind")]
 _OVERRIDES = ("max_train", "max_test", "lr", "iterations")
+# Prompt templates of a task that gives none (each with one "{}" for the class name); the first
+# builds the class texts while training (training.train_template: 0).
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
+                     "a cropped photo of a {}.", "an image of a {}.")
 
 
 class TaskOverrides(_Section):
-    max_train: Int | None = Field(None, ge=1)
-    max_test: Int | None = Field(None, ge=1)
-    lr: Float | None = Field(None, ge=0)
-    iterations: Int | None = Field(None, ge=1)
+    """Per-task settings: in a task's entry, or by task name under `task_overrides`."""
+
+    max_train: Int | None = Field(None, ge=1, description="cap on training images (a seeded subset)")
+    max_test: Int | None = Field(None, ge=1, description="cap on test images (a seeded subset; the smaller of "
+                                                         "this and evaluation.max_test wins)")
+    lr: Float | None = Field(None, ge=0, description="this task's training.lr")
+    iterations: Int | None = Field(None, ge=1, description="this task's training.iterations")
 
 
 class TaskConfig(TaskOverrides):
-    name: Name
-    source: Source
-    class_names: tuple[str, ...] | None = Field(None, min_length=1)
-    templates: tuple[str, ...] | None = Field(None, min_length=1)
+    """One task: its name, its images and the texts of its classes, plus the
+    [per-task settings](#task_overrides)."""
+
+    name: Name = Field(description="unique; letters, digits, `_`, `.`, `-`")
+    source: Source = Field(description="where the images are: [folder](#source-folder), "
+                                       "[hf_disk](#source-hf_disk) or [builtin](#source-builtin)")
+    class_names: tuple[str, ...] | None = Field(None, min_length=1, description=(
+        "in label order; null: a builtin task's own, a ClassLabel's names (hf_disk), or the class folders' names "
+        "in sorted order, made readable (`012_sea_lion` -> `sea lion`: a leading number and `_` dropped, `_` and "
+        "`-` as spaces)"))
+    templates: tuple[str, ...] | None = Field(None, min_length=1, description=(
+        "prompt templates, each with one `{}` for the class name; null: a builtin task's own, else "
+        + ", ".join(f"`{t}`" for t in DEFAULT_TEMPLATES)))
 
     @field_validator("templates")
     @classmethod
@@ -195,12 +214,6 @@ class TaskConfig(TaskOverrides):
         if templates and any(t.count("{}") != 1 for t in templates):
             raise ValueError("each template needs exactly one '{}' for the class name")
         return templates
-
-    @model_validator(mode="after")
-    def _texts_given(self):
-        if self.source.kind != "builtin" and (self.class_names is None or self.templates is None):
-            raise ValueError(f"task {self.name!r} needs class_names and templates (only builtin tasks bring their own)")
-        return self
 
     @property
     def source_dict(self) -> dict:
@@ -216,14 +229,21 @@ def default_method_name(data: dict) -> str:
 
 
 class MethodConfig(_Section):
-    name: Name
-    kind: Literal[METHOD_KINDS]
-    alpha: Float = 0.3  # task_arithmetic
-    scale: Float = 1.0  # magmax
-    rescaler: Literal[RESCALER_MODES] = "model"  # condu
-    agnostic: bool = False  # condu: route every task, seen or not
-    top_k: Int | None = Field(None, ge=1)  # condu: overrides evaluation.top_k
-    aggregate: Literal[AGGREGATES] | None = None  # condu: overrides evaluation.aggregate
+    """A method: its kind alone (`zero_shot`), or a mapping with `kind` and options. All run through
+    the same loop and training; `condu-cl run --methods a,b` selects by name."""
+
+    name: Name = Field(description="unique; `condu-cl run --methods` selects by it",
+                       json_schema_extra={"x-default": "the kind; ConDU: `condu-<rescaler>[-agnostic]`"})
+    kind: Literal[METHOD_KINDS] = Field(description=(
+        "zero_shot (theta0), sequential (each task starts from the previous model), task_arithmetic, magmax, "
+        "individual (one fine-tune per task with task identity: the upper bound), condu"))
+    alpha: Float = Field(0.3, description="task_arithmetic: the scale of the summed task vectors")
+    scale: Float = Field(1.0, description="magmax: the scale of the merged task vector")
+    rescaler: Literal[RESCALER_MODES] = Field("model", description="condu: how the unified delta is rescaled "
+                                                                   "per task")
+    agnostic: bool = Field(False, description="condu: route every task, seen or not (no task identity)")
+    top_k: Int | None = Field(None, ge=1, description="condu: this method's evaluation.top_k")
+    aggregate: Literal[AGGREGATES] | None = Field(None, description="condu: this method's evaluation.aggregate")
 
     @model_validator(mode="before")
     @classmethod
@@ -277,20 +297,33 @@ class RunConfig(_Section):
 
 class ConfigFile(_Section):
     """The YAML file as written: RunConfig's keys plus how its tasks are gathered and where
-    their data lives."""
+    their data lives. Every key but `model`, `methods` and the tasks (`tasks` or `tasks_file`) has
+    a default."""
 
-    model: str = Field(description="theta0 as a local CLIP folder or a hub id")
-    tasks: list[Any] = []
-    tasks_file: str | None = None
-    task_order: list[Name] | None = Field(None, min_length=1)
-    task_overrides: dict[str, TaskOverrides] = {}
-    data_root: str | None = None
-    methods: list[Any] = Field(min_length=1, description=f"list at least one method of {', '.join(METHOD_KINDS)}")
-    training: dict | None = None
-    evaluation: dict | None = None
-    device: str = "auto"
-    image_size: Any = None
-    fusion_kernel: Any = None
+    model: str = Field(description=(
+        "theta0: a local CLIP folder (relative: to the config's folder, then to the packaged assets, such as "
+        "`mini-clip`) or a hub id `org/name[@revision]`"))
+    tasks: list[Any] = Field([], description="[tasks](#tasks) in the order they are learned (after those of "
+                                             "`tasks_file`)")
+    tasks_file: str | None = Field(None, description=(
+        "more task entries in another YAML file (a list, or `{tasks: [...]}`), before `tasks`: relative to the "
+        "config, else one shipped in cl_driver/configs/ by that name (`mtil_tasks.yaml`)"))
+    task_order: list[Name] | None = Field(None, min_length=1, description=(
+        "run only these tasks (of `tasks_file` and `tasks`), in this order"))
+    task_overrides: dict[str, TaskOverrides] = Field({}, description=(
+        "per task name, [per-task settings](#task_overrides) that replace the task entry's"))
+    data_root: str | None = Field(None, description=(
+        "where relative source paths start (default: the config's folder); `~` and `$VARS` expand; "
+        "`condu-cl run --data-root DIR` overrides it"))
+    methods: list[Any] = Field(min_length=1, description=(
+        f"[methods](#methods): at least one of {', '.join(METHOD_KINDS)}"))
+    training: TrainingConfig = Field(TrainingConfig(), description="[training](#training) settings")
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="[evaluation](#evaluation) settings")
+    device: str = Field("auto", description="auto (CUDA when there is one) | cpu | cuda | cuda:N")
+    image_size: Int | None = Field(None, ge=1, description="pixels of builtin tasks' images (default: the "
+                                                           "processor's crop size)")
+    fusion_kernel: Literal[KERNELS] | None = Field(None, description="the fusion kernels; null: fusion picks by "
+                                                                     "device")
 
 
 # ---------------------------------------------------------------- errors
@@ -317,7 +350,8 @@ def _message(error: dict) -> str:
     if kind == "union_tag_not_found":
         return f"needs `kind`, one of {', '.join(SOURCE_KINDS)}"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("literal_error", "int_from_float",
-                                                                        "greater_than_equal", "greater_than"):
+                                                                        "greater_than_equal", "greater_than",
+                                                                        "less_than", "less_than_equal"):
         return f"{message}, got {error['input']!r}"
     return message
 
@@ -379,13 +413,23 @@ def _resolve_source_paths(source: dict, data_root: Path) -> dict:
     return resolved
 
 
+def tasks_file_path(where: str, name: str, base_dir: Path) -> Path:
+    """`tasks_file` relative to the config's folder, else the shipped one of that name (so a copy of a
+    shipped config works alone)."""
+    given = Path(_expand(name))
+    here, shipped = base_dir / given, packaged_config(str(given))
+    if here.is_file():
+        return here
+    if not given.is_absolute() and shipped.is_file():
+        return shipped
+    raise ValueError(f"{where}: tasks_file: {name} is neither beside the config ({here}) nor shipped in "
+                     f"cl_driver/configs/; give a path relative to the config, or list the tasks under `tasks:`")
+
+
 def _task_entries(where: str, raw: ConfigFile, base_dir: Path) -> list:
     entries = list(raw.tasks)
     if raw.tasks_file:
-        tasks_path = base_dir / raw.tasks_file
-        if not tasks_path.exists():
-            raise ValueError(f"{where}: tasks_file: {tasks_path} does not exist; give a path relative to the config")
-        loaded = _read_yaml(tasks_path)
+        loaded = _read_yaml(tasks_file_path(where, raw.tasks_file, base_dir))
         entries = list(loaded.get("tasks", []) if isinstance(loaded, dict) else loaded or []) + entries
     if not entries:
         raise ValueError(f"{where}: tasks: no tasks; list them under `tasks:` or point `tasks_file:` at a list")

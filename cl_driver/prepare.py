@@ -8,12 +8,17 @@ Output layout (what a `folder` source reads)::
 Class folders are numbered in label order, so their sorted order is the label order; every
 class gets a folder, even one without images in a split. torchvision and datasets are imported
 only here, only when a command needs them: the rest of the project runs without them.
+
+`write_split` cuts one's own folder of class folders into OUT/{train,test,val}/<class>/ with the
+same seeded per-class cut as a folder source's `split` (data.stratified_split), as hard links
+where the filesystem allows, else copies.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -145,3 +150,54 @@ def dataset_class_names(dataset_dict, label_column: str) -> list[str]:
     if not names:
         raise ValueError(f"prepare: the label column {label_column!r} has no class names; pass --class-names FILE")
     return [n.replace("_", " ") for n in names]
+
+
+# ---------------------------------------------------------------- one's own folder
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link to `source` at `target`, or a copy where links are refused (another filesystem)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _check_split_paths(root: Path, out: Path) -> None:
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such folder; give a folder of class folders (FOLDER/<class>/*.png)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not empty; choose a new --out (nothing is overwritten)")
+    if out.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{out}: inside {root}, where it would read as one more class; choose --out outside it")
+
+
+def write_split(folder: str | os.PathLike, out: str | os.PathLike, *, test: float = 0.2, val: float = 0.1,
+                seed: int = 0) -> dict[str, list[int]]:
+    """Cut FOLDER/<class>/* into OUT/{train,test[,val]}/<class>/ (per class, seeded; every class
+    keeps at least one training image and a folder in every split); return the count per class of
+    each split. OUT is written whole under a temporary name, then renamed: an error leaves nothing."""
+    from .config import SplitSettings, validated
+    from .data import cut_folder
+
+    root, out = Path(folder), Path(out)
+    settings = validated(SplitSettings, {"test": test, "val": val, "seed": seed}, "condu-cl prepare split")
+    _check_split_paths(root, out)
+    classes, files = cut_folder(root, None, test=settings.test, val=settings.val, seed=settings.seed)
+    splits = [s for s in ("train", "test", "val") if s != "val" or settings.val > 0]
+    tmp = out.resolve().with_name(f".{out.resolve().name}.{os.getpid()}.tmp")
+    try:
+        for split in splits:
+            for name in classes:
+                (tmp / split / name).mkdir(parents=True)
+            for _, file in files[split]:
+                _link_or_copy(root / file, tmp / split / file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {split: [sum(1 for label, _ in files[split] if label == i) for i in range(len(classes))]
+            for split in splits}

@@ -47,6 +47,7 @@ def test_prepare_without_torchvision_says_what_to_install(tmp_path, monkeypatch)
     result = CliRunner().invoke(main, ["prepare", "mtil", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
                                        "--tasks", "mnist"])
     assert result.exit_code == 1 and "needs `torchvision`" in result.output
+    assert "install the `prepare` extra: pip install -e '.[prepare]'" in result.output
     unknown = CliRunner().invoke(main, ["prepare", "mtil", "--root", str(tmp_path), "--out", str(tmp_path),
                                         "--tasks", "imagenet"])
     assert unknown.exit_code == 1 and "no task 'imagenet'" in unknown.output
@@ -104,3 +105,37 @@ def test_mtil_without_network_is_one_line(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: openai/clip-vit-base-patch16: ") and done.stderr.count("\n") == 1
     assert "no connection to the hub" in done.stderr
+
+
+def _commands(group, path=()):
+    """Every command's words, the group's own first: (), ("run",), ("prepare", "mtil"), ..."""
+    import click
+
+    yield path
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, path + (name,)) if isinstance(command, click.Group) else [path + (name,)]
+
+
+def test_dash_h_is_help_everywhere():
+    words = list(_commands(main))
+    assert {("run",), ("report",), ("prepare", "split"), ("prepare", "mtil")} <= set(words)
+    for command in words:
+        short, long = (CliRunner().invoke(main, [*command, flag]) for flag in ("-h", "--help"))
+        assert short.exit_code == 0 and short.output == long.output, (command, short.output)
+        assert "-h, --help" in short.output
+
+
+def test_prepare_split_prints_its_counts_and_refuses_an_existing_out(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "mine" / name).mkdir(parents=True)
+        for k in range(5):
+            Image.new("RGB", (4, 4), (k, 0, 0)).save(tmp_path / "mine" / name / f"{k}.png")
+    command = ["prepare", "split", str(tmp_path / "mine"), "--out", str(tmp_path / "out"), "--test", "0.4"]
+    done = CliRunner().invoke(main, command)
+    assert done.exit_code == 0, done.output
+    assert done.output == f"{tmp_path / 'out'}: 4 train, 4 test, 2 val images in 2 classes\n"
+    again = CliRunner().invoke(main, command)
+    assert again.exit_code == 1 and again.output.count("\n") == 1
+    assert again.output.startswith(f"error: {tmp_path / 'out'}: exists and is not empty")

@@ -42,7 +42,17 @@ def test_per_task_overrides_apply_to_that_task_only():
     ({"training": {"lr": "fast"}}, "training.lr"),
     ({"training": {"iterations": 0}}, "training.iterations"),
     ({"evaluation": {"aggregate": "max"}}, "evaluation.aggregate"),
-    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d"}}]}, "class_names and templates"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "split": {"test": 0.2}}}]}, r"tasks\[0\].source: .*`path`"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d", "train": "t", "split": {"test": 0.2}}}]},
+     "no `train` or `test`"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d", "split": {"val": 0.1}}}]},
+     r"tasks\[0\].source.split.test: missing"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d", "split": {"test": 1.5}}}]},
+     r"source.split.test: Input should be less than 1, got 1.5"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d", "split": {"test": 0.5, "val": 0.5}}}]},
+     r"source.split: test \+ val is 1; leave a share to train"),
+    ({"tasks": [{"name": "x", "source": {"kind": "folder", "path": "d", "split": {"test": 0.2, "train": 0.8}}}]},
+     r"source.split: unknown keys \['train'\]"),
     ({"tasks": [{"name": "x", "source": {"kind": "builtin"}}]}, r"tasks\[0\].source.task"),
     ({"tasks": [{"name": "x", "source": {"kind": "builtin", "task": "x"}, "templates": ["no slot"]}]}, "'{}'"),
     ({"tasks": [{"name": "bad name", "source": {"kind": "builtin", "task": "x"}}]}, r"tasks\[0\].name"),
@@ -163,3 +173,74 @@ def test_the_mini_settings_differ_from_the_full_mini_benchmark_only_where_they_s
     assert lora.training == full.training.replace(train_part="lora", lr=1e-3)
     assert few.training == full.training.replace(shots=5, iterations=100, warmup_steps=10)
     assert lora.evaluation == few.evaluation == full.evaluation
+
+
+def test_folder_tasks_need_no_class_names_or_templates_and_may_split():
+    cfg = parse_config(base(tasks=[{"name": "mine", "source": {"kind": "folder", "path": "mine",
+                                                               "split": {"test": 0.2, "val": 0.1}}}]))
+    task = cfg.tasks[0]
+    assert task.class_names is None and task.templates is None  # filled from the folders (data.resolve_task)
+    assert task.source.split.model_dump() == {"test": 0.2, "val": 0.1, "seed": 0}
+    assert parse_config(base(tasks=[{"name": "f", "source": {"kind": "folder", "path": "f"}}])).tasks[0].source.split \
+        is None
+
+
+def test_default_templates_each_have_one_slot():
+    from cl_driver.config import DEFAULT_TEMPLATES
+
+    assert DEFAULT_TEMPLATES[0] == "a photo of a {}." and all(t.count("{}") == 1 for t in DEFAULT_TEMPLATES)
+
+
+def test_a_copied_config_finds_its_tasks_file_beside_it_or_shipped(tmp_path):
+    from cl_driver.config import packaged_config
+
+    copy = tmp_path / "mtil.yaml"
+    copy.write_text(packaged_config("mtil.yaml").read_text())  # alone: no mtil_tasks.yaml beside it
+    assert [t.name for t in load_config(copy).tasks] == [t.name for t in load_config("mtil").tasks]
+    beside = [{"name": "aircraft", "source": {"kind": "builtin", "task": "shapes"}}]
+    (tmp_path / "mtil_tasks.yaml").write_text(yaml.safe_dump({"tasks": beside}))
+    copy.write_text(packaged_config("mtil.yaml").read_text().replace("mnist: {lr: 5.0e-05}", ""))
+    assert [t.name for t in load_config(copy).tasks] == ["aircraft"]  # the one beside the config wins
+
+
+def test_a_tasks_file_found_nowhere_says_where_it_looked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base(tasks_file="nope_tasks.yaml")))
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: tasks_file: nope_tasks.yaml is neither beside the config "
+                              f"({tmp_path / 'nope_tasks.yaml'}) nor shipped in cl_driver/configs/")
+    assert "list the tasks under `tasks:`" in message and "\n" not in message
+
+
+def test_the_config_reference_is_current():
+    from pathlib import Path
+
+    from cl_driver.config_doc import config_reference
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert committed.read_text() == config_reference(), "run: python -m cl_driver.config_doc > docs/config.md"
+
+
+def test_the_config_reference_names_every_key_of_every_section():
+    from cl_driver.config_doc import SECTIONS, config_reference
+
+    text = config_reference()
+    for heading, model in SECTIONS:
+        section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+        assert [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")] == \
+            list(model.model_fields), heading
+    assert "| `test` | number > 0 and < 1 | required |" in text
+    assert "| `iterations` | integer >= 1 | `1000` |" in text
+    assert "| `name` | string matching `^[A-Za-z0-9_.-]+$` | the kind;" in text  # filled in by a validator
+
+
+def test_reference_links_point_at_sections():
+    import re
+
+    from cl_driver.config_doc import SECTIONS, _anchor, config_reference
+
+    anchors = {_anchor(heading) for heading, _ in SECTIONS}
+    assert _anchor("training: lora") == "training-lora" and _anchor("source: hf_disk") == "source-hf_disk"
+    assert set(re.findall(r"\]\(#([^)]+)\)", config_reference())) <= anchors

@@ -6,7 +6,7 @@ from PIL import Image
 
 from cl_driver.config import TaskConfig
 from cl_driver.data import load_split, resolve_task
-from cl_driver.prepare import class_folder_name, prepare_datasets, prepare_torchvision, split_indices
+from cl_driver.prepare import class_folder_name, prepare_datasets, prepare_torchvision, split_indices, write_split
 
 
 def image(value, size=8):
@@ -85,3 +85,67 @@ def test_prepare_datasets_rows(tmp_path):
 def test_class_folder_names_sort_in_label_order():
     names = [class_folder_name(i, n) for i, n in enumerate(["F/A-18", "707-320", "Zebra"])]
     assert names == ["000_f-a-18", "001_707-320", "002_zebra"] and sorted(names) == names
+
+
+# -- one's own folder ------------------------------------------------------------------------------------
+
+
+def own_folder(root, counts):
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            image(10 * c + k).save(root / name / f"{k:02d}.png")
+    return root
+
+
+def test_write_split_cuts_each_class_as_the_config_split_does(tmp_path):
+    from cl_driver.data import stratified_split
+
+    own_folder(tmp_path / "mine", {"cat": 10, "dog": 5, "eel": 1})
+    counts = write_split(tmp_path / "mine", tmp_path / "out", test=0.2, val=0.2, seed=3)
+    assert counts == {"train": [6, 3, 1], "test": [2, 1, 0], "val": [2, 1, 0]}
+    expected = stratified_split({c: sorted(p.name for p in (tmp_path / "mine" / c).iterdir())
+                                 for c in ("cat", "dog", "eel")}, test=0.2, val=0.2, seed=3)
+    for split in ("train", "test", "val"):
+        written = sorted(str(p.relative_to(tmp_path / "out" / split)) for p in (tmp_path / "out" / split).rglob("*.png"))
+        assert written == sorted(f for _, f in expected[split])
+        assert sorted(p.name for p in (tmp_path / "out" / split).iterdir()) == ["cat", "dog", "eel"]  # every class
+    spec = resolve_task(TaskConfig(name="t", source={"kind": "folder", "path": str(tmp_path / "out")}))
+    assert spec.class_names == ("cat", "dog", "eel") and load_split(spec, "val").labels == [0, 0, 1]
+    first = tmp_path / "out" / "train" / "cat" / sorted(p.name for p in (tmp_path / "out" / "train" / "cat").iterdir())[0]
+    assert first.stat().st_ino == (tmp_path / "mine" / "cat" / first.name).stat().st_ino  # a hard link
+
+
+def test_write_split_copies_where_links_are_refused(tmp_path, monkeypatch):
+    import os
+
+    own_folder(tmp_path / "mine", {"a": 5, "b": 5})
+
+    def refuse(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    counts = write_split(tmp_path / "mine", tmp_path / "out", val=0)
+    assert counts == {"train": [4, 4], "test": [1, 1]} and not (tmp_path / "out" / "val").exists()
+    copied = next((tmp_path / "out" / "train" / "a").iterdir())
+    assert copied.stat().st_ino != (tmp_path / "mine" / "a" / copied.name).stat().st_ino
+    assert copied.read_bytes() == (tmp_path / "mine" / "a" / copied.name).read_bytes()
+
+
+@pytest.mark.parametrize("setup, kwargs, message", [
+    (lambda t: (t / "out" / "x").mkdir(parents=True), {}, "exists and is not empty; choose a new --out"),
+    (lambda t: None, {"out": "mine/split"}, "inside .*mine, where it would read as one more class"),
+    (lambda t: None, {"folder": "nowhere"}, "nowhere: no such folder"),
+    (lambda t: None, {"test": 0}, "condu-cl prepare split: test: Input should be greater than 0, got 0"),
+    (lambda t: None, {"test": 0.6, "val": 0.4}, "test \\+ val is 1; leave a share to train"),
+    (lambda t: (t / "mine" / "empty").mkdir(), {}, "empty: no images"),
+    (lambda t: None, {"test": 0.05}, "a test share of 0.05 leaves no test image"),
+])
+def test_write_split_refuses_and_writes_nothing(tmp_path, setup, kwargs, message):
+    own_folder(tmp_path / "mine", {"a": 5, "b": 5})
+    setup(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    folder, out = tmp_path / kwargs.pop("folder", "mine"), tmp_path / kwargs.pop("out", "out")
+    with pytest.raises(ValueError, match=message) as err:
+        write_split(folder, out, **kwargs)
+    assert "\n" not in str(err.value) and sorted(p for p in tmp_path.rglob("*")) == before
