@@ -9,6 +9,9 @@
     hf-home/hub/                         an offline hub cache: openai-community/gpt2 (main),
                                          org/gpt2-sst2 (tag v1), org/gpt2-mnli (main)
     hub-sources/                         the two org/ entries' files, before they go into the cache
+    myshapes/ mycolors/                  "Your own data": class folders of tiny drawn images; the
+                                         section's YAML block as the file its first line names; a
+                                         tiny CLIP (CLIPConfig) as openai/clip-vit-base-patch16 in the cache
 
 The Python examples use state dicts and prototypes they leave to the reader: PYTHON_NAMES defines
 them, and runs before each Python block.
@@ -45,6 +48,7 @@ def build_workspace(root: Path) -> dict[str, str]:
     _adapters(root, gpt2)
     hf_home = root / "hf-home"
     _hub_cache(hf_home / "hub", root, gpt2)
+    own_data(root, hf_home / "hub")
     return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
 
 
@@ -91,3 +95,58 @@ def _hub_cache(cache: Path, root: Path, gpt2: Path) -> None:
     for seed, name in enumerate(("ckpt_a", "ckpt_b"), start=21):
         _gpt2_finetune(gpt2, root / name, seed=seed, records=HUB_BASE)
 
+
+
+# -- "Your own data" ------------------------------------------------------------------------------------
+
+OWN_DATA_SECTION = "Your own data"
+OWN_DATA = {"myshapes": ("circle", "square", "triangle"), "mycolors": ("red", "green", "blue")}
+OWN_IMAGES = 10  # per class: split {test: 0.2, val: 0.1} keeps 7 to train, 2 to test, 1 for val
+CLIP_HUB_ID, CLIP_COMMIT = "openai/clip-vit-base-patch16", "4" * 40
+
+
+def own_data(root: Path, cache: Path, readme: Path | None = None) -> None:
+    """The own-data example's inputs under `root`: its class folders, its config (the section's
+    YAML block, as printed) and its model, a tiny CLIP standing in for the hub id in `cache`."""
+    from tests.cl_driver.helpers import build_tiny_clip
+
+    for task, classes in OWN_DATA.items():
+        for label, name in enumerate(classes):
+            folder = root / task / name
+            folder.mkdir(parents=True)
+            for k in range(OWN_IMAGES):
+                _drawn(task, label, k).save(folder / f"{k + 1:02d}.png")
+    name, text = section_config((readme or Path(__file__).resolve().parents[1] / "README.md").read_text())
+    (root / name).write_text(text)
+    add_to_cache(cache, CLIP_HUB_ID, CLIP_COMMIT, build_tiny_clip(root / "hub-sources" / "tiny-clip"),
+                 refs=("main",))
+
+
+def _drawn(task: str, label: int, k: int):
+    """A 24-pixel image of class `label`: a shape (myshapes) or a colour (mycolors), with seeded noise."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([label, k, len(task)])
+    pixels = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
+    if task == "mycolors":
+        pixels[..., label] += 180
+    image = Image.fromarray(pixels)
+    if task == "myshapes":
+        draw, box = ImageDraw.Draw(image), (4, 4, 19, 19)
+        shape = [draw.ellipse, draw.rectangle, lambda b, fill: draw.polygon([(4, 19), (12, 4), (19, 19)], fill=fill)]
+        shape[label](box, fill=(230, 230, 230))
+    return image
+
+
+def section_config(readme: str) -> tuple[str, str]:
+    """(file name, text) of the first YAML block of the README's own-data section; its first line
+    names the file (`# my.yaml`)."""
+    from tests.test_readme import parse
+
+    blocks, _ = parse(readme)
+    block = next(b for b in blocks if b.heading == OWN_DATA_SECTION and b.lang in ("yaml", "yml"))
+    first = block.source.splitlines()[0]
+    if not first.startswith("# ") or not first.endswith((".yaml", ".yml")):
+        raise ValueError(f"README.md line {block.line}: the {OWN_DATA_SECTION!r} YAML block's first line names its "
+                         f"file (# my.yaml); it is {first!r}")
+    return first[2:].strip(), block.source
