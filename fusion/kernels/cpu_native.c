@@ -308,6 +308,13 @@ CONDU_CLONES static void elect_block(const Pass *p, int64_t b, Scratch *s) {
 /* sizeof(Pass): the loader refuses a library whose struct differs from its mirror (_Pass). */
 int64_t condu_pass_size(void) { return (int64_t)sizeof(Pass); }
 
+/* The sha256 of this file as it was built (setup.py passes it in): the loader refuses a library
+ * built from another version of the cpu_native.c beside it, a checkout edited since its install. */
+#ifndef CONDU_SOURCE_SHA256
+#define CONDU_SOURCE_SHA256 ""
+#endif
+const char *condu_source_sha256(void) { return CONDU_SOURCE_SHA256; }
+
 /* Called by every thread of a pass: blocks `step` at a time from the shared counter. 0, or -1
  * when the scratch could not be allocated (then the thread does nothing; the caller raises). */
 CONDU_CLONES int condu_unify(Pass *p, int64_t step) {
