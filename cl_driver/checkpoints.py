@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from fusion import atomic_write
 
 MODEL_WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -57,34 +58,35 @@ def config_naming_base(config: dict, base: str, weights: dict[str, torch.Tensor]
     return config
 
 
-def copy_base_files(base_folder: Path, out: Path) -> list[str]:
-    """The base's tokenizer and processor files that exist, copied into `out`; their names."""
-    names = [name for name in BASE_FILES if (base_folder / name).is_file()]
-    for name in names:
-        shutil.copyfile(base_folder / name, out / name)
-    return names
+def base_files(base_folder: Path) -> dict[str, bytes]:
+    """The base's tokenizer and processor files that exist, by name."""
+    return {name: (base_folder / name).read_bytes() for name in BASE_FILES if (base_folder / name).is_file()}
+
+
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as a safetensors file's bytes, as torch's save_file writes it."""
+    return save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """A state dict as a safetensors file, written atomically."""
+    return atomic_write(path, weights_bytes(state))
 
 
 def save_model_folder(state: dict[str, torch.Tensor], out: str | os.PathLike, *, base_folder: str | os.PathLike,
                       base: str, task: str) -> Path:
-    """A model folder of `state` that `from_pretrained` loads and that names its base; written under
-    a temporary name and renamed into place, so a folder that exists is whole."""
+    """A model folder of `state` that `from_pretrained` loads and that names its base, written whole
+    (fusion.atomic_write), so a folder that exists is complete."""
     out, base_folder = Path(out), Path(base_folder)
     config_file = base_folder / CONFIG
     if not config_file.is_file():
         raise ValueError(f"{base_folder}: no {CONFIG}; theta0 must be a model folder that transformers loads")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
     config = config_naming_base(json.loads(config_file.read_text(encoding="utf-8")), base, state)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    copy_base_files(base_folder, tmp)
     description = (f"CLIP fine-tuned by `condu-cl` on the task `{task}`. Its delta is taken against the base "
                    "above (theta0); `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` load this folder.")
-    (tmp / CARD).write_text(model_card(out.name, base, description), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, {MODEL_WEIGHTS: weights_bytes(state), CONFIG: json.dumps(config, indent=2) + "\n",
+                              **base_files(base_folder), CARD: model_card(out.name, base, description)})
 
 
 def adapter_card(folder: str | os.PathLike, title: str, base: str, description: str) -> Path:

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from . import lora
 from .config import TrainingConfig
-from .checkpoints import MODEL_WEIGHTS
+from .checkpoints import MODEL_WEIGHTS, save_weights
 from .models import Clip, base_reference, load_weights
-from .train import finetune, finetune_lora, save_checkpoint
+from .train import finetune, finetune_lora
 
 StateDict = dict[str, torch.Tensor]
 
@@ -51,7 +51,7 @@ class FullWeights:
 
     def write_base(self, clip: Clip) -> None:
         if not self.base_path.exists():
-            save_checkpoint(self.clip_state, self.base_path)
+            save_weights(self.clip_state, self.base_path)
 
     def base_state(self) -> StateDict:
         """The base of every delta, in the space fusion works in."""
