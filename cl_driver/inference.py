@@ -6,18 +6,23 @@ official rule), or a weighted average with weight 1 for theta0 and w_i(x) (clamp
 expert i (`weighted`). `gated` is `mean` on a selection from which `cl_driver.gating` removed
 the experts below a calibrated similarity. An expert runs only on the samples that selected it;
 `combine_all_experts` is the reference that runs every expert on every sample and then selects.
+
+`routed_logits` is the whole rule, from theta0's features and logits to the combined logits; the
+evaluation calls it, and so does anything else that predicts with a continual model, so both
+route the same way.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from .config import AGGREGATES
+from .gating import gate_selection
 from .models import Clip, clip_logits, load_weights, text_classifier
-from .prototypes import dataset_features
+from .prototypes import dataset_features, routing_weights
 
 StateDict = dict[str, torch.Tensor]
 
@@ -97,6 +102,57 @@ def combine_all_experts(base_logits: torch.Tensor, all_logits: torch.Tensor, sel
         total[used] += w[used, None] * all_logits[expert][used]
         norm[used] += w[used]
     return total / norm[:, None]
+
+
+# ---------------------------------------------------------------- the routed rule
+
+# Expert t's logits on some rows of each input: (t, {input: (n,) rows}) -> {input: (n, C) logits}.
+# Called once per expert, so an expert's weights are built and loaded once for all inputs.
+ExpertLogits = Callable[[int, Mapping[Hashable, torch.Tensor]], Mapping[Hashable, torch.Tensor]]
+
+
+class Route(NamedTuple):
+    selection: torch.Tensor  # (N, K) expert numbers (0-based), best first; -1 where a gate took one out
+    values: torch.Tensor  # (N, K) their similarities w_t(x)
+
+
+def route(feats0: torch.Tensor, prototypes: Sequence[torch.Tensor], top_k: int,
+          thresholds: torch.Tensor | None = None) -> Route:
+    """Each image's top-K experts by w_t(x), from its (N, D) theta0 features and the learned tasks'
+    (C_t, D) prototypes; with the gated aggregate's (T,) thresholds, those below theirs are out."""
+    selection, values = top_k_experts(routing_weights(feats0, prototypes), top_k)
+    if thresholds is not None:
+        selection = gate_selection(selection, values, thresholds)
+    return Route(selection, values)
+
+
+def experts_on_routes(routes: Mapping[Hashable, Route], experts: ExpertLogits, *,
+                      visit: Iterable[int] = ()) -> dict[Hashable, dict[int, torch.Tensor]]:
+    """{input: {t: expert t's logits on the rows of that input that selected it}}, each expert called
+    once, in order; the experts in `visit` are called even where no row selected them."""
+    wanted: dict[int, dict[Hashable, torch.Tensor]] = {t: {} for t in visit}
+    for key, (selection, _) in routes.items():
+        for t in selection.unique().tolist():
+            if t >= 0:
+                wanted.setdefault(t, {})[key] = rows_selecting(selection, t)[0]
+    logits: dict[Hashable, dict[int, torch.Tensor]] = {key: {} for key in routes}
+    for t in sorted(wanted):
+        for key, values in experts(t, wanted[t]).items():
+            logits[key][t] = values
+    return logits
+
+
+def routed_logits(feats0: Mapping[Hashable, torch.Tensor], base_logits: Mapping[Hashable, torch.Tensor],
+                  prototypes: Sequence[torch.Tensor], experts: ExpertLogits, *, top_k: int, aggregate: str,
+                  thresholds: torch.Tensor | None = None,
+                  visit: Iterable[int] = ()) -> dict[Hashable, tuple[torch.Tensor, Route]]:
+    """The routed rule on one or more inputs (sets of images): per input, its (N, C) combined logits
+    and its route. `feats0` and `base_logits` are theta0's (N, D) features and (N, C) logits of each
+    input; `experts` gives an expert's logits on chosen rows; `visit`: see experts_on_routes."""
+    routes = {key: route(feats, prototypes, top_k, thresholds) for key, feats in feats0.items()}
+    logits = experts_on_routes(routes, experts, visit=visit)
+    return {key: (combine_routed(base_logits[key], *routes[key], logits[key], aggregate), routes[key])
+            for key in routes}
 
 
 # ---------------------------------------------------------------- running models

@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusion import atomic_write
 
 from . import metrics
 from .config import RunConfig
 
+if TYPE_CHECKING:
+    from .state import RunState
+
 
 def write_json(data: dict, path: Path) -> None:
-    """Atomic JSON write: temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON written atomically (fusion.atomic_write: a reader sees the old file or the new one)."""
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def fidelity_summary(fidelity: dict, tasks: list[str]) -> dict:
@@ -47,21 +48,21 @@ def cost_summary(seconds: dict) -> dict:
             "store_over_train": {k: (v / train if train else None) for k, v in stores.items()}}
 
 
-def build_results(config: RunConfig, state: dict, tasks: list[str]) -> dict:
-    matrices = {name: rows for name, rows in state["rows"].items()}
+def build_results(config: RunConfig, state: RunState, tasks: list[str]) -> dict:
+    matrices = dict(state.rows)
     return {
         "config_file": config.path,
         "tasks": tasks,
         "methods": {m.name: m.model_dump(mode="json") for m in config.methods},
         "matrices": matrices,
         "summary": {name: metrics.summarize(rows) for name, rows in matrices.items()},
-        "fidelity": fidelity_summary(state["fidelity"], tasks),
-        "routing_top1": state.get("routing", {}),
-        "gates": state.get("gates", {}),
-        "stores": state.get("stores", {}),
-        "seconds": state["seconds"],
-        "cost": cost_summary(state["seconds"]),
-        "config": state["config"],
+        "fidelity": fidelity_summary(state.fidelity, tasks),
+        "routing_top1": state.routing,
+        "gates": state.gates,
+        "stores": state.stores,
+        "seconds": state.seconds,
+        "cost": cost_summary(state.seconds),
+        "config": state.config,
     }
 
 
@@ -114,7 +115,7 @@ def write_outputs(results: dict, root: str | os.PathLike) -> str:
     """results.json, results.md and one heat map per method; returns the summary table."""
     root = Path(root)
     write_json(results, root / "results.json")
-    (root / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    atomic_write(root / "results.md", results_markdown(results))
     for name, matrix in results["matrices"].items():
         metrics.heatmap(matrix, results["tasks"], root / f"heatmap-{name}.png",
                         title=metrics.method_label(name, results["methods"].get(name)))

@@ -74,11 +74,11 @@ def test_every_base_reads_back_from_the_card(base, tmp_path):
 
 def test_a_run_folder_with_lone_checkpoint_files_keeps_them(tiny_config, tiny_model, tmp_path):
     view = ContinualRun(tiny_config, tmp_path / "run", progress=False, clip=load_clip(tiny_model))
-    assert view.checkpoint("individual", 0) == tmp_path / "run" / "checkpoints" / "individual" / "01-colors"
+    assert view.folder.checkpoint("individual", 0) == tmp_path / "run" / "checkpoints" / "individual" / "01-colors"
     lone = tmp_path / "run" / "checkpoints" / "individual" / "01-colors.safetensors"
     lone.parent.mkdir(parents=True)
     lone.write_bytes(b"")
-    assert view.checkpoint("individual", 0) == lone
+    assert view.folder.checkpoint("individual", 0) == lone
 
 
 def test_the_config_names_the_base_and_the_dtype_the_weights_were_written_in():

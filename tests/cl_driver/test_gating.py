@@ -12,8 +12,11 @@ from click.testing import CliRunner
 from cl_driver.cli import main
 from cl_driver.config import AGGREGATES, parse_config
 from cl_driver.gating import expert_thresholds, gate_selection, passes, recorded
-from cl_driver.inference import accuracy, combine_all_experts, combine_routed, top_k_experts
+from cl_driver.evaluation import Evaluation
+from cl_driver.inference import accuracy, combine_all_experts, combine_routed, route, top_k_experts
 from cl_driver.loop import ContinualRun, run
+from cl_driver.stores import learned_prototypes
+from cl_driver.taskdata import TaskData
 
 from tests.cl_driver.helpers import TASKS, tiny_config_dict, write_task_folder
 
@@ -89,11 +92,11 @@ def gated_run(tiny_model, data_with_val, tmp_path_factory):
 
 
 def test_calibration_reads_only_held_out_images_of_learned_tasks(tiny_model, data_with_val, tmp_path, monkeypatch):
-    import cl_driver.loop as loop
+    import cl_driver.taskdata as taskdata
 
     reads, step = [], {"i": None}
-    real_load, real_gates = loop.load_split, ContinualRun.gate_thresholds
-    real_test, real_base = ContinualRun.test_set, ContinualRun.base_eval
+    real_load, real_gates = taskdata.load_split, Evaluation.gate_thresholds
+    real_test, real_base = TaskData.test_set, TaskData.base_eval
 
     def spy_load(spec, split, **kw):
         reads.append((step["i"], spec.name, split))
@@ -112,10 +115,10 @@ def test_calibration_reads_only_held_out_images_of_learned_tasks(tiny_model, dat
             return real(self, j)
         return spy
 
-    monkeypatch.setattr(loop, "load_split", spy_load)
-    monkeypatch.setattr(ContinualRun, "gate_thresholds", spy_gates)
-    monkeypatch.setattr(ContinualRun, "test_set", no_test_data_while_calibrating(real_test))
-    monkeypatch.setattr(ContinualRun, "base_eval", no_test_data_while_calibrating(real_base))
+    monkeypatch.setattr(taskdata, "load_split", spy_load)
+    monkeypatch.setattr(Evaluation, "gate_thresholds", spy_gates)
+    monkeypatch.setattr(TaskData, "test_set", no_test_data_while_calibrating(real_test))
+    monkeypatch.setattr(TaskData, "base_eval", no_test_data_while_calibrating(real_base))
     run(gated_config(data_with_val, tiny_model), tmp_path / "run", progress=False)
     calibration = [(i, name, split) for i, name, split in reads if i is not None]
     names = list(TASKS)
@@ -148,18 +151,18 @@ def test_gated_rows_are_theta0_plus_the_experts_above_the_recorded_threshold(gat
     assert matrix[0][1:] == zero[0][1:]
     # Task-agnostic at the last step, recomputed from the final store with the reference combiner.
     view = ContinualRun(gated_config(data_with_val, tiny_model), out, progress=False)
-    store, method = view.open_store("model"), view.config.methods[2]
-    thresholds = view.gate_thresholds(store, method, T - 1)
+    store, method = view.evaluation.open_store("model"), view.config.methods[2]
+    thresholds = view.evaluation.gate_thresholds(store, method, T - 1)
     assert recorded(thresholds) == results["gates"][method.name][-1]
-    experts = [view.load_expert(store, t) for t in range(T)]
+    experts = [view.evaluation.load_expert(store, t) for t in range(T)]
     for j in range(T):
-        base_logits, feats0, labels = view.base_eval(j)
-        dataset, _ = view.test_set(j)
+        base_logits, feats0, labels = view.data.base_eval(j)
+        dataset, _ = view.data.test_set(j)
         every = []
         for t, state in enumerate(experts):
             view.runner.activate(("check", t), lambda state=state: state)
             every.append(view.runner.logits(dataset, view.specs[j].class_names, view.specs[j].templates)[0])
-        selection, values = view.routes(store, method, T - 1, [j])[j]
+        selection, values = route(feats0, learned_prototypes(store, T - 1), view.config.evaluation.top_k)
         combined = combine_all_experts(base_logits, torch.stack(every), gate_selection(selection, values, thresholds),
                                        values, "gated")
         assert accuracy(combined, labels) == pytest.approx(results["matrices"][method.name][-1][j], abs=1e-9)

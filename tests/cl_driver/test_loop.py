@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from cl_driver.config import parse_config
 from cl_driver.finetunes import weights_file
 from cl_driver.inference import accuracy, combine_all_experts, top_k_experts
-from cl_driver.loop import PROTOTYPES, ContinualRun, run
+from cl_driver.loop import ContinualRun, run
 from cl_driver.models import clip_logits, load_clip, load_weights, text_classifier
 from cl_driver.prototypes import compute_prototypes, dataset_features, routing_weights
+from cl_driver.stores import PROTOTYPES
 from fusion import Store
 
 from tests.cl_driver.helpers import TASKS, tiny_config_dict
@@ -35,7 +36,7 @@ def loop_view(tiny_config, full_run, clip):
 def accuracy_of(clip, state, view, j):
     """Accuracy of a full state dict on task j, computed here without the loop's evaluator."""
     load_weights(clip.model, state)
-    dataset, labels = view.test_set(j)
+    dataset, labels = view.data.test_set(j)
     spec = view.specs[j]
     feats, _ = dataset_features(clip, dataset)
     return accuracy(clip_logits(clip.model, feats, text_classifier(clip, spec.class_names, spec.templates)), labels)
@@ -85,9 +86,10 @@ def test_baselines_share_the_zero_shot_row_where_nothing_was_learned(full_run):
 
 
 def test_fine_tunes_start_from_theta0_and_sequential_ones_from_the_previous_model(full_run, loop_view):
-    first = [load_file(str(weights_file(loop_view.checkpoint(kind, 0)))) for kind in ("individual", "sequential")]
+    checkpoint = loop_view.folder.checkpoint
+    first = [load_file(str(weights_file(checkpoint(kind, 0)))) for kind in ("individual", "sequential")]
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # same start, same seed
-    second = [load_file(str(weights_file(loop_view.checkpoint(kind, 1)))) for kind in ("individual", "sequential")]
+    second = [load_file(str(weights_file(checkpoint(kind, 1)))) for kind in ("individual", "sequential")]
     assert any(not torch.equal(second[0][k], second[1][k]) for k in second[0])
 
 
@@ -98,7 +100,7 @@ def test_each_seen_task_expert_is_the_store_decoupled_model(full_run, loop_view,
         assert [t.name for t in store.tasks] == list(TASKS)
         for j in range(T):
             decoupled = load_file(str(store.decouple(j + 1, tmp_path / f"{rescaler}-{j}.safetensors")))
-            used = loop_view.load_expert(store, j)
+            used = loop_view.evaluation.load_expert(store, j)
             assert all(torch.equal(used[k], decoupled[k]) for k in decoupled)
             assert accuracy_of(clip, decoupled, loop_view, j) == results["matrices"][method][-1][j]
 
@@ -109,13 +111,13 @@ def test_prototypes_are_computed_with_theta0(full_run, loop_view, clip):
     theta0 = load_file(str(out / "base.safetensors"))
     for j, spec in enumerate(loop_view.specs):
         stored = torch.from_numpy(store.attachment(j + 1, PROTOTYPES)[PROTOTYPES])
-        train = loop_view.train_set(j)
+        train = loop_view.data.train_set(j)
         load_weights(clip.model, theta0)
         feats, labels = dataset_features(clip, train)
         expected = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
         assert stored.shape == (len(spec.class_names), expected.shape[1])
         assert torch.allclose(stored, expected, atol=1e-6)
-        load_weights(clip.model, load_file(str(weights_file(loop_view.checkpoint("individual", j)))))
+        load_weights(clip.model, load_file(str(weights_file(loop_view.folder.checkpoint("individual", j)))))
         feats, labels = dataset_features(clip, train)
         tuned = compute_prototypes(clip, feats, labels, spec.class_names, spec.templates)
         assert not torch.allclose(stored, tuned, atol=1e-4)
@@ -129,7 +131,7 @@ def test_routed_inference_equals_computing_every_expert_then_selecting(full_run,
     experts = [store.load_task(t + 1, device="cpu") for t in range(T)]
     protos = [torch.from_numpy(store.attachment(t + 1, PROTOTYPES)[PROTOTYPES]) for t in range(T)]
     for j, spec in enumerate(loop_view.specs):
-        dataset, labels = loop_view.test_set(j)
+        dataset, labels = loop_view.data.test_set(j)
 
         def logits_of(state):
             load_weights(clip.model, state)
@@ -192,7 +194,7 @@ def test_shots_train_each_task_on_n_images_a_class(tiny_model, tiny_data, full_r
     store = Store.open(out / "stores" / "model")
     theta0 = load_file(str(out / "base.safetensors"))
     for j, spec in enumerate(view.specs):
-        train = view.train_set(j)
+        train = view.data.train_set(j)
         assert torch.bincount(train.tensors[1]).tolist() == [2] * len(spec.class_names)
         load_weights(clip.model, theta0)
         feats, labels = dataset_features(clip, train)  # the prototypes come from those few images too

@@ -110,8 +110,8 @@ def test_a_lora_run_keeps_adapter_folders_and_a_factor_space_store(lora_run, tin
     store = Store.open(out / "stores" / "model")
     assert [t.name for t in store.tasks] == list(TASKS)
     for j in range(len(TASKS)):
-        checkpoint = view.checkpoint("individual", j)
-        assert lora.is_adapter(checkpoint) and lora.is_adapter(view.checkpoint("sequential", j))
+        checkpoint = view.folder.checkpoint("individual", j)
+        assert lora.is_adapter(checkpoint) and lora.is_adapter(view.folder.checkpoint("sequential", j))
         rebuilt = store.load_task(j + 1, device="cpu")
         assert rebuilt.keys() == base.keys()  # the store holds factors, never dense weights
         own = load_file(str(checkpoint / lora.ADAPTER_WEIGHTS))
@@ -131,7 +131,7 @@ def test_lora_accuracies_are_those_of_clip_with_the_merged_factors(lora_run, tin
 
     def accuracy_on(j, factors):
         load_weights(clip.model, lora.merge_factors(dense, factors, scaling))
-        dataset, labels = view.test_set(j)
+        dataset, labels = view.data.test_set(j)
         feats, _ = dataset_features(clip, dataset)
         spec = view.specs[j]
         return accuracy(clip_logits(clip.model, feats, text_classifier(clip, spec.class_names, spec.templates)), labels)
@@ -140,5 +140,5 @@ def test_lora_accuracies_are_those_of_clip_with_the_merged_factors(lora_run, tin
     assert [accuracy_on(j, theta0) for j in range(len(TASKS))] == results["matrices"]["zero_shot"][0]
     for j in range(len(TASKS)):
         assert accuracy_on(j, store.load_task(j + 1, device="cpu")) == results["matrices"]["condu-model"][-1][j]
-        own = load_file(str(view.checkpoint("individual", j) / lora.ADAPTER_WEIGHTS))
+        own = load_file(str(view.folder.checkpoint("individual", j) / lora.ADAPTER_WEIGHTS))
         assert accuracy_on(j, own) == results["matrices"]["individual"][-1][j]
