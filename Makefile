@@ -27,7 +27,8 @@ $(VENV)/.created:
 	touch $@
 
 # The demo: the core and [cl]. torch comes pinned by the lock (the CPU build where pip finds one).
-$(VENV)/.demo: $(LOCK) pyproject.toml $(VENV)/.created
+# The install compiles the cpu kernel's C library (setup.py): an edit of its source compiles it again.
+$(VENV)/.demo: $(LOCK) pyproject.toml setup.py fusion/kernels/cpu_native.c $(VENV)/.created
 	$(INSTALL) -e '.[cl]'
 	touch $@
 	$(ACTIVATE)

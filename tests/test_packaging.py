@@ -3,6 +3,8 @@
 The core-only test builds a virtual environment that sees nothing but the core's dependencies
 (linked from this one), imports every module of `fusion` there, and runs unify, decouple and
 load on bfloat16 checkpoints: a run-time import missing from `[project] dependencies` fails it.
+It sees this checkout, so its cpu kernel is the C library built in it (`pip install -e .`), or,
+where none was built, the reference (numba is an extra).
 """
 
 import json
@@ -17,6 +19,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from fusion.kernels import cpu_native
 from tests.lockfile import check, digest, header, tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +28,12 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Modules that need an extra, and the extra their ImportError must name.
 NEEDS_EXTRA = {
     "fusion.reference_torch": "torch",
+    "fusion.kernels.cpu_numba": "numba",
     "fusion.kernels.triton_kernels": "triton",
     "fusion.testing.strategies": "test",
     "fusion.testing.vectors": "test",
 }
-NOT_IN_THE_CORE = ("torch", "transformers", "triton", "safetensors", "hypothesis", "pytest")
+NOT_IN_THE_CORE = ("torch", "transformers", "triton", "safetensors", "hypothesis", "pytest", "numba")
 
 
 # --- the lock ---------------------------------------------------------------------------------
@@ -176,6 +180,17 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))
 """ % (NOT_IN_THE_CORE,)
 
 
+BACKEND = """
+from fusion.kernels import get_kernel
+from fusion.kernels.cpu import load_backend
+try:
+    print(load_backend().NAME)
+except ImportError as error:
+    print(error)
+print(get_kernel(work=1 << 40).name)
+"""
+
+
 def _modules() -> list[str]:
     """Every module of the fusion package, by its dotted name."""
     names = []
@@ -202,6 +217,13 @@ def test_the_core_alone_imports_every_module_and_runs_unify_decouple_load(tmp_pa
     for module, message in probe["failures"].items():
         assert f"pip install 'condu[{NEEDS_EXTRA[module]}]'" in message, f"{module}: {message}"
         assert NEEDS_EXTRA[module] in PYPROJECT["project"]["optional-dependencies"]
+
+    # The cpu kernel: the library built in this checkout, or else, without numba, the reference.
+    backend, kernel = run("-c", BACKEND).splitlines()
+    if (ROOT / "fusion" / "kernels" / cpu_native._PATH.name).is_file():
+        assert (backend, kernel) == ("native", "cpu")
+    else:
+        assert "_cpu_native is not built" in backend and "pip install 'condu[numba]'" in backend and kernel == "reference"
 
     # Two fine-tunes of one base, the second delta twice the first: the first decouples exactly.
     rng = np.random.default_rng(0)

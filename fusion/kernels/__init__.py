@@ -1,8 +1,8 @@
 """Kernels: the chunk operations of ConDU behind one contract, implemented three ways.
 
 - `reference`: the readable numpy rules (fusion.reference); starts at once.
-- `cpu`: fused block-chunked passes on CPU threads, in C (built once per machine) or, without a
-  C compiler, numba; proven equal to the reference.
+- `cpu`: fused block-chunked passes on CPU threads, in C (built when the package is installed)
+  or, where that library was not built, numba (the `numba` extra); proven equal to the reference.
 - `triton`: Triton and torch on CUDA; torch tensors in, torch tensors out on their device.
 
 Equality with the reference: masks, signs, unified values and rebuilt weights bit for bit; L1
@@ -28,8 +28,8 @@ __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name
 # reference is picked over the cpu kernel, which needs neither a build nor threads. The reference
 # runs at about 40M elements/s (elect) and 25M/s (continual step) on the 2-core development
 # machine: at 4M elements it takes 0.1-0.17 s, which keeps a tiny `condu-fuse unify` under 0.5 s.
-# The cpu kernel's first use in a process costs, on its native backend, the load of a built
-# library (milliseconds; its first build on a machine, about 0.7 s), and on its numba backend the
+# The cpu kernel's first use in a process costs, on its native backend, the load of the library
+# built with the package (milliseconds), and on its numba backend the
 # import of numba and the load of its cached machine code: 0.7-1.0 s at a load average of 2,
 # 1.2-1.6 s at 8. Measured there on 2 tasks of 1M elements (2M of work), whole `condu-fuse
 # unify` processes: reference 0.54 s, native 0.41-0.44 s, numba 1.20 s.
@@ -93,7 +93,7 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
     """A kernel by name (`reference`, `cpu`, `triton`), or the best one for `device` and `work`.
 
     Without a name: Triton on CUDA; on CPU the reference for small work (fewer than SMALL_WORK
-    elements, or neither a C compiler nor numba at hand) and the cpu kernel otherwise.
+    elements, or neither the built C library nor numba at hand) and the cpu kernel otherwise.
     """
     if name is not None and name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
@@ -103,7 +103,7 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
     try:
         return _load(name)
     except ImportError as error:
-        if name == "cpu":  # numba missing: the reference does the same work
+        if name == "cpu":  # neither the C library nor numba: the reference does the same work
             return _load("reference")
         raise ImportError(f"the CUDA path needs triton ({error}); pip install 'condu[triton]', "
                           "or move the tensors to the CPU") from error
@@ -113,8 +113,8 @@ def preload(name: str = "cpu") -> Future:
     """Import and warm kernel `name` on a background thread; the Future gives the kernel.
 
     The cpu kernel's first use costs milliseconds (native backend) to about a second (numba's
-    import and cached code; or the native library's first build); a caller that starts this
-    before its first reads hides that behind them. `get_kernel(name)` later
+    import and cached code); a caller that starts this before its first reads hides that behind
+    them. `get_kernel(name)` later
     waits for the warm-up to end rather than running the kernel beside it. Preloading a kernel
     twice starts it once.
     """

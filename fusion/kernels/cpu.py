@@ -20,13 +20,14 @@ fidelity sums are per-block float64 partials summed after the pass (deterministi
 of the thread count). No temporaries of the chunk's size are made for float32 inputs.
 
 Two backends run these loops, proven equal to the reference by the same tests:
-- `native` (fusion.kernels.cpu_native): C, built once per machine with the system compiler and
-  loaded with ctypes; a process starts it in milliseconds. Threads take blocks from a shared
-  counter, so a thread the machine slows down takes fewer.
-- `numba` (fusion.kernels.cpu_numba): for machines without a C compiler; numba's import and the
-  load of its cached code cost a process about 0.7 s of CPU time before its first chunk.
-`CpuKernel(backend="auto")` takes the native one when it builds; the environment variable
-CONDU_CPU_BACKEND (native, numba) chooses one for a whole process.
+- `native` (fusion.kernels.cpu_native): C, built when the package is installed and loaded with
+  ctypes; a process starts it in milliseconds. Threads take blocks from a shared counter, so a
+  thread the machine slows down takes fewer.
+- `numba` (fusion.kernels.cpu_numba, the `numba` extra): where the C library was not built (an
+  install without a compiler); numba's import and the load of its cached code cost a process
+  about 0.7 s of CPU time before its first chunk.
+`CpuKernel(backend="auto")` takes the native one where its library was built, else numba; the
+environment variable CONDU_CPU_BACKEND (native, numba) chooses one for a whole process.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def _keeps_torch_threads(method):
 class CpuKernel:
     """Fused, block-chunked elect and continual step on CPU threads, on numpy arrays.
 
-    `backend`: "native" (C), "numba", or "auto" (CONDU_CPU_BACKEND, else native when it builds,
-    else numba); chosen at the first call, so making a kernel costs nothing."""
+    `backend`: "native" (C), "numba", or "auto" (CONDU_CPU_BACKEND, else native where its library
+    was built, else numba); chosen at the first call, so making a kernel costs nothing."""
 
     name = "cpu"
 
@@ -113,7 +114,7 @@ class CpuKernel:
         return self._backend
 
     def ready(self) -> "CpuKernel":
-        """Load the backend now: ImportError when there is neither a C compiler nor numba."""
+        """Load the backend now: ImportError when there is neither the built C library nor numba."""
         self.backend
         return self
 
@@ -200,19 +201,26 @@ BACKENDS = ("auto", "native", "numba")
 
 
 def load_backend(requested: str = "auto"):
-    """The backend module for `requested`; "auto" reads CONDU_CPU_BACKEND, then tries native."""
+    """The backend module for `requested`; "auto" reads CONDU_CPU_BACKEND, then takes native where
+    its library was built, else numba. ImportError, saying why for each, when neither is at hand."""
     wanted = os.environ.get("CONDU_CPU_BACKEND", "auto") if requested == "auto" else requested
     if wanted not in BACKENDS:
         raise ValueError(f"CONDU_CPU_BACKEND={wanted!r}: use one of {', '.join(BACKENDS)}")
+    why_not_native = ""
     if wanted != "numba":
         from . import cpu_native
 
-        if wanted == "native":
-            cpu_native.require()  # asked for by name: say why it is not there
-        if cpu_native.available():
+        try:
+            cpu_native.require()
             return cpu_native
-    from . import cpu_numba
-
+        except RuntimeError as missing:
+            if wanted == "native":  # asked for by name: say why it is not there
+                raise
+            why_not_native = f"{missing}; "
+    try:
+        from . import cpu_numba
+    except ImportError as error:
+        raise ImportError(f"{why_not_native}{error}") from error
     return cpu_numba
 
 

@@ -1,16 +1,20 @@
-"""The native backend of the cpu kernel: cpu_native.c, built once per machine, loaded with ctypes.
+"""The native backend of the cpu kernel: cpu_native.c, built when the package is installed, loaded with ctypes.
 
 The same loops as the numba backend (fusion.kernels.cpu_numba), in C. What it buys is start-up:
 a process loads the built library in milliseconds, where numba's import and the load of its
 cached code take about 0.7 s of CPU time (measured on the 2-core development machine), and that
 time is a fifth of a whole `condu-fuse unify` of 8 x 64M parameters.
 
-Building. At first use, the system C compiler (`$CC`, else `cc`) builds the library with the
-flags below, in about a second, into a per-user cache folder (`$CONDU_CACHE_DIR`, else
-`$XDG_CACHE_HOME/condu`, else `~/.cache/condu`), named by a digest of the source, the compiler,
-the flags and the CPU's features; later processes load it from there. Without a compiler, or
-when the build fails, the cpu kernel uses the numba backend (`available()` is False and
-`require()` says why). A folder another user could write to is never loaded from.
+The library. Installing the package (`pip install`, `make install`) compiles cpu_native.c into
+`_cpu_native<extension suffix>` beside this file (setuptools' build_ext; setup.py declares it):
+-O3 without fast-math, every loop for AVX-512, AVX2 and the x86-64 baseline, and the dynamic loader
+picks the one this CPU runs. It is loaded from this package's folder only, the folder this code
+itself came from: nothing is built or cached at run time, so nothing executable is loaded from a
+folder another user could write. Where it is missing (an install without a C compiler, a source
+checkout never installed), does not load, or was built from another cpu_native.c (its struct
+`Pass` has another size, or the source beside it another sha256), `available()` is False,
+`require()` says why in one line, and the cpu kernel runs on the numba backend (the `numba`
+extra), or the reference where numba is missing.
 
 Threads. Each call hands a chunk's blocks to the calling thread and to workers of a small pool,
 all taking the next few blocks from one counter inside the library; ctypes releases the GIL
@@ -21,12 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,11 +37,10 @@ import numpy as np
 __all__ = ["NAME", "available", "require", "unify", "fidelity_sums", "rebuild"]
 
 NAME = "native"
-_SOURCE = Path(__file__).with_name("cpu_native.c")
-# No fast-math and no contraction into fused multiply-adds: float32 values round as the reference's.
-_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off")
-_NATIVE_ISA = ("-march=native",)  # dropped if the compiler refuses it
-_BUILD_SECONDS = 120
+# Where build_ext writes the library: beside this file, named as an extension module of this interpreter.
+_PATH = Path(__file__).with_name("_cpu_native" + importlib.machinery.EXTENSION_SUFFIXES[0])
+_MODULE = f"{__package__}._cpu_native"
+_REINSTALL = "reinstall with a C compiler (pip install -e . / make install)"
 _STEP = 4  # blocks a thread takes at a time: 16K elements, small enough to balance a busy machine
 
 
@@ -61,7 +61,7 @@ _pool: tuple[int, ThreadPoolExecutor, int] | None = None  # the process that mad
 
 
 def available() -> bool:
-    """Whether the library is built (or builds now) and loads."""
+    """Whether the library was built with the package and loads."""
     return _library() is not None
 
 
@@ -74,28 +74,32 @@ def _library() -> ctypes.CDLL | None:
     with _lock:
         if not _state:
             try:
-                _state["library"] = _load()
-            except (OSError, subprocess.SubprocessError) as error:
+                _state["library"] = _open(_PATH)
+            except OSError as error:
                 _state["error"] = str(error)
         return _state.get("library")
 
 
-def _load() -> ctypes.CDLL:
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at `path`, its functions declared; OSError, in one line, where it is missing, does
+    not load, or was built from another cpu_native.c: a struct of another size would be misread, and
+    a checkout's library older than its source would run old loops."""
     if sys.byteorder != "little":
         raise OSError("it packs masks eight bytes to a little-endian word; this machine is big-endian")
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise OSError("no C compiler found (cc, or $CC); install one, e.g. gcc")
-    folder = _cache_folder()
-    path = folder / f"cpu_native-{_build_key(compiler)}.so"
-    if not path.exists():
-        _build(compiler, folder, path)
+    if not path.is_file():
+        raise OSError(f"{_MODULE} is not built: {_REINSTALL}")
     try:
-        library = ctypes.CDLL(str(path))
-    except OSError:  # a damaged file (a full disk, a crash): built again, once
-        path.unlink(missing_ok=True)
-        _build(compiler, folder, path)
-        library = ctypes.CDLL(str(path))
+        library = ctypes.CDLL(str(path))  # a path with a slash: dlopen searches no other folder
+        size, built_from = library.condu_pass_size, library.condu_source_sha256
+    except (OSError, AttributeError) as error:
+        raise OSError(f"{path.name} does not load as the cpu kernel's library ({error}): {_REINSTALL}") from error
+    size.restype, built_from.restype = ctypes.c_int64, ctypes.c_char_p
+    if size() != ctypes.sizeof(_Pass):
+        raise OSError(f"{path.name} was built from another cpu_native.c (its Pass is {size()} bytes, this "
+                      f"module's {ctypes.sizeof(_Pass)}): {_REINSTALL}")
+    source = path.with_name("cpu_native.c")  # in a checkout, and in the wheel
+    if source.is_file() and built_from().decode() != hashlib.sha256(source.read_bytes()).hexdigest():
+        raise OSError(f"{path.name} was built from another cpu_native.c than the one beside it: {_REINSTALL}")
     library.condu_unify.argtypes = [ctypes.POINTER(_Pass), ctypes.c_int64]
     library.condu_unify.restype = ctypes.c_int
     library.condu_fidelity_sums.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
@@ -103,53 +107,6 @@ def _load() -> ctypes.CDLL:
     library.condu_rebuild.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p]
     library.condu_rebuild.restype = None
     return library
-
-
-def _cache_folder() -> Path:
-    """The per-user folder built libraries live in: made private, refused if others may write to it."""
-    root = os.environ.get("CONDU_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "condu")
-    folder = Path(root) / "kernels"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    status = folder.stat()
-    if hasattr(os, "getuid") and (status.st_uid != os.getuid() or status.st_mode & 0o022):
-        raise OSError(f"{folder}: owned by another user or writable by others; a library is never loaded from there")
-    return folder
-
-
-def _build_key(compiler: str) -> str:
-    """What the built library depends on: the source, the compiler, the flags and the CPU."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
-    for part in (compiler, str(os.stat(compiler).st_mtime_ns), *_FLAGS, *_NATIVE_ISA, platform.machine(), _cpu_features()):
-        digest.update(part.encode() + b"\0")
-    return digest.hexdigest()[:20]
-
-
-def _cpu_features() -> str:
-    """The CPU's feature flags (Linux), so a library built for one CPU is never loaded on another."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str, folder: Path, path: Path) -> None:
-    """Compile into a temporary file beside `path`, then rename it there (atomic: processes may race)."""
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
-    os.close(handle)
-    try:
-        for isa in (_NATIVE_ISA, ()):
-            command = [compiler, *_FLAGS, *isa, "-o", temporary, str(_SOURCE)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_SECONDS)
-            if done.returncode == 0:
-                os.replace(temporary, path)
-                return
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise OSError(f"building {_SOURCE.name} with {compiler} failed: {last}")
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _threads() -> int:

@@ -1,6 +1,6 @@
 """The numba backend of the cpu kernel: the fused block loops, compiled by numba (fusion.kernels.cpu).
 
-The backend for machines without a C compiler (fusion.kernels.cpu_native is the other): the
+The backend where the C library was not built (fusion.kernels.cpu_native is the other): the
 same loops, block for block, as LLVM code that numba compiles once (~15 s) and caches next to
 this file (`cache=True`). A process pays numba's import and the load of that code at its first
 call: about 0.7 s of CPU time on the 2-core development machine.
@@ -25,10 +25,14 @@ becomes a masked load; the loops below store unconditionally and load before the
 
 from __future__ import annotations
 
-import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+
+try:
+    import numba
+    from numba import njit, prange
+    from numba.extending import overload
+except ImportError as error:  # an optional extra: the backend where the C library was not built
+    raise ImportError(f"{__name__} needs numba ({error}): pip install 'condu[numba]'") from error
 
 from ..reference import OWN_ROW
 
