@@ -140,36 +140,52 @@ class StudyRun(ContinualRun):
     passes its calibrated gate), all combined by `combine_routed`.
     """
 
-    def condu_row(self, method, i):
-        from cl_driver.inference import accuracy, combine_routed
+    def evaluate(self, method, i):
+        if method.config.name != CONDU:
+            return super().evaluate(method, i)
+        from cl_driver.gating import recorded
 
-        store = self.open_store(method.rescaler)
-        routed = list(range(i + 1, len(self.specs)))
-        routes = self.routes(store, method, i, routed)
-        acc, expert_logits = {}, {j: {} for j in routed}
-        for t in range(i + 1):
-            acc[t], logits = self.expert_pass(store, method, i, t, routes)
-            for j, values in logits.items():
-                expert_logits[j][t] = values
-        thresholds = self.gate_thresholds(store, method, i)
-        for aggregate, k in AGGREGATIONS:
-            row = dict(acc)
-            for j in routed:
-                logits0, _, labels = self.base_eval(j)
-                selection, values = routes[j]
-                weights = slot_weights(selection, values, aggregate, k, thresholds)
-                row[j] = accuracy(combine_routed(logits0, selection, weights, expert_logits[j], "weighted"), labels)
-            self.state["rows"].setdefault(variant_name(aggregate, k), []).append([row[j] for j in range(len(self.specs))])
-        self.state.setdefault("gate_joins", []).append(gate_joins(routes, thresholds))
-        return self.state["rows"][variant_name(*OFFICIAL)][-1]
+        began = time.perf_counter()
+        rows, joins, thresholds = study_rows(self.evaluation, method.config, i)
+        for name, row in rows.items():
+            self.state.rows.setdefault(name, []).append(row)
+        self.state.rows[CONDU].append(rows[variant_name(*OFFICIAL)])
+        self.state.gates.setdefault(CONDU, []).append(recorded(thresholds))
+        self.state.records.setdefault("gate_joins", []).append(joins)
+        self.state.seconds[f"eval/{CONDU}/{i + 1}"] = time.perf_counter() - began
 
     def finish(self) -> dict:
         from cl_driver.results import build_results, write_outputs
 
         results = build_results(self.config, self.state, [s.name for s in self.specs])
-        results["gate_joins"] = self.state.get("gate_joins", [])
-        write_outputs(results, self.root)
+        results["gate_joins"] = self.state.records.get("gate_joins", [])
+        write_outputs(results, self.folder.root)
         return results
+
+
+def study_rows(evaluation, method, i: int):
+    """ConDU's row at step i under every aggregation of the study, from one routed pass; the step's
+    gate counts and thresholds."""
+    from cl_driver.inference import accuracy, combine_routed, experts_on_routes, route
+    from cl_driver.stores import learned_prototypes
+
+    store, tasks = evaluation.open_store(method.rescaler), len(evaluation.specs)
+    routed, protos = list(range(i + 1, tasks)), learned_prototypes(store, i)
+    top_k = method.top_k or evaluation.config.evaluation.top_k
+    routes = {j: route(evaluation.data.base_eval(j)[1], protos, top_k) for j in routed}
+    own = {}
+    expert_logits = experts_on_routes(routes, evaluation.experts(store, method, i, own), visit=range(i + 1))
+    thresholds = evaluation.gate_thresholds(store, method, i)
+    rows = {}
+    for aggregate, k in AGGREGATIONS:
+        row = dict(own)
+        for j in routed:
+            logits0, _, labels = evaluation.data.base_eval(j)
+            selection, values = routes[j]
+            weights = slot_weights(selection, values, aggregate, k, thresholds)
+            row[j] = accuracy(combine_routed(logits0, selection, weights, expert_logits[j], "weighted"), labels)
+        rows[variant_name(aggregate, k)] = [row[j] for j in range(tasks)]
+    return rows, gate_joins(routes, thresholds), thresholds
 
 
 def gate_joins(routes: dict, thresholds) -> dict:
