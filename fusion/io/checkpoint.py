@@ -17,14 +17,15 @@ is the block checksums (`fusion.io.integrity`), per file name as `files` lists t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .files import check_inside, check_opened
+from ..errors import InputError
+from .bounded_json import JsonLimits, loads
+from .files import check_inside, check_opened, open_input
 from .format import TensorInfo
 from .integrity import FileDigests
 from .reader import SafetensorsFile, open_files
@@ -37,29 +38,36 @@ HF_INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# An index is {"metadata": {...}, "weight_map": {tensor: shard}}: a line per tensor, a few levels.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+_INDEX_LIMITS = JsonLimits(depth=8, brackets=1 << 16, commas=1 << 22)
 
 
 def refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: pickle checkpoints are not read (loading them can run code); convert it to "
+        raise InputError(f"{path}: pickle checkpoints are not read (loading them can run code); convert it to "
                          "safetensors first, e.g. safetensors.torch.save_file(state_dict, 'model.safetensors')")
 
 
 def _plain_file_name(name, index: Path) -> str:
     """A shard name from an index: a file name in the index's folder, nothing that leaves it."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"{index}: shard name {name!r} is not a plain file name in the folder; fix the index")
+        raise InputError(f"{index}: shard name {name!r} is not a plain file name in the folder; fix the index")
     return name
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    """{tensor: shard file name} from a safetensors index, validated."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'); re-save the model") from None
+    """{tensor: shard file name} from a safetensors index, read within bounds and validated."""
+    with os.fdopen(open_input(index), "rb") as f:  # checked as opened: a regular file inside its folder
+        raw = f.read(MAX_INDEX_BYTES + 1)  # never more, whatever the file claims or grows to
+    if len(raw) > MAX_INDEX_BYTES:
+        raise InputError(f"{index}: larger than the {MAX_INDEX_BYTES:,} bytes an index may have; re-save the model")
+    content = loads(raw, _INDEX_LIMITS, where=str(index), what="safetensors index", fix="re-save the model")
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise InputError(f"{index}: not a valid safetensors index (needs a 'weight_map'); re-save the model")
+    weight_map = content["weight_map"]
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files; re-save the model")
+        raise InputError(f"{index}: 'weight_map' must map tensor names to shard files; re-save the model")
     return {str(tensor): _plain_file_name(shard, index) for tensor, shard in weight_map.items()}
 
 
@@ -85,26 +93,26 @@ def _folder_files(folder: Path) -> tuple[dict[str, Path], dict[str, str] | None]
         names = dict.fromkeys(weight_map.values())
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise ValueError(f"{index}: lists shard {missing[0]}, which is not in {folder}; restore it or re-save the model")
+            raise InputError(f"{index}: lists shard {missing[0]}, which is not in {folder}; restore it or re-save the model")
         return {n: _folder_file(folder, n) for n in names}, weight_map
     if (folder / HF_WEIGHTS).is_file():
         return {HF_WEIGHTS: _folder_file(folder, HF_WEIGHTS)}, None
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(f"{folder}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors "
+        raise InputError(f"{folder}: holds only pickle weights ({', '.join(pickles)}); convert them to safetensors "
                          "first, e.g. model.save_pretrained(folder, safe_serialization=True)")
-    raise ValueError(f"{folder}: no {HF_WEIGHTS}, {HF_INDEX} or {ADAPTER_WEIGHTS} with {ADAPTER_CONFIG}; pass a "
+    raise InputError(f"{folder}: no {HF_WEIGHTS}, {HF_INDEX} or {ADAPTER_WEIGHTS} with {ADAPTER_CONFIG}; pass a "
                      ".safetensors file, a Hugging Face model folder or a PEFT adapter folder")
 
 
 def _check_index(weight_map: Mapping[str, str], files: Mapping[str, SafetensorsFile], index: Path) -> None:
     for tensor, shard in weight_map.items():
         if tensor not in files[shard].entries:
-            raise ValueError(f"{index}: tensor {tensor!r} is listed in {shard}, which does not hold it; re-save the model")
+            raise InputError(f"{index}: tensor {tensor!r} is listed in {shard}, which does not hold it; re-save the model")
     for shard, f in files.items():
         unlisted = [t for t in f.entries if weight_map.get(t) != shard]
         if unlisted:
-            raise ValueError(f"{f.path}: tensor {unlisted[0]!r} is not listed for this shard in {index.name}; "
+            raise InputError(f"{f.path}: tensor {unlisted[0]!r} is not listed for this shard in {index.name}; "
                              "re-save the model")
 
 
@@ -114,9 +122,9 @@ def _source_files(path: Path) -> tuple[dict[str, Path], dict[str, str] | None]:
         return _folder_files(path)
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: not a .safetensors file; pass a .safetensors file or a model folder")
+            raise InputError(f"{path}: not a .safetensors file; pass a .safetensors file or a model folder")
         return {HF_WEIGHTS: path}, None  # a lone file counts as a folder's model.safetensors: its name is not content
-    raise ValueError(f"{path}: no such checkpoint; pass a .safetensors file or a model folder")
+    raise InputError(f"{path}: no such checkpoint; pass a .safetensors file or a model folder")
 
 
 class Checkpoint:
@@ -131,7 +139,7 @@ class Checkpoint:
         self.path = Path(path)
         paths, weight_map = _source_files(self.path)
         if digests is not None and set(digests) != set(paths):
-            raise ValueError(f"{where or self.path}: holds the files {sorted(paths)}, but the store recorded "
+            raise InputError(f"{where or self.path}: holds the files {sorted(paths)}, but the store recorded "
                              f"{sorted(digests)}; point it at the checkpoint the store was made from")
         self.files: dict[str, SafetensorsFile] = {}
         for name, p in paths.items():  # opened one by one so a failure closes what is open
@@ -157,7 +165,7 @@ class Checkpoint:
         for f in self.files.values():
             for name in f.entries:
                 if name in where:
-                    raise ValueError(f"{f.path}: tensor {name!r} also appears in {where[name].path}; re-save the model")
+                    raise InputError(f"{f.path}: tensor {name!r} also appears in {where[name].path}; re-save the model")
                 where[name] = f
         return where
 

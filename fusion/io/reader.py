@@ -150,13 +150,21 @@ class SafetensorsFile:
             return self._window.bytes(begin, end)
         return read_exactly(self._fd, np.empty(end - begin, dtype=np.uint8), begin, self.where)
 
+    def _raw_bytes(self, begin: int, end: int) -> bytes:
+        """Bytes [begin, end) of the file as one bytes object: verified when checked, else read
+        straight into it (a header may be 100 MiB: it is never held twice while it is parsed)."""
+        if self._window is not None:
+            return self._window.bytes(begin, end).tobytes()
+        data = os.pread(self._fd, end - begin, begin)
+        return data if len(data) == end - begin else self._raw(begin, end).tobytes()  # short: read_exactly says why
+
     def _read_header(self) -> None:
-        prefix = self._raw(0, min(PREFIX_BYTES, self.size)).tobytes()
+        prefix = self._raw_bytes(0, min(PREFIX_BYTES, self.size))
         length = header_length(prefix, file_size=self.size, where=self.where)
-        raw = self._raw(PREFIX_BYTES, PREFIX_BYTES + length).tobytes()
-        self.header_bytes = prefix + raw
+        raw = self._raw_bytes(PREFIX_BYTES, PREFIX_BYTES + length)
         self.data_start = PREFIX_BYTES + length
         self.entries, self.metadata = parse_header(raw, data_size=self.size - self.data_start, where=self.where)
+        self.header_bytes = prefix + raw  # the fingerprint's input, kept once the header is accepted
 
     def keys(self) -> list[str]:
         return list(self.entries)

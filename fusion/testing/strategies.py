@@ -13,6 +13,10 @@ dependency; the library itself never imports it).
 
 from __future__ import annotations
 
+import json
+import struct
+from typing import Mapping, Sequence
+
 import numpy as np
 
 try:
@@ -35,6 +39,10 @@ __all__ = [
     "checkpoint_sets",
     "FLOAT_DTYPES",
     "as_dtype",
+    "HEADER_MUTATIONS",
+    "safetensors_files",
+    "CONFIG_MUTATIONS",
+    "adapter_configs",
 ]
 
 FLOAT_DTYPES = (F32, F16, BF16)
@@ -250,3 +258,185 @@ def lora_factors(
     b = (rng.integers(-8, 9, (n_out, r)) * scale).astype(np.float32)  # (out, r)
     scaling = draw(st.sampled_from([0.25, 0.5, 1.0, 2.0]))
     return a, b, scaling, flip
+
+
+
+# ---- Hostile inputs (the fuzz suite): safetensors files and adapter configs, valid or mutated ----
+#
+# Each strategy builds a valid input, then applies at most one mutation from its list, so a failure
+# shrinks toward the valid input and names the one rule it broke. Inputs are built as JSON text,
+# never as nested Python objects, so nesting thousands of levels deep costs nothing to make.
+
+HEADER_MUTATIONS = ("none", "names", "zero-size", "offsets", "dtype", "shape", "huge-dim", "many-dims", "deep",
+                    "metadata", "long-metadata", "repeat-key", "not-object", "garbage", "length", "truncate")
+_FILE_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+# Names with the characters a header scan must get right: quotes, backslashes, brackets, non-ASCII.
+_NAME_CHARS = st.sampled_from(list('ab.0_"\\[]{},:é '))
+_DEPTHS = st.one_of(st.integers(2, 8), st.sampled_from([100, 1000, 5000]))
+
+
+def _nested(depth: int, *, objects: bool = False) -> str:
+    """A JSON value `depth` containers deep, as text."""
+    return ('{"k":' * depth + "0" + "}" * depth) if objects else ("[" * depth + "0" + "]" * depth)
+
+
+def _framed(text: bytes) -> bytes:
+    """A header's JSON with its 8-byte length, padded with spaces as writers do."""
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+@st.composite
+def _file_tensors(draw, layout: Mapping[str, tuple] | None, max_tensors: int) -> list[tuple[str, str, tuple, bytes]]:
+    """(name, dtype code, shape, bytes): `layout`'s float32 tensors, or up to `max_tensors` drawn ones."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    if layout is not None:
+        return [(n, "F32", tuple(s), _grid(rng, tuple(s), 2.0**-6).tobytes()) for n, s in layout.items()]
+    names = draw(st.lists(st.text(_NAME_CHARS, min_size=1, max_size=6), max_size=max_tensors, unique=True))
+    out = []
+    for name in names:
+        code = draw(st.sampled_from(sorted(_FILE_DTYPES)))
+        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+        out.append((name, code, shape, rng.integers(0, 2, shape).astype(_FILE_DTYPES[code]).tobytes()))
+    return out
+
+
+@st.composite
+def _mutated_entry(draw, entry: dict, mutation: str) -> str:
+    """One tensor entry, broken by `mutation`, as JSON text."""
+    entry = dict(entry)
+    if mutation == "offsets":
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = draw(st.sampled_from([[begin, end + 1], [begin + 1, end], [end, begin], [begin],
+                                                      [begin, end, end], [begin, 2**64], [-1, end], [0.0, end]]))
+    elif mutation == "dtype":
+        entry["dtype"] = draw(st.sampled_from(["F16", "I64", "BF16", "F8_E4M3", "Q7", "", 5, None, ["F32"]]))
+    elif mutation == "shape":
+        shape = entry["shape"]
+        entry["shape"] = draw(st.sampled_from([shape + [1], shape + [2], shape[1:], [-1], [1.5], [True], "2", None]))
+    elif mutation == "many-dims":
+        ones = draw(st.sampled_from([64, 65, 80])) - len(entry["shape"])  # numpy's limit is 64 dimensions
+        entry["shape"] = [1] * max(0, ones) + entry["shape"]
+    elif mutation == "deep":
+        field = draw(st.sampled_from(["shape", "data_offsets", "dtype", "extra"]))
+        text = json.dumps({k: v for k, v in entry.items() if k != field})[:-1]
+        sep = ", " if text != "{" else ""
+        return f'{text}{sep}"{field}": {_nested(draw(_DEPTHS), objects=draw(st.booleans()))}}}'
+    return json.dumps(entry)
+
+
+@st.composite
+def safetensors_files(
+    draw,
+    *,
+    layout: Mapping[str, tuple] | None = None,
+    max_tensors: int = 3,
+    mutation: st.SearchStrategy[str] | str = st.sampled_from(HEADER_MUTATIONS),
+) -> bytes:
+    """The bytes of a safetensors file: valid, or broken by one of HEADER_MUTATIONS.
+
+    `layout` ({name: shape}) makes float32 tensors of those shapes (a fine-tune of a base of that
+    layout); otherwise up to `max_tensors` tensors of several dtypes, with names that hold quotes,
+    backslashes, brackets and non-ASCII characters. Whether the reference implementation reads
+    the result is for the caller to ask: some mutations still leave a valid file."""
+    mutation = _draw(draw, mutation)
+    tensors = draw(_file_tensors(layout, max_tensors))
+    entries, data = {}, b""
+    for name, code, shape, raw in tensors:
+        entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    metadata = {"format": "pt"}
+    if mutation == "names":  # one more tensor, named with the characters a scan must get right
+        name = draw(st.text(_NAME_CHARS, min_size=1, max_size=8))
+        entries[name] = {"dtype": "F32", "shape": [1], "data_offsets": [len(data), len(data) + 4]}
+        data += np.float32(1.0).tobytes()
+    if mutation in ("zero-size", "huge-dim"):  # tensors of no elements: valid, or too large for numpy to describe
+        shapes = [[0], [0, 5], [2**40, 0], [0, 2**60]] if mutation == "zero-size" else \
+            [[0, 2**64], [2**64, 0], [0, 2**63], [2**62, 2**62, 0], [0, 2**61], [2**40, 0, 2**40]]
+        for k, shape in enumerate(draw(st.lists(st.sampled_from(shapes), min_size=1, max_size=2))):
+            entries[f"empty.{k}"] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data)] * 2}
+    if mutation == "metadata":
+        metadata[draw(st.sampled_from(["format", "n"]))] = draw(st.sampled_from([1, None, ["pt"], {"a": "b"}, True]))
+    if mutation == "long-metadata":  # around the 1 MiB limit
+        metadata["notes"] = "x" * draw(st.sampled_from([2**20 - 16, 2**20 + 1, 2**21]))
+    pairs = [("__metadata__", json.dumps(metadata))] + [(n, json.dumps(e, ensure_ascii=draw(st.booleans())))
+                                                        for n, e in entries.items()]
+    if mutation in ("offsets", "dtype", "shape", "many-dims", "deep") and entries:
+        index = draw(st.integers(1, len(pairs) - 1))
+        pairs[index] = (pairs[index][0], draw(_mutated_entry(json.loads(pairs[index][1]), mutation)))
+    elif mutation == "deep":
+        pairs[0] = (pairs[0][0], _nested(draw(_DEPTHS), objects=draw(st.booleans())))
+    if mutation == "repeat-key" and entries:
+        pairs.append(draw(st.sampled_from(pairs[1:])))
+    text = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
+    if mutation == "not-object":
+        text = draw(st.sampled_from(["[]", '"x"', "1", "null", "[" + text + "]"]))
+    raw = text.encode()
+    if mutation == "garbage":  # one token or byte where it does not belong (0xff: not UTF-8)
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.sampled_from([b"{", b"}", b"[", b'"', b"\\", b",", b"NaN", b"\x00", b"\xff"])) + raw[at:]
+    file = _framed(raw) + data
+    if mutation == "length":
+        (length,) = struct.unpack("<Q", file[:8])
+        new = draw(st.sampled_from([0, 1, length - 1, length + 1, len(file), 2**63, 2**64 - 1]))
+        file = struct.pack("<Q", max(0, new)) + file[8:]
+    if mutation == "truncate":
+        file = file[: draw(st.integers(0, len(file) - 1))]
+    return file
+
+
+CONFIG_MUTATIONS = ("none", "patterns", "wrong-type", "missing", "bad-value", "deep", "unknown-fields", "not-json",
+                    "not-object")
+# Keys of the kinds PEFT users write, and the hostile and the broken ones.
+PATTERN_KEYS = ("layer.0", "0", "layer\\.0", "layer.\\d+", "^layer.0$", "(layer|block).0", "lay.r.0", "x",
+                "(a+)+b", "(a|aa)*c", "(", "[", "a{,2}", "[[:alpha:]]", "(?<=a)b", "(a)\\1", "a*+", "(?i)a",
+                "a" * 2000, "\\")
+# Values of the wrong type for a field, and values of the right type but out of range.
+_WRONG = ("8", "16", "true", "false", None, [1], {"a": 1}, 1.5, True, False, -1, 0, 2**70)
+
+
+@st.composite
+def adapter_configs(
+    draw,
+    *,
+    modules: Sequence[str] = ("layer.0",),
+    rank: int = 2,
+    mutation: st.SearchStrategy[str] | str = st.sampled_from(CONFIG_MUTATIONS),
+) -> bytes:
+    """The bytes of a LoRA adapter_config.json for factors of `rank` on `modules`: valid, or broken
+    by one of CONFIG_MUTATIONS (a wrong type, a missing field, a value out of range, hostile or
+    broken patterns, deep nesting, unknown fields). Some mutations still leave a valid config."""
+    mutation = _draw(draw, mutation)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": draw(st.sampled_from([1, 4, 2.5, 0])),
+              "target_modules": list(modules), "use_rslora": draw(st.booleans()),
+              "fan_in_fan_out": draw(st.booleans()), "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
+              "lora_dropout": 0.0, "task_type": None, "base_model_name_or_path": None}
+    if mutation == "patterns":
+        for field in ("rank_pattern", "alpha_pattern"):
+            keys = draw(st.lists(st.sampled_from(PATTERN_KEYS), max_size=3, unique=True))
+            value = st.sampled_from([rank, rank + 1]) if field == "rank_pattern" else st.sampled_from([1, 8, 0.5])
+            config[field] = {key: draw(value) for key in keys}
+        config[draw(st.sampled_from(["rank_pattern", "alpha_pattern"]))] = draw(st.sampled_from(
+            [config["rank_pattern"], [], "layer.0", None, {"layer.0": "2"}, {"layer.0": None}]))
+    typed = ["r", "lora_alpha", "target_modules", "use_rslora", "fan_in_fan_out", "bias", "rank_pattern",
+             "alpha_pattern", "peft_type", "use_dora", "layer_replication", "modules_to_save"]
+    if mutation == "wrong-type":
+        config[draw(st.sampled_from(typed))] = draw(st.sampled_from(_WRONG))
+    if mutation == "missing":
+        config.pop(draw(st.sampled_from(["r", "lora_alpha", "target_modules", "peft_type", "bias"])))
+    if mutation == "unknown-fields":
+        for _ in range(draw(st.integers(1, 3))):
+            config[draw(st.text("abxyz_", min_size=1, max_size=5))] = draw(st.sampled_from(_WRONG))
+    text = json.dumps(config)
+    if mutation == "bad-value":
+        field = draw(st.sampled_from(["r", "lora_alpha"]))
+        text = text.replace(f'"{field}": {json.dumps(config[field])}',
+                            f'"{field}": {draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-0.5"]))}')
+    if mutation == "deep":
+        field = draw(st.sampled_from(typed + ["megatron_config", "notes"]))
+        text = text[:-1] + f', "{field}": {_nested(draw(_DEPTHS), objects=draw(st.booleans()))}}}'
+    if mutation == "not-json":
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    if mutation == "not-object":
+        text = draw(st.sampled_from(["[]", "1", '"LORA"', "null", f"[{text}]"]))
+    return text.encode()

@@ -90,7 +90,7 @@ def test_tensors_that_are_no_plain_lora_are_refused_by_name(names, phrase):
 
 def test_an_unreadable_config_is_one_line(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{broken")
-    with pytest.raises(ValueError, match="adapter_config.json: not a readable adapter config"):
+    with pytest.raises(ValueError, match="adapter_config.json: adapter config is not valid JSON"):
         read_adapter_config(tmp_path)
     (tmp_path / "adapter_config.json").write_text("[1]")
     with pytest.raises(ValueError, match="not a JSON object"):

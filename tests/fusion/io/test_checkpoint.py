@@ -73,7 +73,7 @@ def test_an_index_is_as_strict_as_the_files(tmp_path, edit, phrase):
 def test_an_unreadable_index_is_one_line(tmp_path):
     folder = _sharded(tmp_path)
     (folder / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid safetensors index"):
+    with pytest.raises(ValueError, match="safetensors index is not valid JSON"):
         open_checkpoint(folder)
 
 
