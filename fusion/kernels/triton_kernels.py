@@ -330,8 +330,10 @@ def _with_fidelity(result: ChunkResult, rows: torch.Tensor, stored: list | None,
             original = _minus_base(torch.as_tensor(originals.rows[r], device=rows.device).reshape(1, -1), base)[0]
             table[i] = reference_torch.fidelity_sums(unified, masks[i], original)
     drift = None
-    if originals.drift:
-        drift = torch.stack([reference_torch.fidelity_sums(unified, masks[i], _stacked_row(i, rows, stored))
+    if originals.drift:  # a task measured against its own row already has these sums
+        own = torch.as_tensor(originals.index).tolist()
+        drift = torch.stack([table[i] if own[i] == OWN_ROW else
+                             reference_torch.fidelity_sums(unified, masks[i], _stacked_row(i, rows, stored))
                              for i in range(masks.shape[0])]).to(result.unified.device)  # (T, 5)
     return result._replace(fidelity=table.to(result.unified.device), drift=drift)
 
