@@ -12,13 +12,17 @@ it to the cache. Every failure is one `ValueError` line that names the argument 
     base_records("ckpt_a")   [BaseRecord("org/base", "base_model", "README.md"), ...]: the bases a
                              checkpoint folder names (model card, adapter config, config), first wins
 
-Only the standard library is imported here; `huggingface_hub` is imported when an id is
-resolved, so commands that take local paths start without it.
+A revision is a branch or tag name as git's check-ref-format allows it (so `refs/pr/3` is one),
+or a commit; anything else (`..`, a leading `/` or `-`, control characters) is refused. A
+folder's records are read as its other side files are (fusion.io.files): never through a link
+that leaves the folder or its hub cache repository's blobs/, and bounded in size and depth.
+
+Only the standard library is imported with the module; fusion.io (numpy) when a record is read,
+and `huggingface_hub` when an id is resolved, so commands that take local paths start without it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -49,6 +53,11 @@ HUB_FILES = (
 # The hub's own rule for repository names (huggingface_hub.utils.validate_repo_id), owner required.
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^\s@]+))?$")
+# What git's check-ref-format refuses in a ref name (a commit's 40 hex digits pass): control
+# characters, space and ~^:?*[\; "..", "//" and "@{"; a component that starts with "." or ends
+# with ".lock"; a name that starts with "/" or "-" (an option) or ends with "/" or ".".
+_BAD_REVISION = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|//|@\{|(?:^|/)\.|\.lock(?:/|$)|^[-/]|[/.]$")
+_REVISION_CHARS = 255
 _TRUE = {"1", "on", "yes", "true"}  # the values huggingface_hub reads as true
 ID_FORM = "org/name[@revision]"
 
@@ -68,11 +77,24 @@ class ResolvedCheckpoint:
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """("org/name", revision or None) when `text` has the form of a hub id, else None."""
+    """("org/name", revision or None) when `text` has the form of a hub id, else None; an id whose
+    revision is no branch, tag or commit name is refused in one line."""
     match = _HUB_ID.match(text)
     if match is None or "--" in match["repo"] or ".." in match["repo"] or match["repo"].endswith(".git"):
         return None
-    return match["repo"], match["revision"]
+    revision = match["revision"]
+    if revision is not None and not valid_revision(revision):
+        from .errors import InputError
+
+        raise InputError(f"{match['repo']}: revision {revision!r} is not a branch, tag or commit name (git's "
+                         "rules: no '..', no leading '/' or '-', no control characters, spaces or ~^:?*[\\); give "
+                         "a branch, tag or 40-hex commit")
+    return match["repo"], revision
+
+
+def valid_revision(revision: str) -> bool:
+    """A branch or tag name that git's check-ref-format accepts, or a commit (40 hex digits)."""
+    return 0 < len(revision) <= _REVISION_CHARS and revision != "@" and not _BAD_REVISION.search(revision)
 
 
 def offline_mode() -> bool:
@@ -155,6 +177,9 @@ def _require_weights(text: str, folder: Path) -> None:
 BASE_RECORDS = (("README.md", "base_model"), ("adapter_config.json", "base_model_name_or_path"),
                 ("config.json", "_name_or_path"))
 _CARD_BYTES = 1 << 20  # a model card is read for its front matter up to here, no further
+# A config's JSON, as fusion.io.bounded_json.JsonLimits(depth, brackets, commas): configs nest a
+# few levels (text_config, quantization_config) and list labels and tokens by the thousand.
+_RECORD_LIMITS = (32, 1 << 20, 1 << 22)
 _NULLS = {"", "~", "null", "Null", "NULL"}
 
 
@@ -175,7 +200,7 @@ def base_records(path: str | os.PathLike) -> Iterator[BaseRecord]:
         return
     for name, key in BASE_RECORDS:
         record = folder / name
-        if record.is_file():
+        if record.is_symlink() or record.is_file():  # a link is read only if it stays inside (open_input)
             value = card_base_model(record) if name == "README.md" else _json_field(record, key)
             if value:
                 yield BaseRecord(value, key, name)
@@ -207,9 +232,14 @@ def card_base_model(path: Path) -> str | None:
 
 def _front_matter(path: Path) -> list[str]:
     """The lines between the `---` fences that open a model card; [] when it opens with none."""
+    from .io.files import open_input
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(_CARD_BYTES).decode("utf-8", errors="replace")
+        fd = open_input(path)
+        try:
+            head = os.read(fd, _CARD_BYTES).decode("utf-8", errors="replace")
+        finally:
+            os.close(fd)
     except OSError as err:
         raise ValueError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or remove the file") from None
     lines = head.lstrip("\ufeff").lstrip().splitlines()
@@ -272,9 +302,14 @@ def _one_base(items: list[str], path: Path) -> str | None:
 
 
 def _json_field(path: Path, key: str) -> str | None:
+    from .io.bounded_json import JsonLimits, loads
+    from .io.files import read_side_file
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not readable JSON ({err.__class__.__name__}); fix or replace the file") from None
+        data = loads(read_side_file(path).data, JsonLimits(*_RECORD_LIMITS), where=str(path), what="config",
+                     fix="fix or replace the file")
+    except OSError as err:
+        raise ValueError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or replace the "
+                         "file") from None
     value = data.get(key) if isinstance(data, dict) else None
     return (value.strip() or None) if isinstance(value, str) else None

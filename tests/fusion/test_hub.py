@@ -142,7 +142,7 @@ def test_recorded_base_reads_the_adapter_record_first(tmp_path):
     assert recorded_base(tmp_path / "bare" / "config.json") is None  # a file names no base
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: not readable JSON"):
+    with pytest.raises(ValueError, match="config.json: config is not valid JSON"):
         recorded_base(tmp_path / "broken")
 
 
@@ -156,3 +156,30 @@ def test_the_module_needs_neither_torch_nor_the_hub_library_to_import():
             "print(sorted({'torch', 'numpy', 'huggingface_hub'} & {m.split('.')[0] for m in sys.modules}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("revision", ["../refs/main", "/etc", "-x", "a..b", "main.lock", "refs/.hidden", "a//b", "v1/",
+                                      "v1.", "a~1", "a^", "a:b", "a?", "a*", "a[b", "a\\b", "a\x01b", "a\x7fb"])
+def test_a_revision_that_is_no_ref_name_is_refused_in_one_line(revision):
+    with pytest.raises(ValueError) as err:
+        parse_hub_id(f"org/model@{revision}")
+    message = str(err.value)
+    assert message.startswith("org/model: revision ") and "is not a branch, tag or commit name" in message
+    assert "\n" not in message and not any(ord(c) < 32 or ord(c) == 127 for c in message)
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/3", "feature/x-y_z", TAGGED_COMMIT])
+def test_branch_tag_and_commit_revisions_are_kept(revision):
+    assert parse_hub_id(f"org/model@{revision}") == ("org/model", revision)
+
+
+def test_a_bad_revision_is_one_line_in_the_cli_and_creates_nothing(hub_cache, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fusion.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["unify", "--base", "org/model@../refs/main", "--store", "s", "org/model"])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "revision '../refs/main' is not a branch, tag or commit name" in result.stderr
+    assert not (tmp_path / "s").exists()
