@@ -34,6 +34,7 @@ from ..io.integrity import BlockHasher, digest_file
 from . import layout
 from .manifest import (VERSION, BaseRef, Digests, Fidelity, Manifest, SourceRef, TaskEntry, TensorEntry, UnifiedEntry,
                        check_manifest, encode_manifest)
+from .inspect import audit
 from .transaction import writer_lock
 
 __all__ = ["migrate"]
@@ -275,6 +276,15 @@ def _manifest_v2(store_dir: Path, v1: _V1Manifest, digests: dict[str, Digests], 
     return manifest
 
 
+def _check_tables(store_dir: Path, manifest: Manifest) -> None:
+    """The files hold the tensors the tables name: version 1 checked only their sha256."""
+    health = audit(store_dir, manifest)
+    problems = health.shared + [p for _, task_problems in health.tasks for p in task_problems]
+    if problems:
+        raise ManifestError(f"{store_dir / layout.MANIFEST}: disagrees with the store's files ({problems[0]}); "
+                            "restore the manifest, nothing migrated")
+
+
 # ---- the change on disk ----------------------------------------------------------------------
 
 
@@ -318,6 +328,7 @@ def migrate(store_dir: str | os.PathLike) -> str:
             manifest = _manifest_v2(store_dir, v1, digests, renamed)
             data = encode_manifest(manifest)
             _link_prototypes(store_dir, renamed, made)
+            _check_tables(store_dir, manifest)  # with the prototypes where the new manifest says
             atomic_write_bytes(backup, data)
             made.append(backup)
             atomic_write_bytes(store_dir / layout.MANIFEST, data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+import copy
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -43,6 +44,8 @@ __all__ = [
     "safetensors_files",
     "CONFIG_MUTATIONS",
     "adapter_configs",
+    "MANIFEST_MUTATIONS",
+    "v1_manifests",
 ]
 
 FLOAT_DTYPES = (F32, F16, BF16)
@@ -439,4 +442,88 @@ def adapter_configs(
         text = text[: draw(st.integers(0, len(text) - 1))]
     if mutation == "not-object":
         text = draw(st.sampled_from(["[]", "1", '"LORA"', "null", f"[{text}]"]))
+    return text.encode()
+
+
+MANIFEST_MUTATIONS = ("none", "drop", "wrong-type", "path", "number", "version", "deep", "duplicate-task", "not-json",
+                      "not-object")
+# File names a manifest might point anywhere: out of the store, at another task's file, at nothing.
+_HOSTILE_PATHS = ("../x.safetensors", "/etc/passwd", "triggers/../../x.safetensors", "", "triggers/..",
+                  "private/t0002.safetensors\x00", "a" * 5000, "triggers/t0003-g000004.safetensors",
+                  "prototypes/t0002-g000001.safetensors", "unified-g000004.safetensors")
+_DEEP = "\x00deep\x00"  # a leaf replaced by deep nesting once the rest is JSON text
+
+
+def _places(value) -> list[tuple]:
+    """Every path (keys and indexes) to a value inside `value`, in a fixed order."""
+    out, todo = [], [(value, ())]
+    while todo:
+        item, path = todo.pop()
+        if path:
+            out.append(path)
+        if isinstance(item, dict):
+            todo += [(v, path + (k,)) for k, v in item.items()]
+        elif isinstance(item, list):
+            todo += [(v, path + (i,)) for i, v in enumerate(item)]
+    return sorted(out, key=repr)
+
+
+def _at(document, path: tuple):
+    for step in path[:-1]:
+        document = document[step]
+    return document
+
+
+@st.composite
+def v1_manifests(
+    draw,
+    *,
+    manifest: Mapping,
+    mutation: st.SearchStrategy[str] | str = st.sampled_from(MANIFEST_MUTATIONS),
+) -> bytes:
+    """A version 1 condu.json (`manifest`, a valid one) as bytes, valid or broken by one of
+    MANIFEST_MUTATIONS: a field dropped or of the wrong type, a file name that leaves the store or
+    names another task's file, numbers out of range, another version, deep nesting, two tasks of
+    one uid, text that is no JSON object."""
+    mutation = _draw(draw, mutation)
+    document = copy.deepcopy(dict(manifest))
+    places = _places(document)
+    if mutation == "drop":
+        path = draw(st.sampled_from(places))
+        container = _at(document, path)
+        del container[path[-1]]
+    elif mutation == "wrong-type":
+        path = draw(st.sampled_from(places))
+        _at(document, path)[path[-1]] = draw(st.sampled_from(["1", 1, -1, 1.5, None, True, [], {}, "x" * 300, 2**70]))
+    elif mutation == "path":
+        named = [p for p in places if isinstance(_at(document, p)[p[-1]], str) and "/" in _at(document, p)[p[-1]]]
+        hostile = draw(st.sampled_from(_HOSTILE_PATHS))
+        if named and draw(st.booleans()):
+            path = draw(st.sampled_from(named))
+            _at(document, path)[path[-1]] = hostile
+        else:  # a listed file renamed
+            files = document["files"]
+            old = draw(st.sampled_from(sorted(files)))
+            files[hostile] = files.pop(old)
+    elif mutation == "number":
+        numbers = [p for p in places if type(_at(document, p)[p[-1]]) in (int, float)]
+        path = draw(st.sampled_from(numbers))
+        _at(document, path)[path[-1]] = draw(st.sampled_from([-1, 0, 2**63, 2**64, 2**70, 1e308, float("nan")]))
+    elif mutation == "version":
+        field, values = draw(st.sampled_from([("version", [0, 2, 3, "1", None]), ("format", ["condu", None, 1])]))
+        document[field] = draw(st.sampled_from(values))
+    elif mutation == "deep":
+        path = draw(st.sampled_from(places))
+        _at(document, path)[path[-1]] = _DEEP
+    elif mutation == "duplicate-task" and document.get("tasks"):
+        twin = copy.deepcopy(document["tasks"][0])
+        twin["name"] = "twin"
+        document["tasks"].append(twin)
+    text = json.dumps(document)
+    if mutation == "deep":
+        text = text.replace(json.dumps(_DEEP), _nested(draw(_DEPTHS), objects=draw(st.booleans())))
+    if mutation == "not-json":
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    if mutation == "not-object":
+        text = draw(st.sampled_from(["[]", "1", '"condu-store"', "null"]))
     return text.encode()
