@@ -7,8 +7,8 @@ id and commit, the checksums of its content, and in factor space its adapter con
 tensor table, and per task its number, name, kind (`model` or `adapter`), source (path, hub id
 and commit), rescaler(s), statistics, files and own dtype, plus the size and block checksums of
 every file of the generation, and the history of changes let through with --allow-degrade
-(fusion.store.guard). It ends with `checksum`, an XXH3-128 of its canonical content (every other field, keys sorted, compact JSON):
-a changed digit anywhere makes it fail to load. Loading checks, in this order: the JSON, the
+(fusion.store.guard). It ends with `checksum`, an XXH3-128 of its canonical content (every other
+field, keys sorted, compact JSON): a changed digit anywhere makes it fail to load. Loading checks, in this order: the JSON, the
 format and version, the checksum, the types (msgspec), then the rules that tie fields together
 (`_check_consistency`). Any failure is one line naming the field.
 """
