@@ -119,7 +119,11 @@ def check_mini_mtil(res: dict, results: Path, tmp_path: Path) -> None:
     assert set(res["results"]["summary"]) == methods
     assert all(len(row) == 2 for m in methods for row in res["results"]["matrices"][m])
     assert res["timing"]["processes"] == 2  # the two method groups, side by side, as in a full run
+    assert {"model", "tensor"} <= set(res["results"]["fidelity"])
     assert all(isinstance(c["holds"], bool) and c["numbers"] for c in res["claims"])
+    assert len(res["claims"]) >= 7
+    markdown = (results / "mini_mtil.md").read_text()
+    assert "| condu-model |" in markdown and "separate / store" in markdown
     assert all((results / f"mini_mtil-heatmap-{m}.png").exists() for m in methods)
 
 

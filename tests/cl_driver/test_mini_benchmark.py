@@ -1,60 +1,13 @@
-"""A reduced mini-MTIL (2 tasks, a few steps, the shipped mini CLIP) through the driver's loop
-and the benchmark's collection of results."""
+"""The mini-MTIL benchmark's shipped configs, its merging of method groups and its page of the other
+settings. Its tiny run end to end (claims, reports, heat maps) is its quick mode, in
+tests/benchmarks/test_quick_runs.py."""
 import json
 from pathlib import Path
-
-import pytest
-import torch
-import yaml
 
 import benchmarks.mini_mtil as bench
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "cl_driver" / "assets" / "mini-clip"
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reduced_config(path: Path) -> Path:
-    config = {
-        "model": str(SHIPPED), "device": "cpu", "image_size": 32,
-        "training": {"iterations": 3, "batch_size": 16, "lr": 1e-4, "warmup_steps": 1, "seed": 0},
-        "evaluation": {"batch_size": 64, "top_k": 1, "cache_size": 3, "max_test": 16},
-        "methods": ["zero_shot", "sequential", {"kind": "task_arithmetic", "alpha": 0.3}, {"kind": "magmax", "scale": 1.0},
-                    "individual", {"kind": "condu", "rescaler": "model"}, {"kind": "condu", "rescaler": "tensor"},
-                    {"kind": "condu", "rescaler": "model", "agnostic": True}],
-        "tasks": [{"name": t, "source": {"kind": "builtin", "task": t}, "max_train": 48} for t in ("shapes", "colors")],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def test_reduced_benchmark_runs_and_reports_every_claim(tmp_path, one_thread):
-    from cl_driver.config import load_config
-    from cl_driver.loop import run
-
-    config = reduced_config(tmp_path / "mini.yaml")
-    run(load_config(config), tmp_path / "run", progress=False)
-    record = bench.collect(str(config), tmp_path / "run", tmp_path / "results", "mini",
-                           {"wall_s": 0.0, "cpu_s": 0.0, "threads": 1, "command": "test"})
-
-    saved = json.loads((tmp_path / "results" / "mini.json").read_text())
-    methods = {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu-model", "condu-tensor",
-               "condu-model-agnostic"}
-    assert set(saved["results"]["summary"]) == methods
-    assert all(len(row) == 2 for m in methods for row in saved["results"]["matrices"][m])
-    assert {"model", "tensor"} <= set(saved["results"]["fidelity"])
-    assert all(isinstance(c["holds"], bool) and c["numbers"] for c in record["claims"])
-    assert len(record["claims"]) >= 7
-    markdown = (tmp_path / "results" / "mini.md").read_text()
-    assert "| condu-model |" in markdown and "separate / store" in markdown
-    assert all((tmp_path / "results" / f"mini-heatmap-{m}.png").exists() for m in methods)
 
 
 def test_shipped_configs_name_the_shipped_model_and_every_method():
