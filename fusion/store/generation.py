@@ -219,7 +219,7 @@ def _guarded(after: Manifest, findings: list[Finding], operation: str, allow_deg
     if not findings:
         return after
     if not allow_degrade:
-        more = f" ({len(findings) - 1} more finding(s) of the same kind)" if len(findings) > 1 else ""
+        more = f" (and {len(findings) - 1} more task(s) it would damage)" if len(findings) > 1 else ""
         raise InputError(findings[0].message + more)
     event = HistoryEvent(generation=after.generation, operation=operation,
                          tasks=sorted({f.number for f in findings}), allowed=[f.message for f in findings])
