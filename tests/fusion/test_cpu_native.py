@@ -5,6 +5,7 @@ results are tested in test_cpu_kernel.py (every test there runs on both backends
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,17 +230,34 @@ def _chunk_results(kernel: CpuKernel) -> list:
     return results + [rebuilt]
 
 
+# The CPU flags (Linux /proc/cpuinfo names) each version of the library needs to run.
+NEEDS = {"avx2": {"avx2"}, "arch=x86-64-v3": {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}}
+NEEDS["arch=x86-64-v4"] = NEEDS["arch=x86-64-v3"] | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def _dispatched_versions(tmp_path: Path) -> list[str]:
+    """The targets the compiler here builds cpu_native.c's functions for, as its preprocessor says."""
+    (tmp_path / "versions.c").write_text(f'#include "{SOURCE}"\nCONDU_CLONES_ARE CONDU_CLONES\n')
+    done = subprocess.run([COMPILER, "-E", "-P", str(tmp_path / "versions.c")], capture_output=True, text=True,
+                          timeout=60, check=True)
+    expanded = done.stdout.rsplit("CONDU_CLONES_ARE", 1)[1]
+    return [name for name in re.findall(r'"([^"]+)"', expanded) if name != "default"]
+
+
 @compiler
 def test_every_version_the_dispatch_may_pick_gives_the_same_bits(tmp_path, monkeypatch):
-    """The library holds each loop for AVX-512, AVX2 and the baseline; each built alone (the same
-    loops, one target for all) gives the bits of the baseline, and of the installed library."""
+    """The library holds each loop for every instruction-set level it names and the baseline; each
+    built alone (the same loops, one target for all) gives the bits of the baseline, and so does the
+    installed library."""
     versions = {"baseline": "-DCONDU_CLONES="}
-    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
-        versions |= {isa: f'-DCONDU_CLONES=__attribute__((target("{isa}")))' for isa in ("avx2", "avx512f")
-                     if isa in _cpu_flags()}
+    for name in _dispatched_versions(tmp_path):
+        assert name in NEEDS, f"cpu_native.c dispatches to {name}: say in NEEDS what it needs of the CPU"
+        if NEEDS[name] <= _cpu_flags():
+            versions[name] = f'-DCONDU_CLONES=__attribute__((target("{name}")))'
     if len(versions) == 1 and not LIBRARY.is_file():
-        pytest.skip("a CPU with one version only, and no installed library to compare")
-    libraries = {name: cpu_native._open(_compile(tmp_path, name, SOURCE, flag)) for name, flag in versions.items()}
+        pytest.skip("a CPU that runs only the baseline, and no installed library to compare")
+    libraries = {name: cpu_native._open(_compile(tmp_path, name.replace("=", "-"), SOURCE, flag))
+                 for name, flag in versions.items()}
     if LIBRARY.is_file():
         libraries["installed"] = cpu_native._open(LIBRARY)
     outputs = {}
