@@ -13,6 +13,9 @@ bool masks, torch.save; run as `python -m benchmarks.official_baseline`), measur
 - decouple, copy and the cost of checking every read run as processes forked from this one
   (libraries already imported, so they compare the work itself), checked and unchecked interleaved.
 - start-up: `condu-fuse --help` and a unify of tiny checkpoints, fresh processes.
+- decouple by model size (`--decouple-params`, default 500M; `--decouple-only` measures just these
+  rows into the saved results): one task of a store of that size to a file and to a folder, each
+  beside `cp` + `sync` of the same output bytes, forked processes, paired and in alternating order.
 Times are medians of `--repeats` runs. Results go to benchmarks/results/fusion_store.{json,md,png}.
 """
 
@@ -46,6 +49,7 @@ TARGET_SPEEDUP = 6.0
 TARGET_CHECKS = 0.10  # what checking every read may add to a decouple or an add
 TARGET_STARTUP = 0.5  # seconds: condu-fuse --help, and a tiny unify
 TARGET_PEAK = 1 * GiB
+TARGET_DECOUPLE = 1.2  # decouple's time over a synced copy of the same output bytes, at every model size
 
 
 # ---------------------------------------------------------------- the workload
@@ -251,6 +255,36 @@ def _skip_checks() -> None:
     snapshot._open_file = lambda store_dir, manifest, rel: SafetensorsFile(store_dir / rel)
     import fusion.store.front as front
     front.open_base = snapshot.open_base
+
+
+def _timed_cpu(fn) -> dict:
+    """Wall and CPU seconds (user + system, this process's threads together) of fn()."""
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "cpu": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime}
+
+
+def op_decouple_to(store_dir, task, out) -> dict:
+    """decouple to a file (out ends in .safetensors) or a model folder, timed with its CPU seconds."""
+    from fusion import Store
+    return _timed_cpu(lambda: Store.open(store_dir).decouple(task, out))
+
+
+def op_copy_synced(src, dst) -> dict:
+    """What `cp` and `sync` do with a decoupled output (a file, or a folder's files): copy, fsync each."""
+    def copy():
+        if Path(src).is_dir():
+            shutil.copytree(src, dst)
+            for path in sorted(Path(dst).iterdir()):
+                _fsync_file(path)
+            fd = os.open(dst, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        else:
+            shutil.copyfile(src, dst)
+            _fsync_file(Path(dst))
+    return _timed_cpu(copy)
 
 
 def op_copy(src, dst) -> dict:
@@ -532,6 +566,57 @@ def measure_decouple(bench: Bench, store_dir: Path, repeats: int) -> dict:
     return {name: summarize(r) for name, r in runs.items()}
 
 
+def measure_decouple_size(params: int, work: Path, args: argparse.Namespace) -> dict:
+    """Decouple one task at `params` parameters to a file and to a folder, each beside a synced copy of
+    the same output bytes (the first decouple's output, read once into the page cache as the store
+    and the base are), in alternating order; medians of the times and of the paired ratios."""
+    folder = work / f"decouple-{params}"
+    folder.mkdir(parents=True, exist_ok=True)
+    wl = write_workload(folder, model_plan(params), 1, args.seed)
+    store = folder / "store"
+    remove_tree(store)
+    unified = run_process(store_command("unify", "-q", "--device", "cpu", "--rescaler", args.rescaler,
+                                        "--store", str(store), "--base", wl.base, *wl.checkpoints))
+    result = {"params": wl.params, "checkpoint_bytes": wl.checkpoint_bytes, "unify": unified}
+    if "error" in unified:
+        return result
+    scratch = folder / "runs"
+    remove_tree(scratch), scratch.mkdir()
+    sources = {"file": scratch / "source.safetensors", "folder": scratch / "source"}
+    for kind, source in sources.items():  # the outputs the copies copy; also each side's warm-up
+        run_isolated("decouple_to", store_dir=str(store), task=1, out=str(source))
+    inputs = [wl.base, *map(str, store.rglob("*.safetensors"))]
+    warm_page_cache(inputs + [str(p) for s in sources.values() for p in ([s] if s.is_file() else s.iterdir())])
+    result["output_bytes"] = {kind: dir_bytes(s) if s.is_dir() else s.stat().st_size for kind, s in sources.items()}
+    runs = {kind: {"decouple": [], "copy": []} for kind in sources}
+    for r in range(args.repeats):
+        print(f"decouple {fmt_params(wl.params)} run {r + 1}/{args.repeats}", file=sys.stderr)
+        for kind, source in sources.items():
+            out = scratch / (f"out-{kind}" + (".safetensors" if kind == "file" else ""))
+            order = ("decouple", "copy") if (r + (kind == "folder")) % 2 == 0 else ("copy", "decouple")
+            for side in order:  # neither side always goes first
+                if side == "decouple":
+                    runs[kind][side].append(run_isolated("decouple_to", store_dir=str(store), task=1, out=str(out)))
+                else:
+                    runs[kind][side].append(run_isolated("copy_synced", src=str(source), dst=str(out)))
+                remove_tree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    for kind, sides in runs.items():
+        paired = [d["seconds"] / c["seconds"] for d, c in zip(sides["decouple"], sides["copy"])
+                  if "seconds" in d and "seconds" in c]
+        result[kind] = {side: {**summarize(r), "cpu": median_of(r, "cpu")} for side, r in sides.items()}
+        result[kind]["ratio"] = statistics.median(paired) if paired else None
+        result[kind]["paired_ratios"] = paired
+    remove_tree(scratch), remove_tree(store)
+    return result
+
+
+def measure_decouple_sizes(args: argparse.Namespace, work: Path) -> dict:
+    sizes = [parse_count(p) for p in args.decouple_params.split(",") if p.strip() and parse_count(p)]
+    return {"command": "python -m benchmarks.fusion_store " + " ".join(sys.argv[1:]), "repeats": args.repeats,
+            "loadavg_start": os.getloadavg(), "rows": [measure_decouple_size(n, work, args) for n in sizes],
+            "loadavg_end": os.getloadavg()}
+
+
 def measure_checks(bench: Bench, store_dir: Path, tasks: int, repeats: int) -> dict:
     """What checking every read costs: decouple and add, with the checksums and without, interleaved."""
     runs: dict[str, list] = {"decouple": [], "decouple_unchecked": [], "add": [], "add_unchecked": []}
@@ -651,6 +736,11 @@ def fmt_bytes(n: float | None) -> str:
 
 def fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
+
+
+def fmt_params(n: int) -> str:
+    """64M, 500M, 64K: parameter counts as the options spell them (binary multiples)."""
+    return f"{n / MiB:.0f}M" if n >= MiB else f"{n / 1024:.0f}K"
 
 
 def fmt_x(x: float | None) -> str:
@@ -777,6 +867,30 @@ def decouple_section(res: dict) -> list[str]:
             "computes theta0 + lambda * M * u, and writes one."]
 
 
+def decouple_sizes_section(res: dict) -> list[str]:
+    sizes = res.get("decouple_sizes")
+    if not sizes or not sizes["rows"]:
+        return []
+    rows = []
+    for row in sizes["rows"]:
+        for kind in ("file", "folder"):
+            if kind not in row:
+                rows.append([fmt_params(row["params"]), kind, row["unify"].get("error", "not run"), "", "", "", ""])
+                continue
+            d, c = row[kind]["decouple"], row[kind]["copy"]
+            rows.append([fmt_params(row["params"]), kind, fmt_bytes(row["output_bytes"][kind]), fmt_s(d["seconds"]),
+                         fmt_s(c["seconds"]), fmt_x(row[kind]["ratio"]),
+                         f"{fmt_s(d['cpu'])} / {fmt_s(c['cpu'])}"])
+    load = f"{sizes['loadavg_start'][0]:.1f} at the start and {sizes['loadavg_end'][0]:.1f} at the end"
+    return ["## Decouple against a synced copy of the same bytes, by model size", ""] + table(
+        ["parameters", "to", "output", "decouple", "cp + sync", "ratio (median of pairs)", "CPU decouple / copy"],
+        rows) + ["", f"Command: `{sizes['command']}`. One task of an fp32 store (T = 1): decouple reads the base "
+                 "and the unified delta (twice the output's bytes) and the mask, checks every block, rebuilds and "
+                 "writes; the copy copies the decoupled output itself (read from the page cache, as decouple's "
+                 f"inputs are) and fsyncs it. Runs of each: {sizes['repeats']}, paired and in alternating order, "
+                 f"each its own process; the load average of the machine was {load}."]
+
+
 def targets_section(res: dict) -> list[str]:
     """One line per figure of the issue: measured, target, met or not."""
     verdict, storage = res["memory_verdict"], res["storage"]
@@ -794,6 +908,11 @@ def targets_section(res: dict) -> list[str]:
         cost = res["checks"][op + "_overhead"]
         rows.append([f"checking every read in {op}", "-" if cost is None else f"{100 * cost:+.1f}%",
                      f"<= {100 * TARGET_CHECKS:.0f}%", yes[None if cost is None else cost <= TARGET_CHECKS]])
+    for row in (res.get("decouple_sizes") or {}).get("rows", []):
+        for kind in ("file", "folder"):
+            x = row.get(kind, {}).get("ratio")
+            rows.append([f"decouple {fmt_params(row['params'])} to a {kind} vs cp + sync of it", fmt_x(x),
+                         f"<= {TARGET_DECOUPLE}x", yes[None if x is None else x <= TARGET_DECOUPLE]])
     for name, key in (("condu-fuse --help", "help"), ("tiny unify, process", "tiny_unify")):
         t = res["startup"][key].get("seconds")
         rows.append([name, fmt_s(t), f"< {TARGET_STARTUP} s", yes[None if t is None else t < TARGET_STARTUP]])
@@ -813,7 +932,7 @@ def markdown(res: dict) -> str:
              f"task 1 rebuilt by both, largest difference relative to the weights: "
              f"{check.get('task1_max_rel_error', '-')}.", ""]
     for section in (targets_section, speed_section, memory_section, checks_section, startup_section,
-                    storage_section, decouple_section, bounds_section):
+                    storage_section, decouple_section, decouple_sizes_section, bounds_section):
         lines += section(res) + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
@@ -852,9 +971,11 @@ def write_results(res: dict, out_dir: Path) -> None:
 
 # ---------------------------------------------------------------- the run
 
-FULL = {"params": "64M", "tasks": "2,4,8,16", "unify_tasks": 8, "bf16_tasks": 8, "repeats": 3}
+FULL = {"params": "64M", "tasks": "2,4,8,16", "unify_tasks": 8, "bf16_tasks": 8, "repeats": 3,
+        "decouple_params": "500M"}
 # Tiny tensors on one thread: hand-offs between threads would cost more than the work.
-QUICK = {"params": "64K", "tasks": "2,4", "unify_tasks": 4, "bf16_tasks": 2, "repeats": 1, "threads": 1}
+QUICK = {"params": "64K", "tasks": "2,4", "unify_tasks": 4, "bf16_tasks": 2, "repeats": 1, "threads": 1,
+         "decouple_params": "64K"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -877,6 +998,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help="64K parameters, T = 2, 4, one run each, one thread "
                    "(with --results-dir)")
+    p.add_argument("--decouple-params", help="model sizes of the decouple-vs-copy rows, e.g. 64M,500M; 0 to skip "
+                   "(default 500M; quick 64K)")
+    p.add_argument("--decouple-only", action="store_true", help="measure only the decouple-vs-copy rows and put "
+                   "them into the results json and md already in --results-dir (the other figures stay)")
     p.add_argument("--from-json", help="measure nothing: write the md and png again from a saved json")
     args = p.parse_args(argv)
     args.results_dir = str(results_folder(p, args.results_dir, quick=args.quick))
@@ -961,8 +1086,20 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                      for t in args.task_list]
     res["memory_verdict"] = memory_verdict(res["memory"], wl.checkpoint_bytes)
     res["storage"] = storage_rows(bench, [unify[t] for t in args.task_list], [adds[t] for t in args.task_list], bf16)
+    res["decouple_sizes"] = measure_decouple_sizes(args, work)
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["notes"] = notes(res, args)
+    return res
+
+
+def decouple_only(args: argparse.Namespace, work: Path) -> dict:
+    """The results already in --results-dir, with the decouple-vs-copy rows measured again."""
+    saved = Path(args.results_dir) / f"{RESULT_NAME}.json"
+    if not saved.is_file():
+        raise SystemExit(f"{saved}: no results to add the decouple rows to; run the full benchmark first")
+    res = json.loads(saved.read_text())
+    kernel_backend()
+    res["decouple_sizes"] = measure_decouple_sizes(args, work)
     return res
 
 
@@ -1013,7 +1150,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="condu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        res = run(args, work)
+        res = decouple_only(args, work) if args.decouple_only else run(args, work)
     finally:
         if not args.workdir:
             remove_tree(work)

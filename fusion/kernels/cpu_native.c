@@ -354,17 +354,63 @@ SUMS void condu_fidelity_sums(const float *restrict u, const uint8_t *restrict m
     add_sums(out, a, e, d, z, c);
 }
 
-/* Decouple's rebuild (fusion.reference.rebuild): out = base + where(M, u * scale, +0.0) over n
- * elements, M from the packed bits, a mask byte (eight elements) at a time; one pass over the
- * inputs where numpy needs five. `out` may be `u` or `base` (each element is read before it is
- * written), so those three are not restrict. */
-CONDU_CLONES
-void condu_rebuild(const float *base, const float *u, const uint8_t *restrict packed, float scale, int64_t n,
-                   float *out) {
-    const int64_t full = n / 8;
-    for (int64_t k = 0; k < full; k++) {
-        const uint32_t byte = packed[k];
-        for (int b = 0; b < 8; b++) out[8 * k + b] = base[8 * k + b] + rebuilt(u[8 * k + b], scale, (byte >> b) & 1u);
+/* float32 -> bfloat16 bits as fusion.dtypes rounds: to nearest even, any NaN the quiet NaN 0x7FC0. */
+static inline uint16_t bf16_bits(float x) {
+    const uint32_t b = bits_of(x);
+    return x != x ? 0x7FC0u : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* float32 -> float16 bits as numpy casts (npy_floatbits_to_halfbits): to nearest even, overflow to
+ * inf, a NaN keeps its sign and the top of its payload (and stays a NaN). */
+static inline uint16_t f16_bits_of(float x) {
+    const uint32_t f = bits_of(x), f_exp = f & 0x7f800000u;
+    const uint16_t sign = (uint16_t)((f & 0x80000000u) >> 16);
+    uint32_t sig = f & 0x007fffffu;
+    if (f_exp >= 0x47800000u) {
+        if (f_exp == 0x7f800000u && sig) {
+            const uint16_t nan = (uint16_t)(0x7c00u + (sig >> 13));
+            return (uint16_t)(sign + (nan == 0x7c00u ? nan + 1 : nan));
+        }
+        return (uint16_t)(sign + 0x7c00u);
     }
-    for (int64_t j = 8 * full; j < n; j++) out[j] = base[j] + rebuilt(u[j], scale, (packed[full] >> (j & 7)) & 1u);
+    if (f_exp <= 0x38000000u) {
+        if (f_exp < 0x33000000u) return sign;
+        sig = (0x00800000u + sig) >> (113 - (f_exp >> 23));
+        if ((sig & 0x00003fffu) != 0x00001000u || (f & 0x000007ffu)) sig += 0x00001000u;
+        return (uint16_t)(sign + (sig >> 13));
+    }
+    if ((sig & 0x00003fffu) != 0x00001000u) sig += 0x00001000u;
+    return (uint16_t)(sign + ((f_exp - 0x38000000u) >> 13) + (sig >> 13));
+}
+
+#define REBUILD_LOOP(STORE)                                                                                      \
+    for (int64_t k = 0; k < full; k++) {                                                                         \
+        const uint32_t byte = packed[k];                                                                         \
+        for (int b = 0; b < 8; b++) {                                                                            \
+            const int64_t j = 8 * k + b;                                                                         \
+            STORE(j, base[j] + rebuilt(u[j], scale, (byte >> b) & 1u));                                          \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int64_t j = 8 * full; j < n; j++) STORE(j, base[j] + rebuilt(u[j], scale, (packed[full] >> (j & 7)) & 1u));
+
+#define STORE_F32(j, x) ((float *)out)[j] = (x)
+#define STORE_BF16(j, x) ((uint16_t *)out)[j] = bf16_bits(x)
+#define STORE_F16(j, x) ((uint16_t *)out)[j] = f16_bits_of(x)
+
+/* Decouple's rebuild (fusion.reference.rebuild) as an output dtype: theta = base + where(M, u * scale,
+ * +0.0) over n elements, M from the packed bits, a mask byte (eight elements) at a time, stored as
+ * `kind` says (0 float32, 1 bfloat16 bits, 2 float16 bits, rounded as fusion.dtypes.from_float32):
+ * one pass where numpy needs five, and eight more for a 16-bit output. `out` may be `u` or `base`
+ * (each element is read before it is written), so those three are not restrict. */
+CONDU_CLONES
+void condu_rebuild_as(const float *base, const float *u, const uint8_t *restrict packed, float scale, int64_t n,
+                      void *out, int64_t kind) {
+    const int64_t full = n / 8;
+    if (kind == 1) {
+        REBUILD_LOOP(STORE_BF16)
+    } else if (kind == 2) {
+        REBUILD_LOOP(STORE_F16)
+    } else {
+        REBUILD_LOOP(STORE_F32)
+    }
 }

@@ -104,8 +104,9 @@ def _open(path: Path) -> ctypes.CDLL:
     library.condu_unify.restype = ctypes.c_int
     library.condu_fidelity_sums.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
     library.condu_fidelity_sums.restype = None
-    library.condu_rebuild.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p]
-    library.condu_rebuild.restype = None
+    library.condu_rebuild_as.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
+                                                                ctypes.c_int64]
+    library.condu_rebuild_as.restype = None
     return library
 
 
@@ -160,9 +161,11 @@ def fidelity_sums(unified: np.ndarray, mask: np.ndarray, original: np.ndarray, o
                                    _address(out))
 
 
-def rebuild(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, out: np.ndarray) -> np.ndarray:
-    """out (n,) = base + where(M, u * float32(rescaler), +0.0): contiguous float32 base, u and out, the
-    mask's packed bytes; on the calling thread (decouple overlaps it with its reads)."""
-    _library().condu_rebuild(_address(base), _address(unified), _address(packed), float(rescaler), out.size,
-                             _address(out))
+def rebuild(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, out: np.ndarray, *,
+            kind: int = 0) -> np.ndarray:
+    """out (n,) = base + where(M, u * float32(rescaler), +0.0): contiguous float32 base and u, the mask's
+    packed bytes; out float32 (kind 0), or the bits of bfloat16 (1) or float16 (2) rounded as
+    fusion.dtypes.from_float32. On the calling thread (decouple overlaps it with its reads)."""
+    _library().condu_rebuild_as(_address(base), _address(unified), _address(packed), float(rescaler), out.size,
+                                _address(out), kind)
     return out

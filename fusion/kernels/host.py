@@ -4,9 +4,10 @@
 cpu kernel's native library loads (fusion.kernels.cpu_native: built once per machine, loaded in
 milliseconds) it is one pass over the inputs; without a compiler, or with
 CONDU_CPU_BACKEND=numba, `rebuild_numpy` does the same in five numpy passes (the rebuild was a
-fifth of a decouple's CPU time in numpy, measured with perf at 64M parameters). The cpu
-kernel's `rebuild` is this function; the kernel tests prove both paths equal to the reference
-bit for bit. A decouple never loads numba.
+fifth of a decouple's CPU time in numpy, measured with perf at 64M parameters). `rebuild_as`
+also rounds to a 16-bit output dtype in that pass, where numpy's conversion alone doubled a
+bf16 decouple's CPU time. The cpu kernel's `rebuild` is `rebuild_into`; tests prove every path
+equal to the reference (and to fusion.dtypes' rounding) bit for bit. A decouple never loads numba.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import os
 
 import numpy as np
 
-from ..dtypes import as_float32
+from ..dtypes import DType, as_float32, from_float32
 
-__all__ = ["rebuild_into", "rebuild_numpy"]
+__all__ = ["rebuild_into", "rebuild_as", "rebuild_numpy"]
+
+# How the native rebuild stores each output dtype (fusion.kernels.cpu_native.rebuild's `kind`), and in what.
+_NATIVE_KINDS = {"F32": 0, "BF16": 1, "F16": 2}
+_KIND_STORAGE = {0: np.dtype(np.float32), 1: np.dtype(np.uint16), 2: np.dtype(np.float16)}
 
 
 def _native():
@@ -29,22 +34,41 @@ def _native():
     return cpu_native if cpu_native.available() else None
 
 
-def _flat_float32(array, *, writable: bool = False) -> bool:
-    return (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous
-            and (array.flags.writeable or not writable))
+def _flat_float32(array) -> bool:
+    return isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous
 
 
 def rebuild_into(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                  out: np.ndarray | None = None) -> np.ndarray:
     """theta0 + lambda * M * u on the packed bits, float32 (n,), in `out` if given (`out` may be `unified`)."""
-    n = np.size(unified)
-    result = np.empty(n, dtype=np.float32) if out is None else out
-    native = _native() if np.size(base) == n == np.size(result) else None
-    if native is not None and _flat_float32(base) and _flat_float32(unified) and _flat_float32(result, writable=True):
-        flat = np.ascontiguousarray(np.reshape(packed, -1), dtype=np.uint8)
-        if flat.size >= -(-n // 8):
-            return native.rebuild(base, unified, flat, rescaler, result)
+    result = np.empty(np.size(unified), dtype=np.float32) if out is None else out
+    if _native_rebuild(base, unified, packed, rescaler, result, 0):
+        return result
     return rebuild_numpy(base, unified, packed, rescaler, out=result)
+
+
+def rebuild_as(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, out: np.ndarray,
+               dtype: DType) -> np.ndarray:
+    """rebuild_into stored in `dtype` in `out` (its storage: bfloat16 as uint16 bits), rounded as
+    fusion.dtypes.from_float32: in the same single pass where the native library is there."""
+    kind = _NATIVE_KINDS.get(dtype.code)
+    if kind is not None and _native_rebuild(base, unified, packed, rescaler, out, kind):
+        return out
+    return from_float32(rebuild_into(base, unified, packed, rescaler), dtype, out=out)
+
+
+def _native_rebuild(base, unified, packed, rescaler: float, out: np.ndarray, kind: int) -> bool:
+    """The native rebuild into `out`, where the library is there and the arrays are what it reads."""
+    n = np.size(unified)
+    if not (np.size(base) == n == np.size(out) and _flat_float32(base) and _flat_float32(unified)
+            and out.dtype == _KIND_STORAGE[kind] and out.flags.c_contiguous and out.flags.writeable):
+        return False
+    flat = np.ascontiguousarray(np.reshape(packed, -1), dtype=np.uint8)
+    native = _native() if flat.size >= -(-n // 8) else None
+    if native is None:
+        return False
+    native.rebuild(base, unified, flat, rescaler, out, kind=kind)
+    return True
 
 
 def rebuild_numpy(base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,

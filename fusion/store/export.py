@@ -27,10 +27,11 @@ import numpy as np
 from ..dtypes import DTYPES, DType, F32, from_float32, to_float32
 from ..device import DeviceStage
 from ..engine import chunk_ranges
+from ..kernels.host import rebuild_as, rebuild_into
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
 from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..io.files import atomic_write_text, copy_file_durably, fsync_dir, model_side_files
+from ..io.files import copy_file_durably, fsync_dir, model_side_files
 from ..io.format import TensorInfo
 from ..progress import progress_bar
 from .manifest import Manifest, TaskEntry
@@ -158,6 +159,9 @@ class TaskStream:
         info = self.sources[piece.name]
         out = self.out_dtype(piece.name)
         into = into.view(out.storage)  # (n,)
+        if piece.rebuilt and self.rebuild is rebuild_into:  # the host's: rounded to `out` in the same pass
+            base, unified, packed = inputs
+            return rebuild_as(base, unified, packed, self.task.rescaler_of(piece.name), into, out)
         if piece.rebuilt:
             base, unified, packed = inputs
             scratch = into.view(np.float32) if out is F32 else self.results.next(4 * into.size).view(np.float32)
@@ -265,32 +269,42 @@ def write_file(stream: TaskStream, out: Path, *, progress: bool) -> Path:
     return out
 
 
-def _write_side_files(tmp: Path, side: dict[str, bytes], base_folder: Path | None, *, adapter: bool) -> None:
+def _write_side_files(tmp: Path, side: dict[str, bytes], base_folder: Path | None, *, adapter: bool,
+                      dtype: DType) -> None:
     """The task's own small files, or (for a task added from a lone file or as a dense adapter) the
-    base folder's; an adapter_config.json only in an adapter folder."""
+    base folder's, copied with their checks and permissions; an adapter_config.json only in an
+    adapter folder; config.json saying the dtype the weights were written in. Each fsynced."""
     wanted = (lambda name: True) if adapter else (lambda name: name != ADAPTER_CONFIG)
     if side:
         for name, data in side.items():
             if wanted(name):
-                (tmp / name).write_bytes(data)
+                _write_durably(tmp / name, _config_with_dtype(data, dtype) if name == "config.json" else data)
     elif base_folder is not None:
         for p in model_side_files(base_folder):
             if wanted(p.name):
                 copy_file_durably(p, tmp / p.name)
+                if p.name == "config.json":  # rewritten in place: the copy keeps its permissions
+                    _write_durably(tmp / p.name, _config_with_dtype((tmp / p.name).read_bytes(), dtype))
 
 
-def _set_config_dtype(tmp: Path, dtype: DType) -> None:
-    """config.json says the dtype the weights were written in (`dtype`; `torch_dtype` if present)."""
-    config = tmp / "config.json"
-    if not config.is_file():
-        return
+def _config_with_dtype(data: bytes, dtype: DType) -> bytes:
+    """config.json saying the dtype the weights were written in (`dtype`; `torch_dtype` if present)."""
     with contextlib.suppress(ValueError, UnicodeDecodeError):
-        content = json.loads(config.read_text(encoding="utf-8"))
+        content = json.loads(data.decode("utf-8"))
         if isinstance(content, dict):
             content["dtype"] = dtype.name
             if "torch_dtype" in content:
                 content["torch_dtype"] = dtype.name
-            config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+            return (json.dumps(content, indent=2) + "\n").encode("utf-8")
+    return data
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """A new file in the temporary folder, fsynced: the folder is renamed into place only when whole."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:
@@ -321,11 +335,10 @@ def write_folder(stream: TaskStream, out: Path, *, side: dict[str, bytes], base_
             stream.fill(writer, progress=progress)
         if len(writer.shards) > 1:
             index = {"metadata": {"total_size": writer.total_size}, "weight_map": writer.weight_map}
-            atomic_write_text(tmp / HF_INDEX, json.dumps(index, indent=2) + "\n")
-        _write_side_files(tmp, side, base_folder, adapter=adapter)
-        _set_config_dtype(tmp, config_dtype)
-        atomic_write_text(tmp / "README.md", card)
-        fsync_dir(tmp)
+            _write_durably(tmp / HF_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        _write_side_files(tmp, side, base_folder, adapter=adapter, dtype=config_dtype)
+        _write_durably(tmp / "README.md", card.encode("utf-8"))
+        fsync_dir(tmp)  # the files above are fsynced as written; the rename below is the atomic step
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

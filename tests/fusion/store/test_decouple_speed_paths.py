@@ -29,7 +29,10 @@ from fusion.testing.checkpoints import write_checkpoint
 
 from .helpers import manifest
 
-FLOATS32 = st.floats(width=32, allow_nan=False) | st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf")])
+# float16 and bfloat16 rounding edges: the overflow threshold, subnormals, exact ties, the largest finite values
+EDGES = [0.0, -0.0, 1e-45, -1e-45, 3.4e38, float("inf"), 65504.0, 65519.996, 65520.0, -65520.0, 2.0**-24, 2.0**-25,
+         3 * 2.0**-26, 5.960464e-08, 6.1035156e-05, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 3.3895314e38]
+FLOATS32 = st.floats(width=32, allow_nan=False) | st.sampled_from(EDGES)
 
 
 # ---- the rebuild ---------------------------------------------------------------------------------------
@@ -63,6 +66,17 @@ def test_the_native_and_numpy_rebuilds_equal_the_reference(case):
             in_place = unified.copy()  # out may be u itself
             cpu_native.rebuild(base, in_place, packed, rescaler, in_place)
             assert _same_bits(in_place, expected)
+
+
+@given(case=rebuild_cases(), dtype=st.sampled_from([F32, BF16, F16]), numpy_only=st.booleans())
+def test_the_rebuild_into_a_16_bit_output_rounds_as_from_float32(case, dtype, numpy_only):
+    base, unified, packed, rescaler = case
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = from_float32(reference.rebuild(base, unified, packed, rescaler), dtype)  # its storage
+        out = np.empty(unified.shape, dtype=dtype.storage)
+        with mock.patch.dict(os.environ, {"CONDU_CPU_BACKEND": "numba"} if numpy_only else {}):
+            assert host.rebuild_as(base, unified, packed, rescaler, out, dtype) is out
+    assert _raw(out) == _raw(expected)
 
 
 def test_rebuild_into_takes_numpy_when_numba_is_asked_for(monkeypatch):
