@@ -12,7 +12,10 @@ thread while the caller's thread computes item i and a writer thread finishes it
 Reads alternate between two slots (0, 1): the reader waits until the slot it is about to
 fill has been computed, so two buffer sets are enough. At most two results wait for the writer.
 The first error in any stage stops all three and is raised in the caller's thread. With
-`threaded=False` the same calls run one after the other in the caller's thread.
+`threaded=False` the same calls run one after the other in the caller's thread. With
+`finish=None` there is no writer thread: `compute` finishes each item itself (decouple writes
+into its writer's buffers as it computes, and a thread that only passed results on cost a hand-off
+per item).
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ RESULTS_IN_FLIGHT = _QUEUED_RESULTS + 2
 
 
 def run_stages(items: Sequence[Item], read: Callable[[Item, int], object], compute: Callable[[Item, object], object],
-               finish: Callable[[Item, object], None], *, threaded: bool = True) -> None:
+               finish: Callable[[Item, object], None] | None, *, threaded: bool = True) -> None:
     """read(item, slot) -> inputs; compute(item, inputs) -> result; finish(item, result), in order."""
     if not threaded:
         for item in items:
-            finish(item, compute(item, read(item, 0)))
+            result = compute(item, read(item, 0))
+            if finish is not None:
+                finish(item, result)
         return
     _Stages(items, read, compute, finish).run()
 
@@ -100,8 +105,9 @@ class _Stages:
             self._fail(error)
 
     def run(self) -> None:
-        threads = [threading.Thread(target=self._reader, name="condu-reader", daemon=True),
-                   threading.Thread(target=self._writer, name="condu-writer", daemon=True)]
+        threads = [threading.Thread(target=self._reader, name="condu-reader", daemon=True)]
+        if self.finish is not None:
+            threads.append(threading.Thread(target=self._writer, name="condu-writer", daemon=True))
         for thread in threads:
             thread.start()
         try:
@@ -111,7 +117,7 @@ class _Stages:
                     break
                 result = self.compute(item, inputs)
                 self.free[i % 2].release()  # the slot's arrays are no longer needed
-                if not self._put(self.results, result):
+                if self.finish is not None and not self._put(self.results, result):
                     break
         except BaseException as error:
             self._fail(error)

@@ -195,18 +195,15 @@ class TaskStream:
         assert self.stage is None, "fill rebuilds on the host; a device stage streams through write_all"
         bar = progress_bar(progress, self.numel, "decouple")
 
-        def compute(piece: _Piece, inputs: tuple) -> int:
+        def compute(piece: _Piece, inputs: tuple) -> None:
             count = piece.hi - piece.lo
             self._compute_into(piece, inputs, target.reserve(piece.name, count))
             target.commit(piece.name, count)
-            return count
-
-        def finish(piece: _Piece, count: int) -> None:
             if bar:
                 bar.update(count)
 
         try:
-            run_stages(self.pieces(), self._read, compute, finish)
+            run_stages(self.pieces(), self._read, compute, None)  # compute writes: no writer stage
         finally:
             if bar:
                 bar.close()

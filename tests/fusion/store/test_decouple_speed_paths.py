@@ -15,6 +15,7 @@ from unittest import mock
 
 import hypothesis.strategies as st
 import numpy as np
+import xxhash
 import pytest
 from hypothesis import given, settings
 from safetensors.numpy import load_file
@@ -23,8 +24,9 @@ from fusion import Store, reference
 from fusion.dtypes import BF16, DTYPES, F16, F32, from_float32, parse_dtype, to_float32
 from fusion.io import SafetensorsWriter, load
 from fusion.io import writer as writer_module
-from fusion.io.integrity import digest_file
+from fusion.io.integrity import block_digest, digest_file
 from fusion.kernels import cpu_native, host
+from fusion.pipeline import run_stages
 from fusion.testing.checkpoints import write_checkpoint
 
 from .helpers import manifest
@@ -84,6 +86,28 @@ def test_rebuild_into_takes_numpy_when_numba_is_asked_for(monkeypatch):
     assert host._native() is None
     base, unified = np.ones(9, np.float32), np.full(9, 2.0, np.float32)
     assert host.rebuild_into(base, unified, np.array([0xFF, 0x01], np.uint8), 0.5).tolist() == [2.0] * 9
+
+
+# ---- the pipeline and the block checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_pipeline_without_a_finish_stage_computes_every_item_in_order(threaded):
+    done = []
+    run_stages(range(50), lambda i, slot: i * 2, lambda i, x: done.append((i, x)), None, threaded=threaded)
+    assert done == [(i, 2 * i) for i in range(50)]
+
+    def broken(i, x):
+        if i == 7:
+            raise RuntimeError("compute failed")
+
+    with pytest.raises(RuntimeError, match="compute failed"):
+        run_stages(range(50), lambda i, slot: i, broken, None, threaded=threaded)
+
+
+@given(data=st.binary(max_size=5000))
+def test_block_digests_are_xxh3_64_of_the_bytes(data):
+    assert block_digest(data) == xxhash.xxh3_64_hexdigest(data) == f"{xxhash.xxh3_64_intdigest(data):016x}"
 
 
 # ---- the writer ------------------------------------------------------------------------------------------
