@@ -18,6 +18,7 @@ import numpy as np
 
 from . import reference
 from .dtypes import BF16, as_float32, dtype_of, from_float32
+from .errors import InputError
 
 __all__ = ["is_torch", "all_finite", "to_host", "device_type", "kind_of", "compute_arrays", "NumpyArrays",
            "TorchArrays"]
@@ -49,14 +50,14 @@ def _kind(x) -> str:
         return "numpy"
     if is_torch(x):
         return f"torch/{x.device}"
-    raise ValueError(f"expected numpy arrays or torch tensors, got {type(x).__name__}; convert it with numpy.asarray")
+    raise InputError(f"expected numpy arrays or torch tensors, got {type(x).__name__}; convert it with numpy.asarray")
 
 
 def kind_of(arrays: Iterable, what: str) -> str:
     """The one kind of every array of a call; mixing numpy and torch, or devices, is refused."""
     kinds = sorted({_kind(x) for x in arrays})
     if len(kinds) > 1:
-        raise ValueError(f"{what} mixes {' and '.join(kinds)}; pass every tensor as the same kind, on one device")
+        raise InputError(f"{what} mixes {' and '.join(kinds)}; pass every tensor as the same kind, on one device")
     return kinds[0] if kinds else "numpy"
 
 
@@ -129,9 +130,9 @@ def compute_arrays(kind: str, kernel_name: str | None = None):
     """Where a call of `kind` computes: torch for device tensors and the Triton kernel, numpy otherwise."""
     device = kind.removeprefix("torch/") if kind != "numpy" else "cpu"
     if kernel_name not in (None, "triton") and device != "cpu":
-        raise ValueError(f"kernel {kernel_name!r} computes on the host and the tensors are on {device}; "
+        raise InputError(f"kernel {kernel_name!r} computes on the host and the tensors are on {device}; "
                          "use kernel='triton' (or None) for CUDA tensors, or move them to the CPU")
     if kernel_name == "triton" and kind == "numpy":
-        raise ValueError("the triton kernel takes torch tensors and these are numpy arrays; pass torch tensors "
+        raise InputError("the triton kernel takes torch tensors and these are numpy arrays; pass torch tensors "
                          "(on CUDA), or use kernel='cpu'")
     return TorchArrays(kind) if device != "cpu" or kernel_name == "triton" else NumpyArrays(kind)

@@ -16,7 +16,7 @@ which record on stderr. Warnings (a task rebuilt farther from its fine-tune than
 go to stderr too, one line each.
 
 Each command parses, makes one library call and prints. Errors print one line on stderr,
-`condu-fuse: error: ...`, and exit with status 1. The library is imported inside the commands,
+`condu-fuse: error: ...`, and exit with status 1 (Ctrl-C: 130; a bug shows its traceback and exits 2). The library is imported inside the commands,
 so `condu-fuse --help` starts at once.
 """
 
@@ -26,10 +26,12 @@ import functools
 import json
 import re
 import sys
+import traceback
 
 import click
 
 from .constants import KERNELS, MISSING_MODES, RESCALER_MODES
+from .errors import ConduError, Interrupted
 from .threads import passive_waiting
 
 passive_waiting()  # before numba (or torch, for CUDA) is imported: fusion.threads says why
@@ -39,20 +41,36 @@ DTYPES = ("float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
-def _fail(message: str) -> None:
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 130  # 130: killed by SIGINT, as shells report it
+
+
+def _fail(message: str, status: int = EXIT_ERROR) -> None:
     click.echo(f"condu-fuse: error: {' '.join(str(message).split())}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def _one_line_errors(command):
-    """The library's ValueError/OSError as one clear line on stderr and exit status 1."""
+    """What the library refuses on purpose (ConduError) and what the system refuses (OSError, which
+    names its file) as one line on stderr and exit status 1; Ctrl-C as one line and 130. Anything
+    else is a bug: its traceback, a line saying so, and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, OSError) as err:
+        except Interrupted as err:
+            _fail(str(err), EXIT_INTERRUPTED)
+        except KeyboardInterrupt:  # outside a change (reads, decouple's output): nothing was left behind
+            _fail("interrupted; the store is unchanged", EXIT_INTERRUPTED)
+        except (ConduError, OSError) as err:
             _fail(str(err))
+        except (click.exceptions.ClickException, click.exceptions.Exit, SystemExit):
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.echo("condu-fuse: this is a bug (the traceback above says where); please report it with "
+                       "the command you ran", err=True)
+            sys.exit(EXIT_BUG)
 
     return wrapper
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .dtypes import DType
 from .engine import ChunkInputs, StoredChunk
+from .errors import InputError
 from .pipeline import RESULTS_IN_FLIGHT
 from .reference import ChunkResult, Originals
 
@@ -72,10 +73,10 @@ def resolve_device(device: str | None, *, option: str = "device") -> str:
         reason = _no_cuda_reason()
         if reason is not None:
             fix = "use" if option.startswith("-") else "pass"
-            raise ValueError(f"{_spelled(option, text)}: no CUDA device is available ({reason}); "
+            raise InputError(f"{_spelled(option, text)}: no CUDA device is available ({reason}); "
                              f"{fix} {_spelled(option, 'cpu')}")
         return text
-    raise ValueError(f"{_spelled(option, text)}: unknown device; use auto, cpu, cuda or cuda:N")
+    raise InputError(f"{_spelled(option, text)}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
 class Pending(NamedTuple):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["DType", "DTYPES", "F64", "F32", "F16", "BF16", "FLOAT_NAMES", "parse_dtype", "dtype_of",
            "to_float32", "from_float32", "round_through", "as_float32", "float_dtype"]
 
@@ -62,7 +64,7 @@ def parse_dtype(value) -> DType:
     text = str(value).removeprefix("torch.")
     found = DTYPES.get(text) or _BY_NAME.get(text.lower()) or _ALIASES.get(text.lower())
     if found is None:
-        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_NAMES)} (or a safetensors code such as F32)")
+        raise InputError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_NAMES)} (or a safetensors code such as F32)")
     return found
 
 
@@ -126,7 +128,7 @@ def as_float32(array) -> np.ndarray:
     """
     dtype = dtype_of(array)
     if not dtype.is_float:
-        raise ValueError(f"expected a float array, got {dtype.name}; only float tensors are fused")
+        raise InputError(f"expected a float array, got {dtype.name}; only float tensors are fused")
     if dtype is BF16:
         return to_float32(np.asarray(array).view(np.uint16), BF16)
     return np.asarray(array, dtype=np.float32)
@@ -136,5 +138,5 @@ def float_dtype(value) -> DType:
     """`parse_dtype` for a dtype that values are computed or stored in: float64, float32, float16, bfloat16."""
     found = parse_dtype(value)
     if found not in (F64, F32, F16, BF16):
-        raise ValueError(f"dtype {found.name} cannot hold a delta; use one of {', '.join(FLOAT_NAMES)}")
+        raise InputError(f"dtype {found.name} cannot hold a delta; use one of {', '.join(FLOAT_NAMES)}")
     return found

@@ -17,6 +17,7 @@ import numpy as np
 
 from .arrays import all_finite, to_host
 from .dtypes import F32, DType, float_dtype
+from .errors import InputError
 from .pipeline import run_stages
 from .reference import ChunkResult, Originals
 
@@ -58,7 +59,7 @@ class L1Tables(NamedTuple):
 def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
     """[lo, hi) ranges covering `numel`; every lo is a multiple of 8 so packed masks slice by bytes."""
     if chunk <= 0 or chunk % 8:
-        raise ValueError(f"chunk size must be a positive multiple of 8, got {chunk}")
+        raise InputError(f"chunk size must be a positive multiple of 8, got {chunk}")
     for lo in range(0, numel, chunk):
         yield lo, min(lo + chunk, numel)
 
@@ -70,7 +71,7 @@ def _check_representable(spec: TensorSpec, unified) -> None:
     dtypes can overflow; the sinks check their inputs for NaN and Inf themselves.
     """
     if spec.unified_dtype.itemsize < 4 and not all_finite(unified):
-        raise ValueError(f"tensor {spec.name!r}: its unified delta overflows {spec.unified_dtype.name}; "
+        raise InputError(f"tensor {spec.name!r}: its unified delta overflows {spec.unified_dtype.name}; "
                          "store it in float32 (dtypes={name: 'float32'}, or --dtype float32)")
 
 

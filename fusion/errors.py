@@ -8,15 +8,18 @@
     ├── StoreLocked             another process is writing the store (also an OSError)
     └── Interrupted             Ctrl-C during a change; the change was rolled back
 
+    InvariantError              a broken internal invariant: a bug, never bad input (a RuntimeError)
+
 The command lines print a ConduError (and an OSError, which names its file) as one line and exit
 with status 1 (130 for Interrupted). Anything else is a bug: it shows its traceback. The extra
-built-in bases keep older `except ValueError` / `except OSError` callers working.
+built-in bases keep older `except ValueError` / `except OSError` callers working. Invariants that
+guard written bytes raise InvariantError, never `assert`: `python -O` must not change what is written.
 """
 
 from __future__ import annotations
 
 __all__ = ["ConduError", "InputError", "StoreDamaged", "IntegrityError", "ManifestError", "StoreLocked",
-           "Interrupted"]
+           "Interrupted", "InvariantError"]
 
 
 class ConduError(Exception):
@@ -45,3 +48,7 @@ class StoreLocked(ConduError, OSError):
 
 class Interrupted(ConduError):
     """Ctrl-C arrived during a change; the change was rolled back and the store is unchanged."""
+
+
+class InvariantError(RuntimeError):
+    """An internal invariant does not hold: a bug in fusion, never a bad input; the CLI shows its traceback."""

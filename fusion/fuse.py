@@ -30,6 +30,7 @@ import numpy as np
 from .arrays import all_finite, compute_arrays, is_torch, kind_of, to_host
 from .dtypes import F32, DType, float_dtype, parse_dtype
 from .engine import DEFAULT_CHUNK, ChunkInputs, StoredChunk, TensorSpec, fuse_pass
+from .errors import InputError
 from .kernels import get_kernel
 from .reference import ChunkResult
 from .rescale import check_mode, compute_rescalers
@@ -74,7 +75,7 @@ def _refuse_buffers(deltas: Sequence[StateDict], base: StateDict) -> None:
     for i, delta in enumerate(deltas, start=1):
         for name, tensor in delta.items():
             if name in base and not is_fusable(base[name]) and tuple(base[name].shape) == tuple(tensor.shape):
-                raise ValueError(f"delta {i}: tensor {name!r} is a buffer of the base "
+                raise InputError(f"delta {i}: tensor {name!r} is a buffer of the base "
                                  f"({str(base[name].dtype).removeprefix('torch.')}), which is not fused; leave it out "
                                  "(fusion.task_delta does)")
 
@@ -169,7 +170,7 @@ class FusedDeltas:
     def _row(self, task) -> int:
         """Task number (1..T) -> its table row; one line naming the range otherwise."""
         if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 1 <= task <= self.num_tasks:
-            raise ValueError(f"task {task!r}: this state holds tasks 1..{self.num_tasks}; tasks count from 1, as in "
+            raise InputError(f"task {task!r}: this state holds tasks 1..{self.num_tasks}; tasks count from 1, as in "
                              "the store and the CLI")
         return int(task) - 1
 
@@ -203,7 +204,7 @@ def _rescaler_keyword(rescaler: str | None, mode: str | None, default: str) -> s
         warnings.warn("mode= is deprecated and goes in the next release; use rescaler=", DeprecationWarning,
                       stacklevel=3)
         if rescaler is not None and rescaler != mode:
-            raise ValueError(f"rescaler={rescaler!r} and mode={mode!r} disagree; pass rescaler= alone")
+            raise InputError(f"rescaler={rescaler!r} and mode={mode!r} disagree; pass rescaler= alone")
         rescaler = mode
     return check_mode(default if rescaler is None else rescaler)
 
@@ -219,11 +220,11 @@ def _split(i: int, delta: StateDict, shapes: Mapping[str, tuple], arrays) -> tup
     A fused tensor it has in another shape counts as unchanged there (a zero delta), as in the store."""
     for name, tensor in delta.items():
         if not is_fusable(tensor):
-            raise ValueError(f"delta {i}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+            raise InputError(f"delta {i}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
                              "only float tensors are fused, leave integer and bool buffers out")
     missing = [name for name in shapes if name not in delta]
     if missing:
-        raise ValueError(f"delta {i}: lacks the fused tensor {missing[0]!r}"
+        raise InputError(f"delta {i}: lacks the fused tensor {missing[0]!r}"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; give every delta every "
                          "fused tensor (fusion.task_delta of a fine-tune of the base does)")
     private = private_names(_shapes(delta), shapes)
@@ -242,7 +243,7 @@ def _flat(i: int, name: str, tensor, arrays):
     flat = arrays.float32(tensor).reshape(-1)  # (n,) float32
     # A NaN would elect -1 at its position for every task and make this task's rescaler NaN.
     if not all_finite(flat):
-        raise ValueError(f"delta {i}: tensor {name!r} has NaN or infinite values; check the fine-tuned checkpoint")
+        raise InputError(f"delta {i}: tensor {name!r} has NaN or infinite values; check the fine-tuned checkpoint")
     return flat
 
 
@@ -251,7 +252,7 @@ def _check_keep(keep: Sequence[int] | None, num_tasks: int) -> list[int]:
     numbers = list(range(1, num_tasks + 1)) if keep is None else list(keep)
     bad = [t for t in numbers if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= t <= num_tasks]
     if bad or len(set(numbers)) != len(numbers):
-        raise ValueError(f"keep={list(keep)}: give distinct task numbers from 1 to {num_tasks}; tasks count from 1, "
+        raise InputError(f"keep={list(keep)}: give distinct task numbers from 1 to {num_tasks}; tasks count from 1, "
                          "as in the store")
     return [int(t) - 1 for t in numbers]
 
@@ -316,13 +317,13 @@ def unify(
     """
     rescaler = _rescaler_keyword(rescaler, mode, "model")
     if not deltas:
-        raise ValueError("unify needs at least one delta")
+        raise InputError("unify needs at least one delta")
     kind = kind_of((t for d in deltas for t in d.values()), "unify")
     shapes = _fused_set(deltas, base)
     if base is not None:
         _refuse_buffers(deltas, base)
     if not shapes:
-        raise ValueError("the deltas share no float tensor in one shape, so nothing is fused; give deltas of "
+        raise InputError("the deltas share no float tensor in one shape, so nothing is fused; give deltas of "
                          "fine-tunes of one base (fusion.task_delta), or pass base=")
     wanted = {} if base is None else {name: base[name].dtype for name in shapes}
     dtypes = {name: float_dtype(d) for name, d in {**wanted, **(dtypes or {})}.items()}
@@ -353,7 +354,7 @@ def add(
     new = [new] if isinstance(new, Mapping) else list(new)
     rows = _check_keep(keep, state.num_tasks)
     if len(rows) + len(new) == 0:
-        raise ValueError("nothing left to unify: keep at least one task or add one")
+        raise InputError("nothing left to unify: keep at least one task or add one")
     kind = kind_of([*state.unified.values(), *(t for d in new for t in d.values())], "add")
     work = (len(rows) + len(new)) * sum(int(np.prod(s, dtype=np.int64)) for s in state.shapes.values())
     kernel, arrays = _pass_setup(kind, kernel, work)

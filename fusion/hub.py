@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
 # What a checkpoint needs; pickled weights (.bin, .pt, .ckpt) and other frameworks' files are left out.
 HUB_FILES = (
     "*.safetensors",
@@ -119,7 +121,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> ResolvedCheckpoint:
         return ResolvedCheckpoint(path=local)
     parsed = parse_hub_id(text)
     if parsed is None:
-        raise ValueError(f"{text}: no such file or folder, and not a hub id ({ID_FORM}); fix the path or the id")
+        raise InputError(f"{text}: no such file or folder, and not a hub id ({ID_FORM}); fix the path or the id")
     repo, revision = parsed
     folder = Path(_download(text, repo, revision))
     _require_weights(text, folder)
@@ -136,22 +138,22 @@ def _download(text: str, repo: str, revision: str | None) -> str:
         return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES),
                                                  cache_dir=hub_cache_dir(), local_files_only=offline)
     except errors.GatedRepoError:
-        raise ValueError(f"{text}: hub repository {repo} is gated; accept its terms on the hub, then log in "
+        raise InputError(f"{text}: hub repository {repo} is gated; accept its terms on the hub, then log in "
                          "with `hf auth login`") from None
     except errors.RepositoryNotFoundError:
-        raise ValueError(f"{text}: no such local path, and no hub repository {repo} (or it is private: "
+        raise InputError(f"{text}: no such local path, and no hub repository {repo} (or it is private: "
                          "log in with `hf auth login`); check the path or the id") from None
     except errors.RevisionNotFoundError:
-        raise ValueError(f"{text}: hub repository {repo} has no revision {revision!r}; give a branch, tag or "
+        raise InputError(f"{text}: hub repository {repo} has no revision {revision!r}; give a branch, tag or "
                          "commit that exists") from None
     except getattr(errors, "IncompleteSnapshotError", ()):  # newer huggingface_hub checks completeness
-        raise ValueError(f"{text}: the cached snapshot of {repo} misses files; download it again with network "
+        raise InputError(f"{text}: the cached snapshot of {repo} misses files; download it again with network "
                          "(HF_HUB_OFFLINE unset)") from None
     except errors.LocalEntryNotFoundError:
-        raise ValueError(_not_cached(text, repo, revision, offline)) from None
+        raise InputError(_not_cached(text, repo, revision, offline)) from None
     except errors.HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", "?")
-        raise ValueError(f"{text}: the hub answered HTTP {status} for {repo}; retry later, or give a local "
+        raise InputError(f"{text}: the hub answered HTTP {status} for {repo}; retry later, or give a local "
                          "folder") from None
 
 
@@ -167,7 +169,7 @@ def _not_cached(text: str, repo: str, revision: str | None, offline: bool) -> st
 
 def _require_weights(text: str, folder: Path) -> None:
     if not any(folder.rglob("*.safetensors")):
-        raise ValueError(f"{text}: the hub repository has no .safetensors weights (pickled ones are not read); "
+        raise InputError(f"{text}: the hub repository has no .safetensors weights (pickled ones are not read); "
                          "convert them to safetensors and give the local folder")
 
 
@@ -241,7 +243,7 @@ def _front_matter(path: Path) -> list[str]:
         finally:
             os.close(fd)
     except OSError as err:
-        raise ValueError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or remove the file") from None
+        raise InputError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or remove the file") from None
     lines = head.lstrip("\ufeff").lstrip().splitlines()
     if not lines or lines[0].rstrip() != "---":
         return []
@@ -296,7 +298,7 @@ def _block_list(lines: list[str], path: Path) -> list[str | None]:
 
 def _one_base(items: list[str], path: Path) -> str | None:
     if len(items) > 1:
-        raise ValueError(f"{path}: base_model lists {len(items)} models (a merge); pass --base with the one to fuse "
+        raise InputError(f"{path}: base_model lists {len(items)} models (a merge); pass --base with the one to fuse "
                          "against")
     return items[0] if items else None
 
@@ -309,7 +311,7 @@ def _json_field(path: Path, key: str) -> str | None:
         data = loads(read_side_file(path).data, JsonLimits(*_RECORD_LIMITS), where=str(path), what="config",
                      fix="fix or replace the file")
     except OSError as err:
-        raise ValueError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or replace the "
+        raise InputError(f"{path}: not readable ({err.strerror or err.__class__.__name__}); fix or replace the "
                          "file") from None
     value = data.get(key) if isinstance(data, dict) else None
     return (value.strip() or None) if isinstance(value, str) else None

@@ -107,7 +107,7 @@ def _re2_compile(key: str):
     except re2.error as err:
         reason = err.args[0] if err.args else ""
         reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        raise ValueError(" ".join(reason.split())) from None
+        raise InputError(" ".join(reason.split())) from None
 
 
 class Patterns:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dtypes import F32, as_float32, float_dtype, round_through
+from .errors import InputError
 
 __all__ = [
     "ChunkResult",
@@ -111,7 +112,7 @@ def elect(deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = No
     carries each measured task's fidelity sums.
     """
     if np.ndim(deltas) != 2 or len(deltas) == 0:
-        raise ValueError(f"elect expects stacked deltas of shape (T, n) with T >= 1, got {np.shape(deltas)}; "
+        raise InputError(f"elect expects stacked deltas of shape (T, n) with T >= 1, got {np.shape(deltas)}; "
                          "stack one flattened chunk per task as rows")
     deltas = task_deltas(deltas, base)  # (T, n)
     sign = elect_sign(deltas)  # (n,)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from .constants import RESCALER_MODES
+from .errors import InputError
 
 __all__ = ["compute_rescalers", "check_mode"]
 
 
 def check_mode(mode: str) -> str:
     if mode not in RESCALER_MODES:
-        raise ValueError(f"unknown rescaler mode {mode!r}; use one of {', '.join(RESCALER_MODES)}")
+        raise InputError(f"unknown rescaler mode {mode!r}; use one of {', '.join(RESCALER_MODES)}")
     return mode
 
 

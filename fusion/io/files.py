@@ -161,7 +161,7 @@ def _atomic_folder(path: Path, files: dict[str, bytes | str]) -> None:
         raise FileExistsError(f"{path}: exists; a folder is written whole, under a name not taken yet")
     for name in files:
         if name in ("", ".", "..") or Path(name).name != name:
-            raise ValueError(f"{path}: {name!r} is not a file name; give the folder's files plain names")
+            raise InputError(f"{path}: {name!r} is not a file name; give the folder's files plain names")
     tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
     tmp.mkdir()

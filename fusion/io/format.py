@@ -91,7 +91,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"key {key!r} appears twice")  # loads names the file
+            raise InputError(f"key {key!r} appears twice")  # loads names the file
         seen[key] = value
     return seen
 
@@ -201,7 +201,7 @@ def encode_header(layout: Sequence[LayoutEntry], metadata: Mapping[str, str] | N
         shape = tuple(int(s) for s in shape)
         info = TensorInfo(name, dtype, shape, offset, offset + numel(shape) * dtype.itemsize)
         if name in entries or name == METADATA:
-            raise ValueError(f"tensor name {name!r} is used twice or reserved; give every tensor its own name")
+            raise InputError(f"tensor name {name!r} is used twice or reserved; give every tensor its own name")
         header[name] = {"dtype": dtype.code, "shape": list(shape), "data_offsets": [info.begin, info.end]}
         entries[name], offset = info, info.end
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from ..errors import IntegrityError
+from ..errors import InputError, IntegrityError
 
 __all__ = ["HASH_NAME", "DEFAULT_BLOCK", "DIGEST_HEX", "FileDigests", "BlockHasher", "IntegrityError",
            "block_digest", "digest_file", "content_digest"]
@@ -46,7 +46,7 @@ class FileDigests:
 
     def __post_init__(self):
         if self.block <= 0 or self.size < 0 or len(self.hex) != self.num_blocks * DIGEST_HEX:
-            raise ValueError(f"block checksums do not fit a file of {self.size} bytes in blocks of {self.block}")
+            raise InputError(f"block checksums do not fit a file of {self.size} bytes in blocks of {self.block}")
 
     @property
     def num_blocks(self) -> int:

@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from ..dtypes import to_float32
+from ..errors import InputError
 from .format import PREFIX_BYTES, TensorInfo, header_length, parse_header
 from .integrity import DEFAULT_BLOCK, FileDigests, IntegrityError, block_digest
 
@@ -36,7 +37,7 @@ def read_exactly(fd: int, buffer: np.ndarray, offset: int, where: str) -> np.nda
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise ValueError(f"{where}: the file ends early (truncated at byte {offset + done}); restore or re-save it")
+            raise InputError(f"{where}: the file ends early (truncated at byte {offset + done}); restore or re-save it")
         done += got
     return buffer
 
@@ -177,7 +178,8 @@ class SafetensorsFile:
     def _span(self, name: str, lo: int, hi: int | None) -> tuple[TensorInfo, int, int]:
         info = self.entries[name]
         hi = info.numel if hi is None else hi
-        assert 0 <= lo <= hi <= info.numel, f"slice [{lo}, {hi}) outside tensor {name!r} of {info.numel}"
+        if not 0 <= lo <= hi <= info.numel:
+            raise InputError(f"slice [{lo}, {hi}) outside tensor {name!r} of {info.numel}")
         size = info.dtype.itemsize
         return info, self.data_start + info.begin + lo * size, self.data_start + info.begin + hi * size
 
@@ -211,10 +213,11 @@ class SafetensorsFile:
         as is, or float32 converted from any float dtype. Unchecked same-dtype reads go straight
         into `out`, without an intermediate copy."""
         info = self.entries[name]
-        assert out.flags.c_contiguous and out.size == hi - lo, "out must be contiguous with hi - lo elements"
+        if not (out.flags.c_contiguous and out.size == hi - lo):
+            raise InputError("out must be contiguous with hi - lo elements")
         same = out.dtype == info.dtype.storage
         if not same and not (out.dtype == np.float32 and info.dtype.is_float):
-            raise ValueError(f"{self.where}: tensor {name!r} is {info.dtype.name}; it cannot be read as {out.dtype}")
+            raise InputError(f"{self.where}: tensor {name!r} is {info.dtype.name}; it cannot be read as {out.dtype}")
         if same and self._window is None:
             _, begin, _ = self._span(name, lo, hi)
             return read_exactly(self._fd, out, begin, self.where)
@@ -228,7 +231,8 @@ class SafetensorsFile:
 
     def recorded(self) -> FileDigests:
         """The digests of every block (record mode): blocks never read are read now."""
-        assert self._recorded is not None, "recorded() needs a reader made with record=True"
+        if self._recorded is None:
+            raise InputError("recorded() needs a reader made with record=True")
         window = self._window
         for index in range(-(-self.size // window.block)):
             if index not in self._recorded:

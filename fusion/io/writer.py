@@ -30,8 +30,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..dtypes import DType, dtype_of
+from ..errors import InputError, InvariantError
 from .files import fsync_dir, start_writeback, temporary_name
-from .format import LayoutEntry, encode_header, numel
+from .format import LayoutEntry, TensorInfo, encode_header, numel
 from .integrity import DEFAULT_BLOCK, BlockHasher, FileDigests
 
 __all__ = ["SafetensorsWriter", "ShardedWriter", "save", "as_storage"]
@@ -50,7 +51,7 @@ _STAGE_BYTES = 8 << 20
 def as_storage(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
     """The array's bytes as `dtype`'s storage (bfloat16 as uint16), refusing another dtype."""
     if dtype_of(array) is not dtype and array.dtype != dtype.storage:
-        raise ValueError(f"{where}: got {array.dtype} data for a {dtype.name} tensor; convert it first")
+        raise InputError(f"{where}: got {array.dtype} data for a {dtype.name} tensor; convert it first")
     return np.ascontiguousarray(array).reshape(-1).view(dtype.storage)
 
 
@@ -211,6 +212,12 @@ class _DirectSink:
             self._drain()
 
 
+def _check_in_order(name: str, info: TensorInfo, pos: int, nbytes: int) -> None:
+    """A chunk lands inside its own tensor's bytes, after what was written: the header stays true."""
+    if not (info.begin <= pos and pos + nbytes <= info.end):
+        raise InvariantError(f"{name}: chunk of {nbytes} bytes at {pos} out of header order [{info.begin}, {info.end})")
+
+
 class SafetensorsWriter:
     """Write one safetensors file in a stream, under a temporary name until `finish()`.
 
@@ -249,7 +256,7 @@ class SafetensorsWriter:
         """Append the next elements of tensor `name`; chunks come in header order."""
         info = self.entries[name]
         data = as_storage(chunk, info.dtype, f"{self.path}: tensor {name!r}")
-        assert info.begin <= self._pos and self._pos + data.nbytes <= info.end, f"{name}: chunk out of header order"
+        _check_in_order(name, info, self._pos, data.nbytes)
         self._write(memoryview(data).cast("B"))
         self._pos += data.nbytes
 
@@ -258,7 +265,7 @@ class SafetensorsWriter:
         in place and then `commit`ted: a direct writer's own buffer, so nothing is copied again."""
         info = self.entries[name]
         nbytes = count * info.dtype.itemsize
-        assert info.begin <= self._pos and self._pos + nbytes <= info.end, f"{name}: chunk out of header order"
+        _check_in_order(name, info, self._pos, nbytes)
         return self._sink.reserve(nbytes).view(info.dtype.storage)
 
     def commit(self, name: str, count: int) -> None:
@@ -270,7 +277,8 @@ class SafetensorsWriter:
 
     def finish(self) -> Path:
         """fsync the file and give it its name; the folder's entry is made durable by the caller."""
-        assert self._data_start + self._pos == self.size, f"{self.path}: wrote {self._pos} data bytes of {self.size - self._data_start}"
+        if self._data_start + self._pos != self.size:  # a short file must never get its final name
+            raise InvariantError(f"{self.path}: wrote {self._pos} data bytes of {self.size - self._data_start}")
         try:
             self._sink.finish(self.size)
         except BaseException:

@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..arrays import device_type
 from ..constants import KERNELS
 from ..dtypes import F32, DType
+from ..errors import InputError
 from ..reference import ChunkResult, Originals
 
 __all__ = ["Kernel", "KERNELS", "SMALL_WORK", "get_kernel", "default_kernel_name", "preload"]
@@ -96,7 +97,7 @@ def get_kernel(name: str | None = None, *, device: Any = "cpu", work: int | None
     elements, or neither the built C library nor numba at hand) and the cpu kernel otherwise.
     """
     if name is not None and name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+        raise InputError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
     if name is not None:
         return _load(name)
     name = default_kernel_name(device, work)
@@ -119,7 +120,7 @@ def preload(name: str = "cpu") -> Future:
     twice starts it once.
     """
     if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
+        raise InputError(f"unknown kernel {name!r}; use one of {', '.join(KERNELS)}")
     if name in _PRELOADS:
         return _PRELOADS[name]
     future: Future = Future()

@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, to_float32
+from ..errors import InputError
 from ..fidelity import NUM_SUMS
 from .host import rebuild_into
 from ..reference import NOT_MEASURED, ChunkResult, Originals
@@ -64,7 +65,7 @@ def _as_rows(array: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     if dtype in _TABLES:
         return np.ascontiguousarray(array).view(np.uint16), _TABLES[dtype]
     if not dtype.is_float:
-        raise ValueError(f"cpu kernel: {what} must be float, got {dtype.name}; pass float32, float16 or bfloat16 arrays")
+        raise InputError(f"cpu kernel: {what} must be float, got {dtype.name}; pass float32, float16 or bfloat16 arrays")
     return np.ascontiguousarray(array, dtype=np.float32), _NO_TABLE
 
 
@@ -100,9 +101,9 @@ class CpuKernel:
 
     def __init__(self, *, block: int = DEFAULT_BLOCK, backend: str = "auto"):
         if block <= 0 or block % 8:
-            raise ValueError(f"cpu kernel: block must be a positive multiple of 8, got {block}")
+            raise InputError(f"cpu kernel: block must be a positive multiple of 8, got {block}")
         if backend not in BACKENDS:
-            raise ValueError(f"cpu kernel: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+            raise InputError(f"cpu kernel: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.block, self.requested = block, backend
         self._backend = None
 
@@ -123,7 +124,7 @@ class CpuKernel:
               originals: Originals | None = None) -> ChunkResult:
         """Same as fusion.reference.elect: stacked deltas (T, n) -> ChunkResult."""
         if np.ndim(deltas) != 2 or len(deltas) == 0:
-            raise ValueError(f"cpu kernel: elect expects stacked deltas (T, n) with T >= 1, got "
+            raise InputError(f"cpu kernel: elect expects stacked deltas (T, n) with T >= 1, got "
                              f"{np.shape(deltas)}; stack one flattened chunk per task as rows")
         no_stored = (np.zeros(0, np.float32), np.zeros((0, 0), np.uint8), np.zeros(0, np.float32))
         return self._run(no_stored, deltas, base, originals, unified_dtype)
@@ -137,9 +138,9 @@ class CpuKernel:
         num_old = len(packed_masks)
         new_deltas = np.reshape(new_deltas, (-1, n))  # (T_new, n)
         if num_old + len(new_deltas) == 0:
-            raise ValueError("cpu kernel: continual step with no stored and no new task; pass at least one")
+            raise InputError("cpu kernel: continual step with no stored and no new task; pass at least one")
         if np.shape(packed_masks) != (num_old, -(-n // 8)) or np.size(rescalers) != num_old:
-            raise ValueError(f"cpu kernel: packed masks {np.shape(packed_masks)} and {np.size(rescalers)} rescalers "
+            raise InputError(f"cpu kernel: packed masks {np.shape(packed_masks)} and {np.size(rescalers)} rescalers "
                              f"do not fit {n} elements; expected ({num_old}, {-(-n // 8)}), one byte per 8 "
                              "elements per stored task, and one rescaler per stored task")
         stored = (np.ascontiguousarray(as_float32(unified).reshape(-1)),  # (n,)
@@ -205,7 +206,7 @@ def load_backend(requested: str = "auto"):
     its library was built, else numba. ImportError, saying why for each, when neither is at hand."""
     wanted = os.environ.get("CONDU_CPU_BACKEND", "auto") if requested == "auto" else requested
     if wanted not in BACKENDS:
-        raise ValueError(f"CONDU_CPU_BACKEND={wanted!r}: use one of {', '.join(BACKENDS)}")
+        raise InputError(f"CONDU_CPU_BACKEND={wanted!r}: use one of {', '.join(BACKENDS)}")
     why_not_native = ""
     if wanted != "numba":
         from . import cpu_native
@@ -234,7 +235,7 @@ def _originals(originals: Originals | None, num_tasks: int, n: int) -> tuple[np.
         return np.zeros((0, n), dtype=np.float32), np.full(num_tasks, NOT_MEASURED, dtype=np.int64)
     index = np.asarray(originals.index, dtype=np.int64).reshape(-1)
     if index.shape != (num_tasks,):
-        raise ValueError(f"cpu kernel: originals.index has {index.size} entries for {num_tasks} tasks; give one each")
+        raise InputError(f"cpu kernel: originals.index has {index.size} entries for {num_tasks} tasks; give one each")
     rows = np.ascontiguousarray(as_float32(originals.rows)).reshape(-1, n) if np.size(originals.rows) else \
         np.zeros((0, n), dtype=np.float32)
     return rows, index

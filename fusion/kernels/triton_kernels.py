@@ -46,6 +46,7 @@ except ImportError as error:
 
 from .. import reference_torch
 from ..dtypes import BF16, F16, F32, F64, float_dtype
+from ..errors import InputError
 from ..reference import OWN_ROW, ChunkResult, Originals
 
 __all__ = ["KERNEL", "TritonKernel", "DEFAULT_BLOCK", "BIT_TASKS", "is_interpreted"]
@@ -194,28 +195,28 @@ def _rounding_of(unified_dtype) -> int:
     try:
         return _ROUNDING[float_dtype(unified_dtype)]
     except ValueError as error:
-        raise ValueError(f"fusion/kernels/triton_kernels.py: unified_dtype {unified_dtype}: {error}") from None
+        raise InputError(f"fusion/kernels/triton_kernels.py: unified_dtype {unified_dtype}: {error}") from None
 
 
 def _check_floating(name: str, tensor: torch.Tensor, dims: int) -> None:
     if tensor.dim() != dims or not tensor.is_floating_point():
-        raise ValueError(f"fusion/kernels/triton_kernels.py: {name} must be a {dims}-D floating-point tensor, "
+        raise InputError(f"fusion/kernels/triton_kernels.py: {name} must be a {dims}-D floating-point tensor, "
                          f"got shape {tuple(tensor.shape)} of {tensor.dtype}; pass the stacked chunk as floats")
 
 
 def _check_deltas(deltas: torch.Tensor) -> None:
     if deltas.dim() != 2:
-        raise ValueError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
+        raise InputError(f"elect expects stacked deltas of shape (T, n), got {tuple(deltas.shape)}")
     _check_floating("deltas", deltas, 2)
     if deltas.shape[0] == 0:
-        raise ValueError("fusion/kernels/triton_kernels.py: elect needs at least one task; deltas has 0 rows")
+        raise InputError("fusion/kernels/triton_kernels.py: elect needs at least one task; deltas has 0 rows")
 
 
 def _new_rows(new_deltas: torch.Tensor, n: int) -> torch.Tensor:
     """New deltas as `(T_new, n)`; one task may come as a flat `(n,)`."""
     rows = new_deltas.unsqueeze(0) if new_deltas.dim() == 1 else new_deltas
     if rows.dim() != 2 or rows.shape[1] != n or not rows.is_floating_point():
-        raise ValueError(f"fusion/kernels/triton_kernels.py: new_deltas must be floats of shape (T_new, {n}) "
+        raise InputError(f"fusion/kernels/triton_kernels.py: new_deltas must be floats of shape (T_new, {n}) "
                          f"to match unified, got {tuple(new_deltas.shape)} of {new_deltas.dtype}")
     return rows
 
@@ -223,13 +224,13 @@ def _new_rows(new_deltas: torch.Tensor, n: int) -> torch.Tensor:
 def _check_stored(packed_masks: torch.Tensor, rescalers: torch.Tensor, n: int, t_new: int) -> None:
     n_bytes = -(-n // 8)
     if packed_masks.dim() != 2 or packed_masks.shape[1] != n_bytes or packed_masks.dtype != torch.uint8:
-        raise ValueError(f"fusion/kernels/triton_kernels.py: packed_masks must be uint8 of shape (T_old, {n_bytes}) "
+        raise InputError(f"fusion/kernels/triton_kernels.py: packed_masks must be uint8 of shape (T_old, {n_bytes}) "
                          f"for {n} elements, got {tuple(packed_masks.shape)} of {packed_masks.dtype}")
     if rescalers.numel() != packed_masks.shape[0]:
-        raise ValueError(f"fusion/kernels/triton_kernels.py: rescalers has {rescalers.numel()} entries but "
+        raise InputError(f"fusion/kernels/triton_kernels.py: rescalers has {rescalers.numel()} entries but "
                          f"packed_masks has {packed_masks.shape[0]} stored tasks; pass one rescaler per task")
     if packed_masks.shape[0] + t_new == 0:
-        raise ValueError("fusion/kernels/triton_kernels.py: continual needs a stored or a new task; both are empty")
+        raise InputError("fusion/kernels/triton_kernels.py: continual needs a stored or a new task; both are empty")
 
 
 class TritonKernel:
@@ -243,7 +244,7 @@ class TritonKernel:
 
     def __init__(self, *, block: int = DEFAULT_BLOCK, num_warps: int = 4) -> None:
         if block < 8 or block & (block - 1):
-            raise ValueError(f"fusion/kernels/triton_kernels.py: block must be a power of two >= 8, got {block}")
+            raise InputError(f"fusion/kernels/triton_kernels.py: block must be a power of two >= 8, got {block}")
         self.block = block
         self.num_warps = num_warps
 

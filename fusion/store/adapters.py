@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ..errors import InputError
 from ..io import Checkpoint
 from ..io.adapter import (LoraPair, config_difference, dense_refusal, factor_config, read_adapter_config,
                           split_adapter_tensors)
@@ -63,26 +64,26 @@ def plan_input(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, 
 def _check_factor_task(ckpt: Checkpoint, base: Checkpoint, base_config: dict) -> None:
     """The same configuration as the base adapter, and exactly its tensors in its shapes."""
     if not ckpt.is_adapter:
-        raise ValueError(f"{ckpt.path}: not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}), but the "
+        raise InputError(f"{ckpt.path}: not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}), but the "
                          "store's base is an adapter (factor space); add adapters trained from that base adapter, or "
                          "make a dense store with the model as --base")
     difference = config_difference(base_config, factor_config(read_adapter_config(ckpt.path)))
     if difference is not None:
         field, expected, found = difference
-        raise ValueError(f"{ckpt.path / ADAPTER_CONFIG}: {field} is {found!r}, the base adapter's is {expected!r}; a "
+        raise InputError(f"{ckpt.path / ADAPTER_CONFIG}: {field} is {found!r}, the base adapter's is {expected!r}; a "
                          "factor-space store fuses adapters of the base adapter's configuration only (train it from "
                          "the base adapter, or make a dense store with the model as --base)")
     where = ckpt.path / ADAPTER_WEIGHTS
     for name in base.keys():
         if name not in ckpt:
-            raise ValueError(f"{where}: lacks tensor {name!r} of the base adapter; it is not an adapter of the same "
+            raise InputError(f"{where}: lacks tensor {name!r} of the base adapter; it is not an adapter of the same "
                              "layers: re-save it, or check --base")
         if ckpt.info(name).shape != base.info(name).shape:
-            raise ValueError(f"{where}: tensor {name!r} is {list(ckpt.info(name).shape)}, "
+            raise InputError(f"{where}: tensor {name!r} is {list(ckpt.info(name).shape)}, "
                              f"{list(base.info(name).shape)} in the base adapter; it adapts another model: check --base")
     extra = [n for n in ckpt.keys() if n not in base]
     if extra:
-        raise ValueError(f"{where}: tensor {extra[0]!r} is not in the base adapter; it adapts other layers: check --base")
+        raise InputError(f"{where}: tensor {extra[0]!r} is not in the base adapter; it adapts other layers: check --base")
 
 
 # ---- dense ----------------------------------------------------------------------------------
@@ -118,24 +119,24 @@ def _lora_target(pair: LoraPair, adapter: Checkpoint, fused: Mapping[str, FusedT
                  where: str) -> tuple[str, LoraTarget]:
     a_shape, b_shape = adapter.info(pair.a).shape, adapter.info(pair.b).shape
     if len(a_shape) != 2 or len(b_shape) != 2:
-        raise ValueError(f"{where}: module {pair.module!r} has {len(a_shape)}-D LoRA factors (a convolution); a dense "
+        raise InputError(f"{where}: module {pair.module!r} has {len(a_shape)}-D LoRA factors (a convolution); a dense "
                          "store takes linear and embedding LoRA only")
     rank = a_shape[0]
     if b_shape[1] != rank:
-        raise ValueError(f"{where}: module {pair.module!r} has factors of ranks {rank} (A) and {b_shape[1]} (B); "
+        raise InputError(f"{where}: module {pair.module!r} has factors of ranks {rank} (A) and {b_shape[1]} (B); "
                          "re-save the adapter")
     stated = pattern_value(config.get("rank_pattern"), pair.module, config.get("r", 8))
     if stated != rank:
-        raise ValueError(f"{where}: module {pair.module!r} has rank {rank}, but {ADAPTER_CONFIG} says {stated}; "
+        raise InputError(f"{where}: module {pair.module!r} has rank {rank}, but {ADAPTER_CONFIG} says {stated}; "
                          "re-save the adapter with the config it was trained with")
     name = _base_name(f"{pair.module}.weight", fused)
     if name is None:
-        raise ValueError(f"{where}: adapts module {pair.module!r}, but the base has no tensor "
+        raise InputError(f"{where}: adapts module {pair.module!r}, but the base has no tensor "
                          f"{pair.module + '.weight'!r}; pass the model it was trained on as --base")
     shape = fused[name].shape
     transpose = _orientation(pair, tuple(shape), a_shape, b_shape, bool(config.get("fan_in_fan_out")))
     if len(shape) != 2 or transpose is None:
-        raise ValueError(f"{where}: module {pair.module!r} has factors {list(a_shape)} (A) and {list(b_shape)} (B), "
+        raise InputError(f"{where}: module {pair.module!r} has factors {list(a_shape)} (A) and {list(b_shape)} (B), "
                          f"which do not fit the base's {name!r} {list(shape)}; pass the model it was trained on as --base")
     alpha = pattern_value(config.get("alpha_pattern"), pair.module, config.get("lora_alpha", 8))
     scaling = lora_scaling(alpha, rank, rslora=bool(config.get("use_rslora")))
@@ -147,10 +148,10 @@ def _whole_tensor(model_name: str, file_name: str, adapter: Checkpoint, fused: M
     """A tensor the adapter saved whole (modules_to_save, a trained bias): the base tensor it replaces."""
     name = _base_name(model_name, fused)
     if name is None or tuple(fused[name].shape) != tuple(adapter.info(file_name).shape):
-        raise ValueError(f"{where}: tensor {file_name!r} replaces no floating-point tensor of the base in its shape "
+        raise InputError(f"{where}: tensor {file_name!r} replaces no floating-point tensor of the base in its shape "
                          f"{list(adapter.info(file_name).shape)}; pass the model it was trained on as --base")
     if not adapter.info(file_name).dtype.is_float:
-        raise ValueError(f"{where}: tensor {file_name!r} is {adapter.info(file_name).dtype.name}; it does not "
+        raise InputError(f"{where}: tensor {file_name!r} is {adapter.info(file_name).dtype.name}; it does not "
                          "fine-tune this base")
     return name
 
@@ -160,7 +161,7 @@ def dense_adapter_deltas(adapter: Checkpoint, fused: list[FusedTensor]) -> tuple
     config = read_adapter_config(adapter.path)
     refusal = dense_refusal(config)
     if refusal:
-        raise ValueError(f"{adapter.path / ADAPTER_CONFIG}: {refusal}; a dense store cannot take it (fuse such "
+        raise InputError(f"{adapter.path / ADAPTER_CONFIG}: {refusal}; a dense store cannot take it (fuse such "
                          "adapters in factor space: --base <their shared initial adapter>)")
     where = str(adapter.path / ADAPTER_WEIGHTS)
     by_name = {t.name: t for t in fused}
@@ -171,8 +172,8 @@ def dense_adapter_deltas(adapter: Checkpoint, fused: list[FusedTensor]) -> tuple
     covered = [*targets, *replaced]
     if len(set(covered)) != len(covered):
         twice = next(n for n in covered if covered.count(n) > 1)
-        raise ValueError(f"{where}: changes the base's tensor {twice!r} twice; re-save the adapter")
+        raise InputError(f"{where}: changes the base's tensor {twice!r} twice; re-save the adapter")
     if not covered:
-        raise ValueError(f"{where}: holds no LoRA factors or tensors of the base; it does not adapt this base")
+        raise InputError(f"{where}: holds no LoRA factors or tensors of the base; it does not adapt this base")
     return AdapterDeltas(adapter, targets, replaced), {t.name for t in fused} - set(covered)
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..dtypes import DTYPES, DType, F32, from_float32, to_float32
 from ..device import DeviceStage
 from ..engine import chunk_ranges
+from ..errors import InputError
 from ..kernels.host import rebuild_as, rebuild_into
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
@@ -245,14 +246,14 @@ def check_output(out: Path, protected: dict[str, Path], *, force: bool) -> None:
     target = out.resolve()
     for what, path in protected.items():
         if _related(target, path.resolve()):
-            raise ValueError(f"{out}: would write on or around {what} ({path}); choose an output elsewhere")
+            raise InputError(f"{out}: would write on or around {what} ({path}); choose an output elsewhere")
     if out.suffix == ".safetensors":
         if out.exists() and (out.is_dir() or not force):
-            raise ValueError(f"{out}: exists; pass --force to replace it, or choose another name")
+            raise InputError(f"{out}: exists; pass --force to replace it, or choose another name")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ValueError(f"{out}: exists and is not an empty folder; pass --force to replace it, or choose another")
+        raise InputError(f"{out}: exists and is not an empty folder; pass --force to replace it, or choose another")
     elif out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: is a file; a folder decouple needs a folder name (or name the output .safetensors)")
+        raise InputError(f"{out}: is a file; a folder decouple needs a folder name (or name the output .safetensors)")
 
 
 # ---- writers --------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+from ..errors import InputError
+
 __all__ = ["POINTS", "hit", "inject"]
 
 POINTS = ("pass-chunk", "files-written", "backup-written", "manifest-swapped", "manifest-read")
@@ -36,7 +38,7 @@ def hit(point: str) -> None:
 def inject(point: str, action: Callable[[], None]) -> Iterator[None]:
     """Install `action` at `point` for the duration of the block."""
     if point not in POINTS:
-        raise ValueError(f"unknown fault point {point!r}; use one of {', '.join(POINTS)}")
+        raise InputError(f"unknown fault point {point!r}; use one of {', '.join(POINTS)}")
     previous = _actions.get(point)
     _actions[point] = action
     try:

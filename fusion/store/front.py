@@ -27,6 +27,7 @@ import numpy as np
 
 from ..dtypes import DType, FLOAT_NAMES, parse_dtype
 from ..engine import DEFAULT_CHUNK
+from ..errors import InputError
 from ..fuse import FusedDeltas
 from ..io import as_array, open_checkpoint
 from ..io.files import atomic_write_bytes
@@ -172,12 +173,12 @@ class Store:
         the folder is an adapter folder that PeftModel.from_pretrained loads. Float tensors are written
         in `dtype`, by default in the task's own (its fine-tune's, recorded when it was added)."""
         if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
-            raise ValueError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
+            raise InputError(f"dtype {dtype!r}: decouple writes one of {', '.join(FLOAT_NAMES)}")
         to_folder = out is None or Path(out).suffix != ".safetensors"  # a lone weights file reads no side files
         with self._opened(task, dtype, side=to_folder) as (snapshot, base, stream):
             out = Path(out) if out is not None else default_output(stream.task.name, self._protected(snapshot.manifest))
             if out.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt"):
-                raise ValueError(f"{out}: decouple writes safetensors only; name the output .safetensors or a folder")
+                raise InputError(f"{out}: decouple writes safetensors only; name the output .safetensors or a folder")
             check_output(out, self._protected(snapshot.manifest), force=force)
             if out.suffix == ".safetensors":
                 return write_file(stream, out, progress=progress)
@@ -284,7 +285,7 @@ class Store:
             with open_base(manifest) as base, open_checkpoint(source.path) as ckpt:
                 name = name or default_task_name(source.default_name(ckpt.name), [t.name for t in manifest.tasks])
                 if manifest.task_by_name(name):
-                    raise ValueError(f"{self.path}: a task named {name!r} exists already; pass another --name")
+                    raise InputError(f"{self.path}: a task named {name!r} exists already; pass another --name")
                 refuse_related(source.path, self.path, "the checkpoint", "the store")
                 new = plan_input(ckpt, base, fused, space=manifest.space, base_config=manifest.base.adapter_config,
                                  name=name, number=manifest.next_number,
@@ -301,7 +302,7 @@ class Store:
             manifest = tx.current
             gone = select_task(manifest, task, self.path)
             if len(manifest.tasks) == 1:
-                raise ValueError(f"{self.path}: task {gone.number} ({gone.name}) is the only one; delete the store "
+                raise InputError(f"{self.path}: task {gone.number} ({gone.name}) is the only one; delete the store "
                                  "folder instead")
             keep = [t for t in manifest.tasks if t.number != gone.number]
             fused = [FusedTensor.of(e) for e in manifest.tensors]
@@ -380,12 +381,12 @@ class Store:
             with open_checkpoint(new) as ckpt:
                 files = set(ckpt.files)
             if files != set(manifest.base.files):
-                raise ValueError(f"{new}: holds the files {sorted(files)}, the store's base {sorted(manifest.base.files)}; "
+                raise InputError(f"{new}: holds the files {sorted(files)}, the store's base {sorted(manifest.base.files)}; "
                                  "point it at a copy of the same base")
             for name, recorded in manifest.base.files.items():
                 found = digest_file(new / name if new.is_dir() else new, block=recorded.block)
                 if recorded.file_digests().first_mismatch(found) is not None:
-                    raise ValueError(f"{new}: {name} differs from the base the store was made from; point it at a "
+                    raise InputError(f"{new}: {name} differs from the base the store was made from; point it at a "
                                      "copy of the same base")
             base = replaced(manifest.base, path=new_input.source, hub=new_input.hub)
             self._manifest = tx.commit(replaced(manifest, generation=tx.generation, base=base,
@@ -413,10 +414,10 @@ def _repair(store_dir: Path) -> str:
     try:
         manifest = read_manifest_file(backup)
     except FileNotFoundError:
-        raise ValueError(f"{backup}: missing; the manifest cannot be restored") from None
+        raise InputError(f"{backup}: missing; the manifest cannot be restored") from None
     missing = [rel for rel in manifest.files if not (store_dir / rel).is_file()]
     if missing:
-        raise ValueError(f"{backup}: names {missing[0]}, which is gone; the manifest cannot be restored")
+        raise InputError(f"{backup}: names {missing[0]}, which is gone; the manifest cannot be restored")
     atomic_write_bytes(main, backup.read_bytes())
     return f"{main}: restored from {layout.BACKUP} (generation {manifest.generation})"
 

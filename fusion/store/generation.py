@@ -68,7 +68,7 @@ class Runner:
 
     def __init__(self, kernel: str | None, device: str | DeviceStage):
         if kernel is not None and kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+            raise InputError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
         self.kernel_name, self.device = kernel, device
         self.stage: DeviceStage | None = None
         self.report: dict = {}
@@ -85,13 +85,13 @@ class Runner:
             return self.device
         if self.kernel_name in ("cpu", "reference"):
             if str(self.device) not in ("auto", "cpu"):
-                raise ValueError(f"kernel {self.kernel_name!r} runs on the host, not on {self.device}; "
+                raise InputError(f"kernel {self.kernel_name!r} runs on the host, not on {self.device}; "
                                  "use --device cpu, or --kernel triton")
             return None
         wanted = "cuda" if self.kernel_name == "triton" and self.device == "auto" else self.device
         device = resolve_device(wanted)
         if device == "cpu" and self.kernel_name == "triton":
-            raise ValueError("kernel 'triton' runs on a CUDA device, not on the cpu; use --device cuda, "
+            raise InputError("kernel 'triton' runs on a CUDA device, not on the cpu; use --device cuda, "
                              "or --kernel cpu")
         return None if device == "cpu" else DeviceStage(device, get_kernel("triton", device=device))
 
@@ -110,33 +110,33 @@ def replaced(struct, **changes):
 def no_store_yet(store_dir: Path) -> None:
     """A first unify starts from nothing; it never writes over a store (or one whose condu.json is lost)."""
     if (store_dir / layout.MANIFEST).exists():
-        raise ValueError(f"{store_dir}: already holds a ConDU store; use add to add a task")
+        raise InputError(f"{store_dir}: already holds a ConDU store; use add to add a task")
     if (store_dir / layout.BACKUP).exists():
-        raise ValueError(f"{store_dir}: holds a store whose {layout.MANIFEST} is missing; restore it with "
+        raise InputError(f"{store_dir}: holds a store whose {layout.MANIFEST} is missing; restore it with "
                          f"`condu-fuse repair --store {store_dir}`")
     return None
 
 
 def check_unify_args(store_dir: Path, checkpoints, names, rescaler: str, missing: str, dtype) -> None:
     if rescaler not in RESCALER_MODES:
-        raise ValueError(f"unknown rescaler mode {rescaler!r}; use one of {', '.join(RESCALER_MODES)}")
+        raise InputError(f"unknown rescaler mode {rescaler!r}; use one of {', '.join(RESCALER_MODES)}")
     check_missing(missing)
     if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
-        raise ValueError(f"dtype {dtype!r}: the unified delta is stored in one of {', '.join(FLOAT_NAMES)}")
+        raise InputError(f"dtype {dtype!r}: the unified delta is stored in one of {', '.join(FLOAT_NAMES)}")
     if store_dir.exists() and not store_dir.is_dir():
-        raise ValueError(f"{store_dir}: exists and is not a folder; choose another --store")
+        raise InputError(f"{store_dir}: exists and is not a folder; choose another --store")
     no_store_yet(store_dir)
     if not checkpoints:
-        raise ValueError("unify needs at least one checkpoint")
+        raise InputError("unify needs at least one checkpoint")
     if names is not None and len(names) != len(checkpoints):
-        raise ValueError(f"got {len(names)} names for {len(checkpoints)} checkpoints; give one name each")
+        raise InputError(f"got {len(names)} names for {len(checkpoints)} checkpoints; give one name each")
 
 
 def refuse_related(path: Path, store_dir: Path, what: str, other: str) -> None:
     """A checkpoint (or the base) cannot be the store, or live inside it, or hold it."""
     a, b = path.resolve(), store_dir.resolve()
     if a == b or a.is_relative_to(b) or (a.is_dir() and b.is_relative_to(a)):
-        raise ValueError(f"{path}: {what} and {other} ({store_dir}) overlap; keep the store in a folder of its own")
+        raise InputError(f"{path}: {what} and {other} ({store_dir}) overlap; keep the store in a folder of its own")
 
 
 def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | None,
@@ -155,7 +155,7 @@ def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode:
             ckpt = stack.enter_context(open_checkpoint(source.path))
             name = names[k] if names is not None else default_task_name(source.default_name(ckpt.name), taken)
             if name in taken:
-                raise ValueError(f"task name {name!r} is given twice; give each checkpoint its own name")
+                raise InputError(f"task name {name!r} is given twice; give each checkpoint its own name")
             taken.append(name)
             new.append(plan_input(ckpt, base, fused, space=space, base_config=base_config, name=name, number=k + 1,
                                   missing=missing, source=source.source, hub=source.hub))
@@ -242,7 +242,7 @@ def refuse_copies(manifest: Manifest, new: list[NewTask]) -> None:
         if twin is not None:
             fix = ("give each checkpoint a --name to keep both" if twin.number >= manifest.tasks[first].number
                    else "pass --name to keep a second copy")
-            raise ValueError(f"{_label(task)}: the same content as task {twin.number} ({twin.name}); {fix}")
+            raise InputError(f"{_label(task)}: the same content as task {twin.number} ({twin.name}); {fix}")
 
 
 def _label(task: NewTask) -> str:

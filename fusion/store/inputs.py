@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import InputError
 from ..hub import BASE_RECORDS, base_records, resolve_checkpoint
 from ..io import open_checkpoint
 from ..io.adapter import factor_config, read_adapter_config
@@ -91,18 +92,18 @@ def infer_base(checkpoints: Sequence[str | os.PathLike]) -> InferredBase:
         resolved = resolve_checkpoint(text)
         found = next(base_records(resolved.path), None)
         if found is None:
-            raise ValueError(f"{text}: records no base model ({_NONE_RECORDED}); pass --base")
+            raise InputError(f"{text}: records no base model ({_NONE_RECORDED}); pass --base")
         where = f"{found.file} of {text}" if resolved.from_hub else os.path.join(text, found.file)
         records.append(Recorded(text, found.base, found.key, where))
         paths.append(resolved.path)
     inferred = InferredBase(records[0].base, tuple(records))
     if len({r.base for r in records}) > 1:
         listed = ", ".join(f"{r.checkpoint} {r.base!r} ({r})" for r in records)
-        raise ValueError(f"the checkpoints record different bases: {listed}; pass --base with the one they share")
+        raise InputError(f"the checkpoints record different bases: {listed}; pass --base with the one they share")
     try:
         base = resolve_checkpoint(inferred.base).path
     except ValueError as err:
-        raise ValueError(f"the checkpoints record the base {inferred.base!r} ({inferred.said_by}), which does not "
+        raise InputError(f"the checkpoints record the base {inferred.base!r} ({inferred.said_by}), which does not "
                          f"resolve ({err}); pass --base") from None
     if is_adapter_folder(base):
         return inferred  # factor space already

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import InputError
+
 __all__ = ["MANIFEST", "BACKUP", "LOCK", "SUBDIRS", "task_id", "unified_names", "trigger_name", "private_name",
            "side_file_name", "attachment_name", "is_owned", "check_task_name", "check_token", "clean_task_name",
            "owned_kind", "v1_kind"]
@@ -97,7 +99,7 @@ def is_owned(rel: str) -> bool:
 
 def check_token(name: str, what: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(_TOKEN, name):
-        raise ValueError(f"{name!r} is not usable as {what}: use letters, digits, '.', '_' and '-', "
+        raise InputError(f"{name!r} is not usable as {what}: use letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit, at most 100 characters")
     return name
 
@@ -106,7 +108,7 @@ def check_task_name(name: str) -> str:
     """A task name: a safe file-name token that is not a number (numbers select tasks by number)."""
     check_token(name, "a task name")
     if name.isdigit():
-        raise ValueError(f"task name {name!r} is a number, which would be read as a task number; "
+        raise InputError(f"task name {name!r} is a number, which would be read as a task number; "
                          "give it a name with a letter in it")
     return name
 

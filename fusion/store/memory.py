@@ -29,6 +29,7 @@ import numpy as np
 
 from ..arrays import is_torch, to_host
 from ..dtypes import DTYPES, DType, F32, dtype_of, from_float32, to_float32
+from ..errors import ConduError, InputError
 from ..fuse import FusedDeltas, private_names
 from ..io import Checkpoint, SafetensorsWriter, as_array
 from ..io.integrity import digest_file
@@ -69,21 +70,21 @@ class MemoryInput(Input):
 def refuse_memory_base(base, checkpoints: Sequence) -> None:
     """The base must be a path or a hub id (module docstring), and state dicts record no base."""
     if is_state_dict(base):
-        raise ValueError("base: a state dict cannot be a store's base (the store reads theta0 again at every step "
+        raise InputError("base: a state dict cannot be a store's base (the store reads theta0 again at every step "
                          "and keeps only its path); save it once (fusion.save for numpy arrays, "
                          "safetensors.torch.save_file for torch tensors) and pass the path")
     if base is None and any(is_state_dict(c) for c in checkpoints):
-        raise ValueError("a state dict records no base model; pass base= (a path or a hub id)")
+        raise InputError("a state dict records no base model; pass base= (a path or a hub id)")
 
 
 def host_array(value, where: str = "tensor") -> tuple[np.ndarray, DType]:
     """A numpy array (or a torch tensor, brought to the host) as storage, and its dtype, for writing."""
     if not (isinstance(value, np.ndarray) or is_torch(value)):
-        raise ValueError(f"{where} is a {type(value).__name__}; pass numpy arrays or torch tensors")
+        raise InputError(f"{where} is a {type(value).__name__}; pass numpy arrays or torch tensors")
     try:
         dtype = dtype_of(value)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise InputError(f"{where}: {err}") from None
     if is_torch(value):
         return from_torch(value)
     return np.require(value, requirements="C"), dtype  # keeps a 0-d shape
@@ -94,7 +95,7 @@ def _save_state_dict(tensors: Mapping, path: Path, label: str) -> None:
     arrays = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
-            raise ValueError(f"{label}: key {name!r} is not a string; tensor names are strings")
+            raise InputError(f"{label}: key {name!r} is not a string; tensor names are strings")
         arrays[name] = host_array(value, f"{label}: tensor {name!r}")
     with SafetensorsWriter(path, [(n, d, a.shape) for n, (a, d) in arrays.items()], checksums=False) as writer:
         for name, (array, _) in arrays.items():
@@ -117,12 +118,12 @@ def checkpoint_inputs(values: Sequence, labels: Sequence[str], default_names: Se
                 inputs.append(resolve_input(value))
         try:
             yield inputs
-        except ValueError as err:
+        except ConduError as err:  # the same error, naming the state dict where it names its saved file
             message = str(err)
             for path, label in saved.items():
                 message = message.replace(path, label)
-            if type(err) is ValueError and message != str(err):
-                raise ValueError(message) from None
+            if message != str(err):
+                raise type(err)(message) from None
             raise
 
 
@@ -131,22 +132,22 @@ def checkpoint_inputs(values: Sequence, labels: Sequence[str], default_names: Se
 
 def check_new_store(store_dir: Path) -> None:
     if store_dir.exists() and not store_dir.is_dir():
-        raise ValueError(f"{store_dir}: exists and is not a folder; choose another path")
+        raise InputError(f"{store_dir}: exists and is not a folder; choose another path")
     no_store_yet(store_dir)
 
 
 def check_fused_args(state, names: Sequence[str] | None) -> list[str]:
     """The state and its task names (default task1..taskT), checked before anything is written."""
     if not isinstance(state, FusedDeltas):
-        raise ValueError(f"state is a {type(state).__name__}; pass the fusion.FusedDeltas that fusion.unify or "
+        raise InputError(f"state is a {type(state).__name__}; pass the fusion.FusedDeltas that fusion.unify or "
                          "fusion.add returned")
     names = [f"task{t}" for t in range(1, state.num_tasks + 1)] if names is None else list(names)
     if len(names) != state.num_tasks:
-        raise ValueError(f"got {len(names)} names for the state's {state.num_tasks} tasks; give one name each")
+        raise InputError(f"got {len(names)} names for the state's {state.num_tasks} tasks; give one name each")
     for name in names:
         layout.check_task_name(name)
     if len(set(names)) != len(names):
-        raise ValueError(f"task names {names} repeat a name; give each task its own")
+        raise InputError(f"task names {names} repeat a name; give each task its own")
     return names
 
 
@@ -158,24 +159,24 @@ def _store_tensors(state: FusedDeltas, base: Checkpoint) -> list[FusedTensor]:
     fix = "unify the deltas with base= this base, so the state fuses what a store does"
     for t in planned:
         if t.name not in state.shapes:
-            raise ValueError(f"the base's float tensor {t.name!r} {t.shape} is not fused in the state; {fix}")
+            raise InputError(f"the base's float tensor {t.name!r} {t.shape} is not fused in the state; {fix}")
         if tuple(state.shapes[t.name]) != t.shape:
-            raise ValueError(f"fused tensor {t.name!r} is {tuple(state.shapes[t.name])} in the state and {t.shape} in "
+            raise InputError(f"fused tensor {t.name!r} is {tuple(state.shapes[t.name])} in the state and {t.shape} in "
                              f"the base; {fix}")
     extra = [n for n in state.shapes if n not in {t.name for t in planned}]
     if extra:
-        raise ValueError(f"fused tensor {extra[0]!r} of the state is not a float tensor of the base; {fix}")
+        raise InputError(f"fused tensor {extra[0]!r} of the state is not a float tensor of the base; {fix}")
     base_shapes = {n: base.info(n).shape for n in base.keys()}
     for task, private in state.private.items():
         fusable = [n for n in private if n not in private_names({n: tuple(private[n].shape)}, base_shapes)]
         if fusable:
-            raise ValueError(f"task {task}: private tensor {fusable[0]!r} has the base's name and shape, so a store "
+            raise InputError(f"task {task}: private tensor {fusable[0]!r} has the base's name and shape, so a store "
                              f"would fuse it; {fix}")
     out = []
     for t in planned:
         unified = state.dtypes.get(t.name, F32)
         if unified.name not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"fused tensor {t.name!r}: the state keeps its unified delta in {unified.name}; a store "
+            raise InputError(f"fused tensor {t.name!r}: the state keeps its unified delta in {unified.name}; a store "
                              "keeps float32, float16 or bfloat16 (unify with dtypes=)")
         out.append(dataclasses.replace(t, unified_dtype=unified))
     return out
@@ -194,7 +195,7 @@ def write_fused(tx: Transaction, base_input: Input, state: FusedDeltas, names: l
     refuse_related(base_input.path, tx.store_dir, "the base", "the store")
     with Checkpoint(base_input.path, where=f"base {base_input.text}") as base:
         if base.is_adapter:
-            raise ValueError(f"{base_input.text}: a LoRA adapter; a state saved as a store takes a model as its base")
+            raise InputError(f"{base_input.text}: a LoRA adapter; a state saved as a store takes a model as its base")
         fused = _store_tensors(state, base)
         base_ref = BaseRef(path=base_input.source, hub=base_input.hub, fingerprint=base.fingerprint(),
                            files={n: Digests.of(digest_file(f.path)) for n, f in base.files.items()})

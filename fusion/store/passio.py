@@ -24,6 +24,7 @@ import numpy as np
 from ..dtypes import DTYPES, F32, from_float32, to_float32
 from ..device import DeviceStage
 from ..engine import ChunkInputs, StoredChunk, TensorSpec, fuse_pass
+from ..errors import InputError
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
 from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
@@ -224,7 +225,7 @@ def _check_finite(plan: PassPlan, name: str, delta_l1: np.ndarray) -> None:
     """A NaN or Inf anywhere in a chunk's delta makes its L1 sum NaN or Inf: one cheap test."""
     for task, l1 in zip(plan.new, delta_l1.tolist()):
         if not math.isfinite(l1):
-            raise ValueError(f"{task.where(name)}: tensor {name!r} has NaN or Inf in its delta; "
+            raise InputError(f"{task.where(name)}: tensor {name!r} has NaN or Inf in its delta; "
                              "fix or re-export the checkpoint")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..constants import MISSING_MODES
 from ..dtypes import DTYPES, DType
+from ..errors import InputError
 from ..fuse import private_names
 from ..io import Checkpoint
 from ..io.files import model_side_files
@@ -59,13 +60,13 @@ def plan_tensors(base: Checkpoint, unified_dtype: DType | None) -> list[FusedTen
     names = sorted((n for n in base.keys() if base.info(n).dtype.is_float),
                    key=lambda n: (file_order[id(base.file_of(n))], base.info(n).begin))
     if not names:
-        raise ValueError(f"{base.path}: the base has no floating-point tensors to fuse")
+        raise InputError(f"{base.path}: the base has no floating-point tensors to fuse")
     return [FusedTensor(n, base.info(n).shape, base.info(n).dtype, unified_dtype or base.info(n).dtype) for n in names]
 
 
 def check_missing(missing: str) -> str:
     if missing not in MISSING_MODES:
-        raise ValueError(f"unknown missing policy {missing!r}; use one of {', '.join(MISSING_MODES)}")
+        raise InputError(f"unknown missing policy {missing!r}; use one of {', '.join(MISSING_MODES)}")
     return missing
 
 
@@ -115,17 +116,17 @@ def plan_task(ckpt: Checkpoint, base: Checkpoint, fused: list[FusedTensor], *, n
     for t in fused:
         if t.name not in ckpt:
             if missing != "zero":
-                raise ValueError(f"{ckpt.path}: tensor {t.name!r} of the base is missing; re-save the checkpoint "
+                raise InputError(f"{ckpt.path}: tensor {t.name!r} of the base is missing; re-save the checkpoint "
                                  "with it, or pass --missing zero to count it as unchanged")
             task.zero.add(t.name)
             task.zero_filled.append(t.name)
         elif t.name in task.private:
             task.zero.add(t.name)
         elif not ckpt.info(t.name).dtype.is_float:
-            raise ValueError(f"{ckpt.file_of(t.name).where}: tensor {t.name!r} is {ckpt.info(t.name).dtype.name} but "
+            raise InputError(f"{ckpt.file_of(t.name).where}: tensor {t.name!r} is {ckpt.info(t.name).dtype.name} but "
                              "float in the base; the checkpoint does not fine-tune this base")
     if len(task.zero) == len(fused):
-        raise ValueError(f"{ckpt.path}: shares no fused tensor with the base (none has the base's name and shape); "
+        raise InputError(f"{ckpt.path}: shares no fused tensor with the base (none has the base's name and shape); "
                          "it does not fine-tune this base: check --base")
     task.dtype = own_dtype({t.name: ckpt.info(t.name).dtype for t in fused if t.name not in task.zero})
     return task

@@ -13,6 +13,7 @@ from typing import Sequence
 import msgspec
 
 from ..dtypes import DTYPES
+from ..errors import InputError
 from . import layout
 from .manifest import Manifest, TaskEntry
 
@@ -87,7 +88,7 @@ def select_task(manifest: Manifest, task: int | str, store_dir: Path) -> TaskEnt
         found = manifest.task_by_number(int(task)) if task.strip().isdigit() else manifest.task_by_name(task)
     if found is None:
         choices = ", ".join(f"{t.number} ({t.name})" for t in manifest.tasks)
-        raise ValueError(f"{store_dir}: no task {task!r}; choose a number or a name: {choices}")
+        raise InputError(f"{store_dir}: no task {task!r}; choose a number or a name: {choices}")
     return found
 
 

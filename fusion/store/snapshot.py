@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..errors import InputError
 from ..io import Checkpoint, IntegrityError, SafetensorsFile
 from ..io.integrity import BlockHasher
 from . import faults
@@ -48,7 +49,7 @@ def open_base(manifest: Manifest, *, path: str | None = None) -> Checkpoint:
     except IntegrityError:
         raise
     except (ValueError, OSError) as err:
-        raise ValueError(f"{where}: cannot be read ({err}); restore it, or point the store at a copy with "
+        raise InputError(f"{where}: cannot be read ({err}); restore it, or point the store at a copy with "
                          "`condu-fuse set-base PATH`") from None
 
 
@@ -123,12 +124,12 @@ def open_snapshot(store_dir: Path, select, *, side=lambda m: ()) -> Snapshot:
             if load_manifest(store_dir).generation != manifest.generation:
                 continue  # a writer committed in between: read the new generation
             rel = Path(err.filename).relative_to(store_dir).as_posix() if err.filename else "a file"
-            raise ValueError(f"{describe(manifest, rel)}: missing from {store_dir}; restore it, or drop the task with "
+            raise InputError(f"{describe(manifest, rel)}: missing from {store_dir}; restore it, or drop the task with "
                              "`condu-fuse remove`") from None
         except BaseException:
             snapshot.close()
             raise
-    raise ValueError(f"{store_dir}: changed {_ATTEMPTS} times while it was being opened; try again")
+    raise InputError(f"{store_dir}: changed {_ATTEMPTS} times while it was being opened; try again")
 
 
 @contextlib.contextmanager

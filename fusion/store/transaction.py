@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import StoreLocked
+from ..errors import Interrupted, InvariantError, StoreLocked
 from ..io.files import atomic_write_bytes, fsync_dir, naming_full_disk, read_side_file, stored_mode
 from ..io.integrity import BlockHasher
 from ..io.writer import SafetensorsWriter, ShardedWriter
@@ -91,7 +91,8 @@ class Transaction:
 
     def writer(self, rel: str, tensor_layout, **options) -> SafetensorsWriter:
         """A checksummed writer of store file `rel`; `finished(rel, writer)` records it."""
-        assert layout.owned_kind(rel) is not None, f"{rel} is not a store file name"
+        if layout.owned_kind(rel) is None:
+            raise InvariantError(f"{rel} is not a store file name")
         (self.store_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         writer = SafetensorsWriter(self.store_dir / rel, tensor_layout, **options)
         self._writers.append(writer)
@@ -124,7 +125,8 @@ class Transaction:
         """The checksums of a file of the new generation: written now, or carried over."""
         if rel in self.written:
             return self.written[rel]
-        assert self.current is not None and rel in self.current.files, f"{rel}: neither written nor carried over"
+        if self.current is None or rel not in self.current.files:
+            raise InvariantError(f"{rel}: neither written nor carried over")
         return self.current.files[rel]
 
     # -- commit ------------------------------------------------------------------------------
@@ -173,9 +175,19 @@ def change(store_dir: Path, current_loader) -> Iterator[Transaction]:
         try:
             with naming_full_disk(store_dir):  # a full disk the writers did not name: the store, at least
                 yield tx
+        except KeyboardInterrupt:
+            tx.abort()
+            raise Interrupted(_interrupted(store_dir, tx)) from None
         except BaseException:
             tx.abort()
             raise
+
+
+def _interrupted(store_dir: Path, tx: Transaction) -> str:
+    """What Ctrl-C left: the old generation, or the new one when it came after the manifest's swap."""
+    if tx.committed is None:
+        return f"{store_dir}: interrupted; the store is unchanged"
+    return f"{store_dir}: interrupted after the change was committed; generation {tx.committed.generation} is the store's"
 
 
 def remove_new_store(store_dir: Path, created: bool, had_lock: bool) -> None:
