@@ -7,8 +7,8 @@ default power-of-two scale, float32 sums of a few such values are exact, so resu
 depend on the order in which tasks are summed.
 
 Arrays are numpy arrays. Their dtype is a `fusion.dtypes.DType` (or its name); bfloat16 comes
-as an `ml_dtypes.bfloat16` array, the way a user hands one to the library (ml_dtypes is a test
-dependency; the library itself never imports it).
+as an `ml_dtypes.bfloat16` array, the way a user hands one to the library (and the way
+`fusion.load` and `Store.load_task` return one).
 """
 
 from __future__ import annotations
