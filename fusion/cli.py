@@ -385,7 +385,7 @@ def set_base(path, store):
 @_store_option
 @_one_line_errors
 def repair(store):
-    """Restore condu.json from condu.backup.json when only the main copy is damaged."""
+    """Restore condu.json from condu.backup.json, or the backup from a whole condu.json."""
     from .store import Store
 
     click.echo(Store.repair(store))

@@ -49,7 +49,7 @@ from .memory import (check_fused_args, check_new_store, checkpoint_inputs, host_
 from .plan import FusedTensor, check_missing
 from .records import TaskRecord, default_task_name, select_task
 from .snapshot import open_base, open_snapshot, reading
-from .transaction import change, remove_new_store
+from .transaction import change, remove_new_store, writer_lock
 
 __all__ = ["Store", "TaskRecord", "DEFAULT_SHARD_SIZE", "DEFAULT_MODEL_SHARD_SIZE", "PASS_ELEMENTS"]
 
@@ -394,7 +394,8 @@ class Store:
 
     @staticmethod
     def repair(path: str | os.PathLike) -> str:
-        """Restore condu.json from condu.backup.json when the backup is whole and the main copy is not."""
+        """Restore condu.json from condu.backup.json (when the backup is whole and the main copy is not), or
+        the backup from a whole condu.json."""
         return _repair(Path(path))
 
     def __repr__(self) -> str:
@@ -405,12 +406,32 @@ class Store:
 
 
 def _repair(store_dir: Path) -> str:
+    """condu.json from a whole backup, or the backup from a whole condu.json; under the writer lock."""
+    if not any((store_dir / name).exists() for name in (layout.MANIFEST, layout.BACKUP)):
+        raise InputError(f"{store_dir}: no store here (neither {layout.MANIFEST} nor {layout.BACKUP}); check --store")
+    with writer_lock(store_dir):
+        try:
+            read_manifest_file(store_dir / layout.MANIFEST)
+        except (ManifestError, FileNotFoundError):
+            return _restore_manifest(store_dir)
+        return _restore_backup(store_dir)
+
+
+def _restore_backup(store_dir: Path) -> str:
+    """A whole condu.json: the backup made equal to it again when it is missing, damaged or stale."""
     main, backup = store_dir / layout.MANIFEST, store_dir / layout.BACKUP
-    try:
-        read_manifest_file(main)
-        return f"{main}: whole; nothing to repair"
-    except (ManifestError, FileNotFoundError):
-        pass
+    if backup.is_file() and backup.read_bytes() == main.read_bytes():
+        return f"{main}: whole, and so is {layout.BACKUP}; nothing to repair"
+    if backup.is_dir() and any(backup.iterdir()):  # not a file the store wrote: never deleted
+        raise InputError(f"{backup}: a folder with files in it; move it out of the store, then run repair again")
+    if backup.is_dir():
+        backup.rmdir()
+    atomic_write_bytes(backup, main.read_bytes())
+    return f"{backup}: rewritten from {layout.MANIFEST}, which is whole"
+
+
+def _restore_manifest(store_dir: Path) -> str:
+    main, backup = store_dir / layout.MANIFEST, store_dir / layout.BACKUP
     try:
         manifest = read_manifest_file(backup)
     except FileNotFoundError:

@@ -123,7 +123,7 @@ def _backup_problem(store_dir: Path) -> str | None:
             return None
         reason = f"names {gone[0]}, which is gone"
     return (f"{layout.BACKUP}: {reason}, so `condu-fuse repair` could not restore a damaged {layout.MANIFEST}; "
-            f"replace it with a copy of {layout.MANIFEST}, which is whole")
+            f"run `condu-fuse repair`, which rewrites it from {layout.MANIFEST}")
 
 
 def audit(store_dir: Path, manifest: Manifest) -> Health:

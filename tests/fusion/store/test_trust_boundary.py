@@ -229,10 +229,22 @@ def test_verify_says_when_repair_would_have_nothing_to_restore_from(models, tmp_
     report = json.loads(run(["verify", "--json", "--store", "s"], tmp_path).stdout)
     assert report["ok"] is False and report["shared"] == [] and len(report["store"]) == 1
     assert disk_state(tmp_path) == before
-    if damage == "folder":
-        backup.rmdir()
-    backup.write_bytes((store.path / "condu.json").read_bytes())  # what the line says to do
+    repaired = run(["repair", "--store", "s"], tmp_path)  # what the line says to do
+    assert repaired.exit_code == 0 and "condu.backup.json: rewritten from condu.json" in repaired.stdout
+    assert backup.read_bytes() == (store.path / "condu.json").read_bytes()
     assert run(["verify", "--store", "s"], tmp_path).exit_code == 0
+    assert "nothing to repair" in run(["repair", "--store", "s"], tmp_path).stdout
+
+
+def test_repair_never_deletes_a_folder_with_files_in_the_backup_s_place(models, tmp_path):
+    store = Store.unify(tmp_path / "s", models["base"], [models["ft"]], **OPTS)
+    backup = store.path / "condu.backup.json"
+    backup.unlink()
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
+    before = disk_state(tmp_path)
+    one_line_error(run(["repair", "--store", "s"], tmp_path), "a folder with files in it; move it out of the store")
+    assert disk_state(tmp_path) == before
 
 
 # ---- a full disk ------------------------------------------------------------------------------------
