@@ -254,11 +254,20 @@ def _front_matter(path: Path) -> list[str]:
 
 
 def _uncommented(text: str) -> str:
-    return re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
+    """`text` up to its YAML comment: a `#` at the start or after a space, outside quotes."""
+    quote = None
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote  # '' inside single quotes closes and reopens: the same
+        elif char in "'\"" and (i == 0 or text[i - 1] in " \t[,"):  # a quote opens only a scalar
+            quote = char
+        elif char == "#" and (i == 0 or text[i - 1].isspace()):
+            return text[:i].strip()
+    return text.strip()
 
 
-def _bad_card(path: Path) -> ValueError:
-    return ValueError(f"{path}: base_model in its front matter is neither a model id nor a list of one; fix the "
+def _bad_card(path: Path) -> InputError:
+    return InputError(f"{path}: base_model in its front matter is neither a model id nor a list of one; fix the "
                       "model card, or pass --base")
 
 

@@ -45,6 +45,17 @@ def test_the_card_names_its_base_as_a_string_or_a_list_of_one(tmp_path, front):
     assert card_base_model(card(tmp_path, front)) == GPT2
 
 
+@pytest.mark.parametrize("front, base", [
+    ("base_model: \"/data/it's #1\"  # a comment\n", "/data/it's #1"),
+    ("base_model: '/data/run #2'\n", "/data/run #2"),
+    ("base_model: ['/data/a #b']  # one\n", "/data/a #b"),
+    ("base_model: /data/it's  # a comment\n", "/data/it's"),
+    ("base_model: org/m#1\n", "org/m#1"),  # a '#' inside a plain scalar starts no comment
+])
+def test_a_hash_inside_quotes_is_part_of_the_name(tmp_path, front, base):
+    assert card_base_model(card(tmp_path, front)) == base
+
+
 def test_fences_as_the_hub_reads_them(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_bytes(f"\ufeff---\r\nbase_model: {GPT2}\r\n---\r\nbody\r\n".encode())
