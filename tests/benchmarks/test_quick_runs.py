@@ -79,6 +79,10 @@ def check_fusion_store(res: dict, results: Path, tmp_path: Path) -> None:
     assert all(checks[op]["seconds"] > 0 and checks[op + "_unchecked"]["seconds"] > 0 for op in ("decouple", "add"))
     assert all(res["startup"][k]["seconds"] > 0 for k in ("help", "tiny_unify"))
     assert res["bounds"]["read_gbps"] > 0 and res["bounds"]["fsync_write_gbps"] > 0
+    (row,) = res["decouple_sizes"]["rows"]  # decouple vs cp + sync of its output, file and folder
+    assert all(row[kind][side]["seconds"] > 0 and row[kind][side]["cpu"] > 0 and row[kind]["ratio"] > 0
+               for kind in ("file", "folder") for side in ("decouple", "copy"))
+    assert "cp + sync" in (results / "fusion_store.md").read_text()
 
 
 def check_gpu_kernels(res: dict, results: Path, tmp_path: Path) -> None:
