@@ -31,7 +31,7 @@ import numpy as np
 
 from ..dtypes import DType, dtype_of
 from ..errors import InputError, InvariantError
-from .files import fsync_dir, start_writeback, temporary_name
+from .files import fsync_dir, naming_full_disk, start_writeback, temporary_name
 from .format import LayoutEntry, TensorInfo, encode_header, numel
 from .integrity import DEFAULT_BLOCK, BlockHasher, FileDigests
 
@@ -67,22 +67,29 @@ def _open_for_writing(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o666), False
 
 
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:  # a write may take fewer bytes than given
-        got = os.pwrite(fd, view, offset)
-        view, offset = view[got:], offset + got
+def _write_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """All of `view` at `offset`; an error names `path` (a full disk says so, and how much it was writing)."""
+    try:
+        with naming_full_disk(path, len(view)):
+            while view:  # a write may take fewer bytes than given
+                got = os.pwrite(fd, view, offset)
+                view, offset = view[got:], offset + got
+    except OSError as err:
+        if err.filename is None and not str(err).startswith(f"{path}:"):
+            raise OSError(err.errno, f"{path}: {err.strerror}") from err
+        raise
 
 
 class _BufferedSink:
     """Writes through the page cache, starting the disk on every MiB as it goes."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
         self._written = self._flushed = 0  # bytes of the file written, and handed to the disk
         self._scratch = np.empty(0, dtype=np.uint8)  # what `reserve` lends
 
     def write(self, view: memoryview) -> None:
-        _write_all(self.fd, view, self._written)
+        _write_all(self.fd, view, self._written, self.path)
         self._written += len(view)
         if self._written - self._flushed >= _WRITEBACK_BYTES:
             start_writeback(self.fd, self._flushed, self._written - self._flushed)
@@ -119,8 +126,8 @@ class _DirectSink:
     write says the filesystem takes no direct I/O (EINVAL), the descriptor drops O_DIRECT and
     every write goes through the page cache; the bytes are the same either way."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
         self.direct = True  # until the filesystem refuses it
         self._free: queue.Queue = queue.Queue()
         self._full: queue.Queue = queue.Queue()
@@ -184,13 +191,13 @@ class _DirectSink:
         padded = -(-nbytes // _ALIGN) * _ALIGN if self.direct else nbytes
         stage[nbytes:padded] = 0  # past the end of the file (only the last buffer): cut off in finish
         try:
-            _write_all(self.fd, memoryview(stage[:padded]), offset)
+            _write_all(self.fd, memoryview(stage[:padded]), offset, self.path)
         except OSError as err:
             if not (err.errno == errno.EINVAL and self.direct and offset == 0):
                 raise
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             self.direct = False
-            _write_all(self.fd, memoryview(stage[:nbytes]), offset)
+            _write_all(self.fd, memoryview(stage[:nbytes]), offset, self.path)
         if not self.direct:
             start_writeback(self.fd, offset, nbytes)
 
@@ -238,7 +245,7 @@ class SafetensorsWriter:
         self.digests: FileDigests | None = None
         self._fd, direct = _open_for_writing(self.tmp, direct)
         self._closed = False
-        self._sink = _DirectSink(self._fd) if direct else _BufferedSink(self._fd)
+        self._sink = _DirectSink(self._fd, self.path) if direct else _BufferedSink(self._fd, self.path)
         self._pos = 0  # bytes of the data section written so far
         try:
             self._write(header)

@@ -205,11 +205,23 @@ def test_an_error_in_the_writing_thread_reaches_the_caller_and_leaves_nothing(tm
     def broken(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with _small_buffers(), mock.patch.object(writer_module.os, "pwrite", broken):
-        with pytest.raises(OSError, match="No space left"):
-            with SafetensorsWriter(tmp_path / "x.safetensors", [("x", F32, (50_000,))], direct=True) as writer:
-                for lo in range(0, 50_000, 1000):
-                    writer.write("x", np.zeros(1000, np.float32))
+    for direct in (True, False):
+        with _small_buffers(), mock.patch.object(writer_module.os, "pwrite", broken):
+            with pytest.raises(OSError, match="x.safetensors.*no space left on the device") as raised:
+                with SafetensorsWriter(tmp_path / "x.safetensors", [("x", F32, (50_000,))], direct=direct) as writer:
+                    for lo in range(0, 50_000, 1000):
+                        writer.write("x", np.zeros(1000, np.float32))
+        assert raised.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_other_write_errors_name_the_file(tmp_path):
+    def broken(fd, data, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with mock.patch.object(writer_module.os, "pwrite", broken):
+        with pytest.raises(OSError, match="y.safetensors: Input/output error"):
+            with SafetensorsWriter(tmp_path / "y.safetensors", [("x", F32, (10,))], direct=True) as writer:
+                writer.write("x", np.zeros(10, np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
