@@ -32,6 +32,7 @@ from ..kernels.host import rebuild_as, rebuild_into
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
 from ..io import HF_INDEX, HF_WEIGHTS, Checkpoint, SafetensorsWriter, ShardedWriter
 from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..io.bounded_json import JsonLimits, loads
 from ..io.files import copy_file_durably, fsync_dir, model_side_files
 from ..io.format import TensorInfo
 from ..progress import progress_bar
@@ -285,10 +286,13 @@ def _write_side_files(tmp: Path, side: dict[str, bytes], base_folder: Path | Non
                     _write_durably(tmp / p.name, _config_with_dtype((tmp / p.name).read_bytes(), dtype))
 
 
+_CONFIG_LIMITS = JsonLimits(depth=16, brackets=1 << 20, commas=1 << 20)  # a config.json is shallow and small
+
+
 def _config_with_dtype(data: bytes, dtype: DType) -> bytes:
     """config.json saying the dtype the weights were written in (`dtype`; `torch_dtype` if present)."""
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        content = json.loads(data.decode("utf-8"))
+    with contextlib.suppress(InputError):  # not a JSON object within bounds: written as it was given
+        content = loads(data, _CONFIG_LIMITS, where="config.json", what="config", fix="")
         if isinstance(content, dict):
             content["dtype"] = dtype.name
             if "torch_dtype" in content:

@@ -25,7 +25,8 @@ import xxhash
 
 from ..constants import MISSING_MODES, RESCALER_MODES
 from ..dtypes import DTYPES
-from ..errors import ManifestError
+from ..errors import InputError, ManifestError
+from ..io.bounded_json import JsonLimits, loads
 from ..io.integrity import DIGEST_HEX, FileDigests
 from . import layout
 
@@ -202,14 +203,20 @@ def encode_manifest(manifest: Manifest) -> bytes:
 # ---- loading --------------------------------------------------------------------------------
 
 
+# A manifest nests about eight deep (tasks, their records, a factor-space adapter config); anything
+# deeper is damage, refused before the parser could recurse on it. Its size grows with the tensors.
+_MANIFEST_LIMITS = JsonLimits(depth=32, brackets=1 << 24, commas=1 << 24)
+
+
 def read_manifest_file(path: Path) -> Manifest:
     """Parse and check one manifest file (condu.json or its backup)."""
     try:
-        content = json.loads(path.read_bytes().decode("utf-8"))
+        content = loads(path.read_bytes(), _MANIFEST_LIMITS, where=str(path), what="the manifest",
+                        fix="it is damaged")
     except FileNotFoundError:
         raise
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ManifestError(f"{path}: damaged, not JSON ({err})") from None
+    except InputError as err:  # past the bounds, not UTF-8, not JSON
+        raise ManifestError(str(err)) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a ConDU store manifest, or damaged")
     if content.get("version") != VERSION:

@@ -280,3 +280,26 @@ def test_a_full_disk_no_writer_named_names_the_store(tmp_path):
         with change(tmp_path / "s", lambda: None):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["condu.lock"]  # nothing else was made
+
+
+# ---- the store's own JSON, bounded too ----------------------------------------------------------------
+
+
+def test_a_deeply_nested_manifest_is_damage_in_one_line(models, tmp_path):
+    store = Store.unify(tmp_path / "s", models["base"], [models["ft"]], **OPTS)
+    (store.path / "condu.json").write_bytes(b'{"format": "condu-store", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    before = disk_state(tmp_path)
+    line = one_line_error(run(["info", "--store", "s"], tmp_path), "the manifest nests objects and lists 200001 deep")
+    assert "condu-fuse repair" in line
+    assert disk_state(tmp_path) == before
+    assert run(["repair", "--store", "s"], tmp_path).exit_code == 0 and store.verify().ok
+
+
+def test_a_deeply_nested_config_of_a_fine_tune_is_kept_as_it_is(models, tmp_path):
+    """The store copies a task's config.json as given; decouple, which sets its dtype, never recurses on it."""
+    nested = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (models["ft"] / "config.json").write_bytes(nested)
+    Store.unify(tmp_path / "s", models["base"], [models["ft"]], **OPTS)
+    result = run(["decouple", "--task", "1", "-o", "folder", "--store", "s", "-q"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "folder" / "config.json").read_bytes() == nested
