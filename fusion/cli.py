@@ -38,6 +38,7 @@ passive_waiting()  # before numba (or torch, for CUDA) is imported: fusion.threa
 
 DEFAULT_STORE = "./condu-store"
 DTYPES = ("float32", "float16", "bfloat16")
+UNIFIED_DTYPES = DTYPES + ("int8", "int4")  # fusion.dtypes.UNIFIED_NAMES: the compact mode's int8 / int4 blocks
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -205,6 +206,12 @@ def _own_dtype_text(dtype, base_dtypes: list[str]) -> list[str]:
     return [f"own dtype {'/'.join(own)}"] if own and own != base_dtypes else []
 
 
+def _blocks_text(info: dict) -> str:
+    """How a block-quantized unified delta is kept, for info's header."""
+    block = info.get("quant_block")
+    return f" (blocks of {block} elements, each with a float32 scale)" if block else ""
+
+
 def format_info(info: dict) -> str:
     """The readable table `condu-fuse info` prints."""
     base = info["base"]
@@ -212,7 +219,7 @@ def format_info(info: dict) -> str:
              f"space       {SPACE_TEXT[info['space']]}",
              f"base        {base['path']}" + (f"  (hub {_hub_text(base['hub'])})" if base.get("hub") else ""),
              f"rescaler    {info['rescaler']}    fused: {info['tensors']} tensors, {info['fused_parameters']:,} "
-             f"parameters, unified delta in {', '.join(info['unified_dtypes'])}",
+             f"parameters, unified delta in {', '.join(info['unified_dtypes'])}{_blocks_text(info)}",
              "",
              f"{'#':>3}  {'name':<24} {'kind':<7} {'rescaler':<26} {'density':>8} {'cosine':>8} {'rel_l2':>8} "
              f"{'at gen':>6}  kept with it"]
@@ -247,7 +254,9 @@ def main():
                    "checkpoints record.")
 @_store_option
 @click.option("--rescaler", type=click.Choice(RESCALER_MODES), default="model", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Unified delta dtype (default: the base's).")
+@click.option("--dtype", "--unified-dtype", "dtype", type=click.Choice(UNIFIED_DTYPES), default=None,
+              help="How the unified delta is stored (default: the base's dtype); int8 and int4 are the compact "
+                   "mode: blocks of 64 elements, each with a float32 scale (8.5 or 4.5 bits an element).")
 @click.option("--missing", type=click.Choice(MISSING_MODES), default="error", show_default=True,
               help="A base tensor a checkpoint lacks: an error, or an unchanged tensor.")
 @click.option("--name", "names", multiple=True, help="Task names, one per checkpoint (default: their names).")

@@ -5,6 +5,11 @@ held as its uint16 bit patterns (`DType.storage`). Conversions to and from float
 those bits: widening is exact (a shift), narrowing rounds to nearest even, as torch's `.to()`
 and `ml_dtypes` do. float16 is numpy's own. Arrays that arrive as `ml_dtypes.bfloat16` or as
 torch tensors are recognised by their dtype's name, without importing either package.
+
+A unified delta may also be stored block-quantized (`Q8`, `Q4`: `BlockQuant`), the store's compact
+mode: blocks of QUANT_BLOCK elements, each one float32 scale and that many signed integer codes.
+The rule that makes the codes is `fusion.reference.quantize_blocks`; this module holds the forms,
+their byte layout on disk (`encode_blocks`, `decode_blocks`) and `unified_form`, which names them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["DType", "DTYPES", "F64", "F32", "F16", "BF16", "FLOAT_NAMES", "parse_dtype", "dtype_of",
-           "to_float32", "from_float32", "round_through", "as_float32", "float_dtype"]
+           "to_float32", "from_float32", "round_through", "as_float32", "float_dtype", "BlockQuant", "Q8", "Q4",
+           "QUANT_BLOCK", "QUANT_FORMS", "UNIFIED_NAMES", "unified_form", "encode_blocks", "decode_blocks",
+           "dequantize_raw"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +147,144 @@ def float_dtype(value) -> DType:
     if found not in (F64, F32, F16, BF16):
         raise InputError(f"dtype {found.name} cannot hold a delta; use one of {', '.join(FLOAT_NAMES)}")
     return found
+
+
+# ---- block-quantized storage of a unified delta (the store's compact mode) ------------------------
+
+# Elements per quantization block. A chunk of a pass, and a read of a stored tensor, start at a block
+# boundary of their tensor: chunk sizes and the kernels' blocks are multiples of it.
+QUANT_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    """A unified delta stored in blocks of `block` elements: per block one float32 scale (its largest
+    |u| over qmax) and one signed `bits`-bit code per element, -qmax..qmax (fusion.reference).
+
+    On disk a tensor is one uint8 array of records, one per block, in order: the scale's four
+    little-endian bytes, then the codes: int8 one a byte (Q8), or two a byte for int4, element 2j in
+    the low four bits and 2j + 1 in the high four, each stored as code + 8 (Q4). A tensor's last
+    block may be shorter; its record is as long as its codes need. Q8 costs 8.5 bits an element,
+    Q4 4.5 (float32 scales over 64 elements)."""
+
+    code: str  # as the manifest records it: Q8, Q4
+    name: str  # as users spell it: int8, int4
+    bits: int
+    block: int = QUANT_BLOCK
+    is_float = False
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1  # 127, 7: a symmetric range, so -0 and +0 code alike
+
+    def code_bytes(self, count: int) -> int:
+        """Bytes the codes of `count` elements take."""
+        return (count * self.bits + 7) // 8
+
+    @property
+    def record(self) -> int:
+        """Bytes of one whole block's record: its scale and its codes."""
+        return 4 + self.code_bytes(self.block)
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes of a whole tensor of `numel` elements."""
+        full, rest = divmod(numel, self.block)
+        return full * self.record + (4 + self.code_bytes(rest) if rest else 0)
+
+    def byte_range(self, lo: int, hi: int, numel: int) -> tuple[int, int]:
+        """The bytes that hold elements [lo, hi) of a tensor of `numel`; lo is a block boundary, and
+        hi one too or the tensor's end."""
+        if lo % self.block or (hi % self.block and hi != numel):
+            raise InputError(f"elements [{lo}, {hi}) of a {self.name} unified delta do not start and end at "
+                             f"blocks of {self.block}; read it in chunks of a multiple of {self.block}")
+        return self.nbytes(lo), self.nbytes(hi)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+Q8 = BlockQuant("Q8", "int8", 8)
+Q4 = BlockQuant("Q4", "int4", 4)
+QUANT_FORMS: dict[str, BlockQuant] = {q.code: q for q in (Q8, Q4)}
+# How a unified delta may be stored, as the CLI spells it: a float dtype, or block-quantized.
+UNIFIED_NAMES = FLOAT_NAMES + (Q8.name, Q4.name)
+
+
+def unified_form(value) -> DType | BlockQuant:
+    """How a unified delta is stored: a float dtype (`float_dtype`), or Q8 / Q4 by name or code."""
+    if isinstance(value, BlockQuant):
+        return value
+    text = str(value)
+    found = next((q for q in QUANT_FORMS.values() if text in (q.code, q.name)), None)
+    if found is not None:
+        return found
+    try:
+        return float_dtype(value)
+    except InputError as error:
+        raise InputError(f"{error}, or the blocks of {' or '.join(q.name for q in QUANT_FORMS.values())}") from None
+
+
+def encode_blocks(codes: np.ndarray, scales: np.ndarray, form: BlockQuant) -> np.ndarray:
+    """The records of codes (n,) (integers in -qmax..qmax) and scales (ceil(n/block),) float32: uint8
+    (form.nbytes(n),). `codes` start at a block boundary of their tensor."""
+    n = codes.size
+    full = n // form.block
+    out = np.empty(form.nbytes(n), dtype=np.uint8)
+    body = out[: full * form.record].reshape(full, form.record)  # (full, record)
+    body[:, :4] = np.asarray(scales[:full], dtype="<f4").reshape(full, 1).view(np.uint8)
+    body[:, 4:] = _code_bytes(codes[: full * form.block].reshape(full, form.block), form)
+    if n % form.block:
+        tail = out[full * form.record :]
+        tail[:4] = np.asarray(scales[full : full + 1], dtype="<f4").view(np.uint8)
+        tail[4:] = _code_bytes(codes[full * form.block :].reshape(1, -1), form)[0]
+    return out
+
+
+def decode_blocks(raw: np.ndarray, n: int, form: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
+    """The codes (n,) int8 and scales (ceil(n/block),) float32 of the records of n elements."""
+    raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
+    if raw.size != form.nbytes(n):
+        raise InputError(f"{raw.size} bytes hold no {form.name} records of {n} elements ({form.nbytes(n)} would)")
+    full, rest = divmod(n, form.block)
+    body = raw[: full * form.record].reshape(full, form.record)  # (full, record)
+    scales = np.empty(full + (1 if rest else 0), dtype=np.float32)
+    scales[:full] = np.ascontiguousarray(body[:, :4]).view("<f4").reshape(-1)
+    codes = np.empty(n, dtype=np.int8)
+    codes[: full * form.block] = _codes_of(body[:, 4:], form.block, form).reshape(-1)
+    if rest:
+        tail = raw[full * form.record :]
+        scales[full] = tail[:4].copy().view("<f4")[0]
+        codes[full * form.block :] = _codes_of(tail[4:].reshape(1, -1), rest, form).reshape(-1)
+    return codes, scales
+
+
+def dequantize_raw(raw: np.ndarray, n: int, form: BlockQuant, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values (n,) that records of n elements stand for: code * scale, one rounding each
+    (fusion.reference.dequantize_blocks), in `out` if given."""
+    codes, scales = decode_blocks(raw, n, form)
+    values = np.empty(n, dtype=np.float32) if out is None else out
+    full = (n // form.block) * form.block
+    np.multiply(codes[:full].reshape(-1, form.block), scales[: full // form.block, None],
+                out=values[:full].reshape(-1, form.block), dtype=np.float32)
+    if full < n:
+        np.multiply(codes[full:], scales[-1], out=values[full:], dtype=np.float32)
+    return values
+
+
+def _code_bytes(codes: np.ndarray, form: BlockQuant) -> np.ndarray:
+    """Codes (k, m) as their bytes (k, code_bytes(m)): int8 as is, int4 two a byte plus 8."""
+    if form.bits == 8:
+        return codes.astype(np.int8).view(np.uint8)
+    offset = (codes.astype(np.int16) + 8).astype(np.uint8)  # (k, m) 1..15
+    if offset.shape[1] % 2:
+        offset = np.concatenate([offset, np.full((offset.shape[0], 1), 8, dtype=np.uint8)], axis=1)  # code 0 pads
+    return offset[:, 0::2] | (offset[:, 1::2] << 4)
+
+
+def _codes_of(data: np.ndarray, m: int, form: BlockQuant) -> np.ndarray:
+    """Bytes (k, code_bytes(m)) as codes (k, m) int8: the inverse of _code_bytes."""
+    if form.bits == 8:
+        return np.ascontiguousarray(data).view(np.int8)
+    low = (data & 0x0F).astype(np.int8) - 8
+    high = (data >> 4).astype(np.int8) - 8
+    return np.stack([low, high], axis=2).reshape(data.shape[0], 2 * data.shape[1])[:, :m]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from .arrays import all_finite, to_host
-from .dtypes import F32, DType, float_dtype
+from .dtypes import F32, BlockQuant, DType, unified_form
 from .errors import InputError
 from .pipeline import run_stages
 from .reference import ChunkResult, Originals
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .device import DeviceStage
     from .kernels import Kernel
 
-__all__ = ["TensorSpec", "StoredChunk", "ChunkInputs", "L1Tables", "chunk_ranges", "fuse_pass", "DEFAULT_CHUNK"]
+__all__ = ["TensorSpec", "StoredChunk", "ChunkInputs", "L1Tables", "chunk_ranges", "check_aligned", "fuse_pass",
+           "DEFAULT_CHUNK"]
 
 # Elements per chunk and task: 1M fp32 elements is 4 MiB a task, 64 MiB of input at T = 16.
 DEFAULT_CHUNK = 1 << 20
@@ -33,14 +34,15 @@ DEFAULT_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A fused tensor: its name, element count and the dtype its unified delta is stored in."""
+    """A fused tensor: its name, element count and how its unified delta is stored (a float dtype,
+    or block-quantized: fusion.dtypes.BlockQuant)."""
 
     name: str
     numel: int
-    unified_dtype: DType = F32
+    unified_dtype: DType | BlockQuant = F32
 
     def __post_init__(self):
-        object.__setattr__(self, "unified_dtype", float_dtype(self.unified_dtype))  # also from a name
+        object.__setattr__(self, "unified_dtype", unified_form(self.unified_dtype))  # also from a name
 
 
 class StoredChunk(NamedTuple):
@@ -68,11 +70,22 @@ def _check_representable(spec: TensorSpec, unified) -> None:
     """A unified delta beyond its storage dtype's range would rebuild as inf/NaN: refuse it.
 
     Finite float32 inputs give a finite float32 u (it is one of them), so only narrower storage
-    dtypes can overflow; the sinks check their inputs for NaN and Inf themselves.
+    dtypes, and block scales of an overflowing block, can make it non-finite; the sinks check their
+    inputs for NaN and Inf themselves.
     """
-    if spec.unified_dtype.itemsize < 4 and not all_finite(unified):
-        raise InputError(f"tensor {spec.name!r}: its unified delta overflows {spec.unified_dtype.name}; "
+    form = spec.unified_dtype
+    if (isinstance(form, BlockQuant) or form.itemsize < 4) and not all_finite(unified):
+        raise InputError(f"tensor {spec.name!r}: its unified delta overflows {form.name}; "
                          "store it in float32 (dtypes={name: 'float32'}, or --dtype float32)")
+
+
+def check_aligned(specs: Sequence[TensorSpec], chunk: int) -> None:
+    """Block-quantized tensors are cut into chunks of whole blocks: refuse a chunk size that is not."""
+    for spec in specs:
+        form = spec.unified_dtype
+        if isinstance(form, BlockQuant) and chunk % form.block:
+            raise InputError(f"chunk size {chunk} cuts the {form.name} blocks of tensor {spec.name!r}; "
+                             f"use a multiple of {form.block}")
 
 
 class ChunkInputs(NamedTuple):
@@ -115,6 +128,7 @@ def fuse_pass(
     device (fusion.device.DeviceStage) runs the kernel on a torch device: chunks are copied up on
     the reader thread and results come back to the host for `emit`.
     """
+    check_aligned(specs, chunk)
     delta_l1 = np.zeros((num_tasks, len(specs)), dtype=np.float64)  # (T, K)
     masked_l1 = np.zeros_like(delta_l1)
     chunks = [(k, spec, lo, hi) for k, spec in enumerate(specs) for lo, hi in chunk_ranges(spec.numel, chunk)]

@@ -13,7 +13,9 @@ Numerics, fixed so that every implementation gives the same bits:
 - inputs of any float dtype are computed in float32;
 - the election sum runs sequentially in task order, in float32 (a pairwise or vectorised sum
   could round a near-tie to the other sign);
-- u is rounded to its storage dtype before the masked L1 sums, so rescalers rebuild what is stored;
+- u is rounded to its storage form before the masked L1 sums, so rescalers rebuild what is stored:
+  a float dtype, or block-quantized (`quantize_blocks`: per block of 64 one float32 scale and
+  integer codes; u is then the dequantized `code * scale`), the chunk starting at a block boundary;
 - a rebuilt delta is `where(M_i, u * float32(lambda_i), 0)`, one rounding; theta0 is added after;
 - L1 and fidelity sums are accumulated in float64 and are compared to a tolerance, not bit for bit;
 - masks are packed 8 to a byte, element 8j+b at bit b of byte j (numpy's little bit order).
@@ -27,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .dtypes import F32, as_float32, float_dtype, round_through
+from .dtypes import F32, BlockQuant, as_float32, round_through, unified_form
 from .errors import InputError
 
 __all__ = [
@@ -42,6 +44,9 @@ __all__ = [
     "continual_chunk",
     "rebuild",
     "fidelity_sums",
+    "quantize_blocks",
+    "dequantize_blocks",
+    "stored_form",
     "pack_bits",
     "unpack_bits",
 ]
@@ -56,6 +61,7 @@ class ChunkResult(NamedTuple):
     masked_l1: np.ndarray  # (T,) float64: sum |M_i * u| over the chunk
     fidelity: np.ndarray | None = None  # (T, 5) float64 fidelity sums where asked for (zeros elsewhere)
     drift: np.ndarray | None = None  # (T, 5) float64 sums against each task's own input row, when asked for
+    scales: np.ndarray | None = None  # (ceil(n / 64),) float32 block scales of a block-quantized u, else None
 
 
 NOT_MEASURED, OWN_ROW = -1, -2
@@ -106,8 +112,9 @@ def elect(deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = No
           originals: Originals | None = None) -> ChunkResult:
     """Unify stacked deltas `(T, n)`: elect signs and magnitudes, derive masks and L1 sums.
 
-    `unified_dtype` (a fusion.dtypes.DType or its name) is the dtype the unified delta is stored
-    in; the masked L1 sums are taken on the stored (rounded) values. With `base` (n,), the rows
+    `unified_dtype` (a fusion.dtypes.DType, a BlockQuant, or a name: fusion.dtypes.unified_form) is
+    how the unified delta is stored; the masked L1 sums are taken on the stored (rounded) values, and
+    a block-quantized u comes with its block scales (`scales`). With `base` (n,), the rows
     are fine-tuned weights and their deltas are `rows - base`. With `originals`, the result
     carries each measured task's fidelity sums.
     """
@@ -119,14 +126,59 @@ def elect(deltas: np.ndarray, *, unified_dtype=F32, base: np.ndarray | None = No
     masks = agreement_masks(deltas, sign)  # (T, n)
     # Magnitude: the largest agreeing |delta| (0 where none agrees).
     magnitude = np.where(masks, np.abs(deltas), np.float32(0.0)).max(axis=0)  # (n,)
-    unified = round_through(sign * magnitude, float_dtype(unified_dtype))  # (n,) as stored
+    unified, scales = stored_form(sign * magnitude, unified_dtype)  # (n,) as stored
     # L1 sums for the rescalers, in float64.
     delta_l1 = np.abs(deltas.astype(np.float64)).sum(axis=1)  # (T,)
     masked_l1 = np.where(masks, np.abs(unified), np.float32(0.0)).astype(np.float64).sum(axis=1)  # (T,)
     packed = pack_bits(masks)
     fidelity = None if originals is None else fidelity_table(unified, packed, deltas, originals, base)
     drift = drift_table(unified, packed, deltas) if originals is not None and originals.drift else None
-    return ChunkResult(unified, packed, delta_l1, masked_l1, fidelity, drift)
+    return ChunkResult(unified, packed, delta_l1, masked_l1, fidelity, drift, scales)
+
+
+# ---- the stored form of u -----------------------------------------------------------------------------
+
+
+def stored_form(unified: np.ndarray, form) -> tuple[np.ndarray, np.ndarray | None]:
+    """u (n,) float32 as its storage form keeps it, and the block scales of a quantized form (else None)."""
+    form = unified_form(form)
+    if isinstance(form, BlockQuant):
+        codes, scales = quantize_blocks(unified, form)
+        return dequantize_blocks(codes, scales, form), scales
+    return round_through(unified, form), None
+
+
+# The smallest normal float32: a block whose scale would be smaller is stored as zeros, so every
+# scale is 0 or normal and `code * scale` never lands among subnormals (which hardware may flush).
+_SMALLEST_SCALE = np.float32(2.0**-126)
+
+
+def quantize_blocks(x: np.ndarray, form: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
+    """float32 x (n,), from a block boundary on -> int8 codes (n,) and float32 scales (ceil(n/block),).
+
+    Per block: scale = float32(max |x| / qmax) (0 when that is below the smallest normal float32),
+    code = clip(rint(x / scale), -qmax, qmax) rounding half to even (0 where the scale is 0). Every
+    step is one float32 operation, so every implementation gives the same codes and scales. The
+    block's largest |x| codes to +-qmax exactly."""
+    x = as_float32(x).reshape(-1)  # (n,)
+    n, block = x.size, form.block
+    padded = np.zeros(-(-n // block) * block, dtype=np.float32)
+    padded[:n] = x
+    blocks = padded.reshape(-1, block)  # (nb, block); the padding's zeros change no block's maximum
+    scales = np.abs(blocks).max(axis=1) / np.float32(form.qmax)  # (nb,) float32
+    scales = np.where(scales >= _SMALLEST_SCALE, scales, np.float32(0.0)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1.0))[:, None]  # (nb, 1); zero blocks divide by 1, then clip to 0
+    with np.errstate(invalid="ignore"):  # a non-finite block gives NaN codes: the pass refuses its u
+        steps = np.rint(blocks / safe) * (scales[:, None] > 0)  # (nb, block) float32
+    codes = np.clip(np.nan_to_num(steps), -form.qmax, form.qmax).astype(np.int8)
+    return codes.reshape(-1)[:n], scales
+
+
+def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, form: BlockQuant) -> np.ndarray:
+    """The values codes (n,) and scales (ceil(n/block),) stand for: float32(code) * scale, one rounding."""
+    n = np.size(codes)
+    per_element = np.repeat(np.asarray(scales, dtype=np.float32), form.block)[:n]  # (n,)
+    return np.asarray(codes, dtype=np.float32) * per_element  # (n,) float32
 
 
 # ---- decouple ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ a block is 256 KiB of float32, it stays in L2). Blocks are spread over threads; 
 its scratch buffers (stacked rows, signs, magnitudes, byte masks: O(T * block)). For every block,
 one read of the inputs from memory, then from cache: the sign election, the magnitudes, and one
 loop per task for its mask, its L1 sums and its fidelity sums; masks are packed eight bytes at a
-time. The store's dtype rounding of u (fp16/bf16) is done in the block, before the sums. L1 and
+time. The store's rounding of u (fp16/bf16, or int8/int4 blocks of 64, whose scales come out too)
+is done in the block, before the sums. L1 and
 fidelity sums are per-block float64 partials summed after the pass (deterministic, independent
 of the thread count). No temporaries of the chunk's size are made for float32 inputs.
 
@@ -38,7 +39,7 @@ import sys
 
 import numpy as np
 
-from ..dtypes import BF16, F16, F32, as_float32, dtype_of, float_dtype, to_float32
+from ..dtypes import BF16, F16, F32, BlockQuant, as_float32, dtype_of, to_float32, unified_form
 from ..errors import InputError
 from ..fidelity import NUM_SUMS
 from .host import rebuild_into
@@ -156,11 +157,18 @@ class CpuKernel:
         orig, index = _originals(originals, num_tasks, n)
         drift = originals is not None and originals.drift
         out = self._outputs(num_tasks, n, drift)
-        self.backend.unify(*stored, src, table, base32, self.block, out, _ROUNDING[float_dtype(unified_dtype).code],
-                           _TABLES[F16], orig, index)
+        form = unified_form(unified_dtype)
+        quantized = isinstance(form, BlockQuant)
+        if quantized and self.block % form.block:
+            raise InputError(f"cpu kernel: block {self.block} cuts the {form.name} blocks of {form.block} elements; "
+                             f"use a multiple of {form.block}")
+        scales = np.empty(-(-n // form.block) if quantized else 0, dtype=np.float32)  # (ceil(n/64),)
+        self.backend.unify(*stored, src, table, base32, self.block, out, _ROUNDING[form.code], _TABLES[F16], orig,
+                           index, form.block if quantized else 0, scales)
         unified, packed, delta_l1, masked_l1, fidelity, drift_sums = out
         return ChunkResult(unified, packed, delta_l1.sum(axis=0), masked_l1.sum(axis=0),
-                           None if originals is None else fidelity.sum(axis=0), drift_sums.sum(axis=0) if drift else None)
+                           None if originals is None else fidelity.sum(axis=0), drift_sums.sum(axis=0) if drift else None,
+                           scales if quantized else None)
 
     def rebuild(self, base: np.ndarray, unified: np.ndarray, packed: np.ndarray, rescaler: float, *,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -225,8 +233,9 @@ def load_backend(requested: str = "auto"):
     return cpu_numba
 
 
-# How the unified delta is rounded to its storage dtype inside the pass (0: it stays float32).
-_ROUNDING = {"F64": 0, "F32": 0, "F16": 1, "BF16": 2}
+# How the unified delta is rounded to its storage form inside the pass (0: it stays float32; 3, 4:
+# int8 and int4 blocks).
+_ROUNDING = {"F64": 0, "F32": 0, "F16": 1, "BF16": 2, "Q8": 3, "Q4": 4}
 
 
 def _originals(originals: Originals | None, num_tasks: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,8 +59,10 @@ typedef struct {
     const float *base;             /* (n,) theta0, subtracted from the rows; or NULL */
     const float *orig;             /* (R, n) kept tasks' originals (weights when base) */
     const int64_t *index;          /* (T,) NOT_MEASURED, OWN_ROW or a row of orig */
-    int64_t rounding;              /* u's storage dtype: 0 float32, 1 float16, 2 bfloat16 */
+    int64_t rounding;              /* u's storage form: 0 float32, 1 float16, 2 bfloat16, 3 int8 and 4 int4 blocks */
     const float *f16_table;        /* float32 value of every float16 code */
+    int64_t quant_block;           /* elements per quantization block (rounding 3, 4); the pass's block is a multiple */
+    float *scales;                 /* (ceil(n / quant_block),) out: the blocks' scales (rounding 3, 4), or NULL */
     float *unified;                /* (n,) out */
     uint8_t *packed;               /* (T, ceil(n/8)) out */
     double *delta_l1, *masked_l1;  /* (num_blocks, T) out */
@@ -164,6 +166,37 @@ CONDU_CLONES static void round_block(float *u, int64_t m, int64_t rounding, cons
         }
     } else if (rounding == 1) {
         for (int64_t j = 0; j < m; j++) u[j] = f16_table[f16_bits(bits_of(u[j]))];
+    }
+}
+
+/* u[:m] block-quantized and dequantized in place (fusion.reference.quantize_blocks), m from a block
+ * boundary: per block of qb elements scale = float(max |u| / qmax), 0 where that is below the smallest
+ * normal float (the block is then stored as zeros), code = rint(u / scale) clamped to +-qmax, and
+ * u = code * scale; scales[k] is block k's scale. rint rounds half to even by adding and subtracting
+ * 1.5 * 2**23, exact for |x| < 2**22 (a code is at most qmax): it makes +0.0 of a zero code, as the
+ * reference's integer codes do. A NaN never wins the maximum; a block with NaN or Inf makes a
+ * non-finite u, which the pass refuses. */
+CONDU_CLONES static void quantize_block(float *restrict u, int64_t m, int64_t qb, float qmax, float *restrict scales) {
+    const float magic = 12582912.0f;
+    for (int64_t lo = 0, k = 0; lo < m; lo += qb, k++) {
+        const int64_t end = lo + qb < m ? lo + qb : m;
+        float amax = 0.0f;
+        for (int64_t j = lo; j < end; j++) {
+            const float a = fabsf(u[j]);
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / qmax;
+        if (!(scale >= 0x1p-126f)) scale = 0.0f;
+        scales[k] = scale;
+        if (scale == 0.0f) {
+            for (int64_t j = lo; j < end; j++) u[j] = 0.0f;
+            continue;
+        }
+        for (int64_t j = lo; j < end; j++) {
+            float code = (u[j] / scale + magic) - magic;
+            code = code > qmax ? qmax : (code < -qmax ? -qmax : code);
+            u[j] = code * scale;
+        }
     }
 }
 
@@ -287,7 +320,9 @@ CONDU_CLONES static void elect_block(const Pass *p, int64_t b, Scratch *s) {
     magnitude_of(s->stage, tasks, p->block, m, s->sign, s->magnitude);
     float *u = p->unified + lo;
     for (int64_t j = 0; j < m; j++) u[j] = s->sign[j] * s->magnitude[j];
-    round_block(u, m, p->rounding, p->f16_table);
+    if (p->rounding >= 3) quantize_block(u, m, p->quant_block, p->rounding == 3 ? 127.0f : 7.0f,
+                                         p->scales + lo / p->quant_block);
+    else round_block(u, m, p->rounding, p->f16_table);
     for (int64_t t = 0; t < tasks; t++) {
         const float *row = s->stage + t * p->block;
         const int64_t r = p->index[t];

@@ -50,7 +50,8 @@ class _Pass(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("n", "block", "num_old", "num_new", "num_blocks")] + \
         [(name, ctypes.c_void_p) for name in ("stored_u", "stored_packed", "lam", "src", "table", "base", "orig",
                                               "index")] + \
-        [("rounding", ctypes.c_int64), ("f16_table", ctypes.c_void_p)] + \
+        [("rounding", ctypes.c_int64), ("f16_table", ctypes.c_void_p), ("quant_block", ctypes.c_int64),
+         ("scales", ctypes.c_void_p)] + \
         [(name, ctypes.c_void_p) for name in ("unified", "packed", "delta_l1", "masked_l1", "fidelity", "drift")] + \
         [("next_block", ctypes.c_int64)]
 
@@ -135,8 +136,10 @@ def _address(array: np.ndarray | None) -> int | None:
     return array.ctypes.data
 
 
-def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index) -> None:
-    """One chunk's pass (the arguments of fusion.kernels.cpu's drivers) into `out`."""
+def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index,
+          quant_block, scales) -> None:
+    """One chunk's pass (the arguments of fusion.kernels.cpu's drivers) into `out`; `scales` receives the
+    block scales of a quantized u (rounding 3, 4; an empty array otherwise)."""
     library = _library()
     unified, packed, delta_l1, masked_l1, fidelity, drift = out
     n = unified.shape[0]
@@ -144,9 +147,11 @@ def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, 
     arrays = dict(stored_u=stored_u, stored_packed=stored_packed, lam=lam, src=src,
                   table=table if table.size > 1 else None,  # a one-entry table: float32 rows, nothing to decode
                   base=base, orig=orig, index=index, f16_table=f16_table, unified=unified, packed=packed,
-                  delta_l1=delta_l1, masked_l1=masked_l1, fidelity=fidelity, drift=drift)  # drift: NULL when empty
+                  delta_l1=delta_l1, masked_l1=masked_l1, fidelity=fidelity, drift=drift,  # drift: NULL when empty
+                  scales=scales)
     job = _Pass(n=n, block=block, num_old=stored_packed.shape[0], num_new=src.shape[0], num_blocks=-(-n // block),
-                rounding=rounding, next_block=0, **{name: _address(a) for name, a in arrays.items()})
+                rounding=rounding, quant_block=quant_block, next_block=0,
+                **{name: _address(a) for name, a in arrays.items()})
     pool, threads = _workers()
     helpers = min(threads, -(-job.num_blocks // _STEP)) - 1
     pending = [pool.submit(library.condu_unify, ctypes.byref(job), _STEP) for _ in range(helpers)]

@@ -174,6 +174,35 @@ def _round_block(u, m, rounding, f16_table):
             u[j] = f16_table[_f16_bits(bits[j])]
 
 
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds half to even (|x| < 2**22)
+_SMALLEST_SCALE = np.float32(2.0**-126)
+
+
+@njit(**_JIT)
+def _quantize_block(u, m, qb, qmax, scales):
+    """u[:m] block-quantized and dequantized in place, m from a block boundary (cpu_native.c's
+    quantize_block, fusion.reference.quantize_blocks); scales[k] is block k's scale."""
+    for k in range((m + qb - 1) // qb):
+        lo = k * qb
+        end = min(lo + qb, m)
+        amax = np.float32(0.0)
+        for j in range(lo, end):
+            a = abs(u[j])
+            amax = a if a > amax else amax
+        scale = amax / qmax
+        if not scale >= _SMALLEST_SCALE:
+            scale = np.float32(0.0)
+        scales[k] = scale
+        if scale == 0:
+            for j in range(lo, end):
+                u[j] = np.float32(0.0)
+            continue
+        for j in range(lo, end):
+            code = (u[j] / scale + _MAGIC) - _MAGIC
+            code = qmax if code > qmax else (-qmax if code < -qmax else code)
+            u[j] = code * scale
+
+
 _BIT_GATHER = np.uint64(0x0102040810204080)  # moves byte b's low bit to bit 56 + b, without carries
 
 
@@ -267,7 +296,7 @@ def _agreement_fidelity(row, sign, u, m, mask, original, base, lo, out):
 
 
 @njit(**_JIT)
-def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base):
+def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, index, base, quant_block, scales):
     """Elect one block of stacked deltas stage[:, :m] into the outputs at element out_lo."""
     unified, packed, delta_l1, masked_l1, fidelity, drift = out
     measure_drift = drift.shape[0] > 0  # against each task's own row: asked for, or an empty table
@@ -277,7 +306,11 @@ def _elect_block(stage, m, out_lo, scratch, out, b, rounding, f16_table, orig, i
     u = unified[out_lo : out_lo + m]
     for j in range(m):
         u[j] = sign[j] * magnitude[j]
-    _round_block(u, m, rounding, f16_table)  # the store's dtype: masked L1 and fidelity see what is stored
+    if rounding >= 3:  # int8 / int4 blocks: masked L1 and fidelity see the stored (dequantized) values
+        qmax = np.float32(127.0) if rounding == 3 else np.float32(7.0)
+        _quantize_block(u, m, quant_block, qmax, scales[out_lo // quant_block :])
+    else:
+        _round_block(u, m, rounding, f16_table)  # the store's dtype: masked L1 and fidelity see what is stored
     for t in range(stage.shape[0]):
         r = index[t]
         if r == OWN_ROW:
@@ -325,7 +358,8 @@ _NO_BASE = np.zeros(0, dtype=np.float32)
 
 
 @njit(parallel=True, **_JIT)
-def _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index):
+def _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index,
+                quant_block, scales):
     """elect (no stored task) or the continual step over one chunk: rows are the T_old stored tasks
     rebuilt, then the new rows (minus base), all staged a block at a time into per-thread scratch."""
     num_old, n = stored_packed.shape[0], out[0].shape[0]
@@ -339,13 +373,16 @@ def _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out
             m = min(block, n - lo)
             _rebuild_block(stored_u, stored_packed, lam, lo, m, stage)
             _stage_rows(src, table, base, lo, m, stage, num_old)
-            _elect_block(stage, m, lo, scratch, out, b, rounding, f16_table, orig, index, base)
+            _elect_block(stage, m, lo, scratch, out, b, rounding, f16_table, orig, index, base, quant_block, scales)
 
 
-def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index) -> None:
-    """One chunk's pass (the arguments of fusion.kernels.cpu's drivers) into `out`."""
+def unify(stored_u, stored_packed, lam, src, table, base, block, out, rounding, f16_table, orig, index,
+          quant_block, scales) -> None:
+    """One chunk's pass (the arguments of fusion.kernels.cpu's drivers) into `out`; `scales` receives the
+    block scales of a quantized u (rounding 3, 4; an empty array otherwise)."""
     runs = max(1, min(-(-out[0].shape[0] // block), 4 * numba.get_num_threads()))  # a few per thread
-    _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index)
+    _unify_pass(stored_u, stored_packed, lam, src, table, base, block, runs, out, rounding, f16_table, orig, index,
+                max(quant_block, 1), scales)
 
 
 def fidelity_sums(unified: np.ndarray, mask: np.ndarray, original: np.ndarray, out: np.ndarray) -> None:

@@ -45,7 +45,7 @@ except ImportError as error:
     raise ImportError(f"{__name__} needs torch and triton ({error}): pip install 'condu[triton]'") from error
 
 from .. import reference_torch
-from ..dtypes import BF16, F16, F32, F64, float_dtype
+from ..dtypes import BF16, F16, F32, F64, Q4, Q8, QUANT_BLOCK, unified_form
 from ..errors import InputError
 from ..reference import OWN_ROW, ChunkResult, Originals
 
@@ -55,8 +55,11 @@ DEFAULT_BLOCK = 1024  # elements per program: 8 per thread at 4 warps, 32 KiB of
 BIT_TASKS = 32  # tasks whose signs fit the int32 bit registers; later tasks are read twice
 _BIT_TASKS = tl.constexpr(BIT_TASKS)  # the same, visible inside @triton.jit functions
 
-# How the unified delta is rounded to the store's dtype (0: float32 and float64 keep float32 values).
-_ROUNDING = {F32: 0, F64: 0, F16: 1, BF16: 2}
+# How the unified delta is rounded to the store's form (0: float32 and float64 keep float32 values;
+# 3, 4: int8 and int4 blocks of QBLOCK elements, whose scales are written out too).
+_ROUNDING = {F32: 0, F64: 0, F16: 1, BF16: 2, Q8: 3, Q4: 4}
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds half to even (|x| < 2**22)
+_SMALLEST_SCALE = tl.constexpr(2.0**-126)  # the smallest normal float32: smaller scales store the block as zeros
 
 
 @triton.jit
@@ -69,6 +72,32 @@ def _round_to_stored(x, ROUNDING: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
     return x
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _quantize(x, scales_ptr, pid, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+    """x (B, 8) block-quantized and dequantized (fusion.reference.quantize_blocks), its BLOCK // QBLOCK
+    block scales stored: scale = max |x| / qmax (0 below the smallest normal float32), code =
+    rint(x / scale) clamped to +-qmax, x = code * scale. Divisions round to nearest (div_rn: a plain
+    `/` is approximate on the GPU), rint is an exact add and subtract of 1.5 * 2**23."""
+    qmax = 127.0 if ROUNDING == 3 else 7.0
+    groups = tl.reshape(tl.abs(x), (BLOCK // QBLOCK, QBLOCK))  # element order kept: rows of 8 are consecutive
+    amax = tl.reduce(groups, 1, _max_combine)  # (G,) out-of-range elements are zeros
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, qmax, tl.float32))
+    scale = tl.where(scale >= _SMALLEST_SCALE, scale, 0.0)  # (G,)
+    group_idx = pid * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
+    tl.store(scales_ptr + group_idx, scale, mask=group_idx < (n + QBLOCK - 1) // QBLOCK)
+    spread = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK // QBLOCK, QBLOCK)), x.shape)  # (B, 8)
+    on = spread > 0
+    code = tl.math.div_rn(x, tl.where(on, spread, 1.0))
+    code = (code + _MAGIC) - _MAGIC
+    code = tl.minimum(tl.maximum(code, -qmax), qmax)
+    return tl.where(on, code * spread, 0.0)
 
 
 @triton.jit
@@ -98,8 +127,9 @@ def _pack_and_sum(t: tl.constexpr, mask, abs_unified, lanes, byte_idx, byte_in_r
 
 @triton.jit
 def _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
-                 out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
-                 T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+                 out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, scales_ptr, n, n_bytes,
+                 T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+                 QBLOCK: tl.constexpr):
     """Elect over rows 0..T-1 (T_OLD rebuilt stored tasks, then new deltas) for one block."""
     pid = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, 8)  # (8,)
@@ -134,7 +164,10 @@ def _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
     # Phase 2: the elected sign (an exact zero sum elects -1) picks magnitude and mask bits.
     positive = total > 0
     unified = tl.where(positive, 1.0, -1.0) * tl.where(positive, largest_pos, largest_neg)
-    unified = _round_to_stored(unified, ROUNDING)
+    if ROUNDING >= 3:
+        unified = _quantize(unified, scales_ptr, pid, n, ROUNDING, BLOCK, QBLOCK)
+    else:
+        unified = _round_to_stored(unified, ROUNDING)
     tl.store(out_unified_ptr + offs, unified, mask=in_range)
     agree_bits = tl.where(positive, pos_bits, neg_bits)
 
@@ -152,20 +185,21 @@ def _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
 
 
 @triton.jit
-def _elect_kernel(deltas_ptr, out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
-                  T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+def _elect_kernel(deltas_ptr, out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, scales_ptr, n, n_bytes,
+                  T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
     """elect + mask + bit-pack + L1 partial sums over deltas (T, n)."""
     _unify_block(deltas_ptr, deltas_ptr, deltas_ptr, deltas_ptr, out_unified_ptr, out_masks_ptr,
-                 delta_l1_ptr, masked_l1_ptr, n, n_bytes, 0, T, ROUNDING, BLOCK)
+                 delta_l1_ptr, masked_l1_ptr, scales_ptr, n, n_bytes, 0, T, ROUNDING, BLOCK, QBLOCK)
 
 
 @triton.jit
 def _continual_kernel(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr,
-                      out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, n, n_bytes,
-                      T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+                      out_unified_ptr, out_masks_ptr, delta_l1_ptr, masked_l1_ptr, scales_ptr, n, n_bytes,
+                      T_OLD: tl.constexpr, T: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+                      QBLOCK: tl.constexpr):
     """Unpack + rebuild the T_OLD stored tasks, append T - T_OLD new deltas, elect, pack, L1."""
     _unify_block(unified_ptr, old_masks_ptr, rescalers_ptr, new_ptr, out_unified_ptr, out_masks_ptr,
-                 delta_l1_ptr, masked_l1_ptr, n, n_bytes, T_OLD, T, ROUNDING, BLOCK)
+                 delta_l1_ptr, masked_l1_ptr, scales_ptr, n, n_bytes, T_OLD, T, ROUNDING, BLOCK, QBLOCK)
 
 
 def is_interpreted() -> bool:
@@ -191,9 +225,9 @@ def _on(device: torch.device):
 
 
 def _rounding_of(unified_dtype) -> int:
-    """The rounding mode of a stored dtype (a DType, its name, or a torch dtype)."""
+    """The rounding mode of a stored form (a DType or BlockQuant, its name, or a torch dtype)."""
     try:
-        return _ROUNDING[float_dtype(unified_dtype)]
+        return _ROUNDING[unified_form(unified_dtype)]
     except ValueError as error:
         raise InputError(f"fusion/kernels/triton_kernels.py: unified_dtype {unified_dtype}: {error}") from None
 
@@ -254,7 +288,7 @@ class TritonKernel:
         _check_deltas(deltas)
         rounding, device = _rounding_of(unified_dtype), _compute_device(deltas)
         rows = _minus_base(deltas.to(device), base)  # (T, n)
-        out = _Outputs.allocate(*rows.shape, self.block, device)
+        out = _Outputs.allocate(*rows.shape, self._block_for(rounding), device, quantized=rounding >= 3)
         self._launch(_elect_kernel, out, rows, T=rows.shape[0], ROUNDING=rounding)
         return _with_fidelity(out.result(deltas.device), rows, None, originals, base)
 
@@ -273,7 +307,7 @@ class TritonKernel:
         rows = _minus_base(rows.to(device), base)  # (T_new, n)
         inputs = [x.to(device).contiguous() for x in (unified, packed_masks)] + [rescalers32, rows]
         t_old = packed_masks.shape[0]
-        out = _Outputs.allocate(t_old + rows.shape[0], n, self.block, device)
+        out = _Outputs.allocate(t_old + rows.shape[0], n, self._block_for(rounding), device, quantized=rounding >= 3)
         self._launch(_continual_kernel, out, *inputs, T_OLD=t_old, T=t_old + rows.shape[0], ROUNDING=rounding)
         return _with_fidelity(out.result(unified.device), rows, inputs[:3], originals, base)
 
@@ -286,13 +320,21 @@ class TritonKernel:
         """(5,) float64 sums A, E, D, Z, C of one chunk, on the inputs' device (torch operations)."""
         return reference_torch.fidelity_sums(unified, packed, original)
 
+    def _block_for(self, rounding: int) -> int:
+        """The block of a launch; a quantized u needs whole quantization blocks in each program."""
+        if rounding >= 3 and self.block % QUANT_BLOCK:
+            raise InputError(f"fusion/kernels/triton_kernels.py: block {self.block} cuts the quantization blocks "
+                             f"of {QUANT_BLOCK} elements; use a block of at least {QUANT_BLOCK}")
+        return self.block
+
     def _launch(self, kernel, out: "_Outputs", *inputs: torch.Tensor, **constants: int) -> None:
         if out.programs == 0:  # an empty chunk: nothing to launch
             return
         with _on(out.unified.device):
             # enable_fp_fusion=False: the rebuilt product is rounded before it joins the election sum.
-            kernel[(out.programs,)](*inputs, out.unified, out.masks, out.delta_l1, out.masked_l1, out.n, out.n_bytes,
-                                    BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False, **constants)
+            kernel[(out.programs,)](*inputs, out.unified, out.masks, out.delta_l1, out.masked_l1, out.scales, out.n,
+                                    out.n_bytes, BLOCK=self.block, QBLOCK=QUANT_BLOCK, num_warps=self.num_warps,
+                                    enable_fp_fusion=False, **constants)
 
     def __repr__(self) -> str:
         return f"TritonKernel(block={self.block}, num_warps={self.num_warps})"
@@ -340,22 +382,27 @@ def _with_fidelity(result: ChunkResult, rows: torch.Tensor, stored: list | None,
 
 
 class _Outputs:
-    """Output buffers of one launch: unified (n,), packed masks (T, n/8), per-program float32 L1 partials (P, T)."""
+    """Output buffers of one launch: unified (n,), packed masks (T, n/8), per-program float32 L1 partials
+    (P, T), and the block scales of a quantized u (ceil(n / QUANT_BLOCK),)."""
 
-    def __init__(self, unified, masks, delta_l1, masked_l1):
+    def __init__(self, unified, masks, delta_l1, masked_l1, scales, quantized: bool):
         self.unified, self.masks, self.delta_l1, self.masked_l1 = unified, masks, delta_l1, masked_l1
+        self.scales, self.quantized = scales, quantized
         self.n, self.n_bytes, self.programs = unified.numel(), masks.shape[1], delta_l1.shape[0]
 
     @classmethod
-    def allocate(cls, t: int, n: int, block: int, device: torch.device) -> "_Outputs":
+    def allocate(cls, t: int, n: int, block: int, device: torch.device, *, quantized: bool = False) -> "_Outputs":
         partial = torch.empty((-(-n // block), t), dtype=torch.float32, device=device)  # (P, T)
         masks = torch.empty((t, -(-n // 8)), dtype=torch.uint8, device=device)  # (T, n/8)
-        return cls(torch.empty(n, dtype=torch.float32, device=device), masks, partial, torch.empty_like(partial))
+        scales = torch.empty(-(-n // QUANT_BLOCK) if quantized else 1, dtype=torch.float32, device=device)
+        return cls(torch.empty(n, dtype=torch.float32, device=device), masks, partial, torch.empty_like(partial),
+                   scales, quantized)
 
     def result(self, home: torch.device) -> ChunkResult:
         """Sum the partials in float64 and bring everything back to the inputs' device."""
         return ChunkResult(self.unified.to(home), self.masks.to(home),
-                           self.delta_l1.double().sum(dim=0).to(home), self.masked_l1.double().sum(dim=0).to(home))
+                           self.delta_l1.double().sum(dim=0).to(home), self.masked_l1.double().sum(dim=0).to(home),
+                           scales=self.scales.to(home) if self.quantized else None)
 
 
 KERNEL = TritonKernel()

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..dtypes import DTYPES, DType, F32, from_float32, to_float32
 from ..device import DeviceStage
-from ..engine import chunk_ranges
+from ..engine import TensorSpec, check_aligned, chunk_ranges
 from ..errors import InputError
 from ..kernels.host import rebuild_as, rebuild_into
 from ..pipeline import RESULTS_IN_FLIGHT, run_stages
@@ -85,6 +85,7 @@ class TaskStream:
         self.snapshot, self.base, self.task, self.dtype, self.rebuild, self.chunk, self.stage = (
             snapshot, base, task, dtype, rebuild, chunk, stage)
         self.fused = {t.name: t for t in snapshot.fused}
+        check_aligned([TensorSpec(t.name, t.numel, t.unified_dtype) for t in snapshot.fused], chunk)
         self.private = snapshot.private(task)
         own = self.private.entries if self.private else {}
         # Output order: the base's tensors (a private one replaces its namesake), then new ones.
@@ -139,7 +140,10 @@ class TaskStream:
             return (source.view_flat(name, lo, hi),)
         # Checked views outlive the next read of their file: enough for a reader one chunk ahead.
         base = _as_float32(self.base.view_flat(name, lo, hi), self.base.info(name).dtype, buffers, n)  # (n,)
-        unified = _as_float32(self.snapshot.unified(name, lo, hi), self.fused[name].unified_dtype, buffers, n)
+        if self.fused[name].unified_dtype is F32:
+            unified = self.snapshot.unified(name, lo, hi)  # (n,) the checked view
+        else:  # widened, or dequantized (code * scale), into a buffer of the slot
+            unified = self.snapshot.unified_float32(name, lo, hi, out=buffers.next(4 * n).view(np.float32))
         return base, unified, self.snapshot.packed(self.task, name, lo, hi)
 
     def _read_for(self, piece: _Piece, slot: int) -> tuple:

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..dtypes import DType, FLOAT_NAMES, parse_dtype
+from ..dtypes import DType, FLOAT_NAMES, parse_dtype, unified_form
 from ..engine import DEFAULT_CHUNK
 from ..errors import InputError
 from ..fuse import FusedDeltas
@@ -241,7 +241,10 @@ class Store:
         fusion.store.memory). `base=None` takes the base the checkpoints record, when they all
         record the same one and it resolves (the store's `inferred_base` says which record). Two
         checkpoints of the same content are refused unless `names` is given. A delta out of all
-        proportion to the base is refused unless `allow_degrade` (fusion.store.guard)."""
+        proportion to the base is refused unless `allow_degrade` (fusion.store.guard). `dtype` is how
+        the unified delta is stored: float32, float16 or bfloat16 (default: the base's), or the compact
+        int8 / int4 (blocks of 64 elements, each with a float32 scale: 8.5 or 4.5 bits an element,
+        rounded inside every pass as 16-bit dtypes are; fusion.reference.quantize_blocks)."""
         store_dir = Path(path)
         check_unify_args(store_dir, checkpoints, names, rescaler, missing, dtype)
         refuse_memory_base(base, checkpoints)
@@ -255,7 +258,7 @@ class Store:
             store_dir.mkdir(parents=True, exist_ok=True)
             try:
                 with change(store_dir, lambda: no_store_yet(store_dir)) as tx:
-                    create(tx, base_input, inputs, names, rescaler, parse_dtype(dtype) if dtype else None, missing,
+                    create(tx, base_input, inputs, names, rescaler, unified_form(dtype) if dtype else None, missing,
                            runner, chunk, progress, max_shard_size, allow_degrade=allow_degrade)
             except BaseException:
                 remove_new_store(store_dir, created, had_lock)

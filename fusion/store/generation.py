@@ -15,7 +15,7 @@ import numpy as np
 
 from ..constants import KERNELS, RESCALER_MODES
 from ..device import DeviceStage, resolve_device
-from ..dtypes import DType, FLOAT_NAMES, parse_dtype
+from ..dtypes import QUANT_BLOCK, UNIFIED_NAMES, BlockQuant, DType, unified_form
 from ..engine import DEFAULT_CHUNK, chunk_ranges
 from ..errors import InputError
 from ..io import Checkpoint, open_checkpoint
@@ -40,9 +40,15 @@ __all__ = ["PASS_ELEMENTS", "Runner", "create", "next_generation", "replaced", "
 PASS_ELEMENTS = 4 * DEFAULT_CHUNK
 
 
-def chunk_for(num_tasks: int) -> int:
-    """Elements per chunk and task: PASS_ELEMENTS shared by the tasks, a multiple of 8, >= 64Ki."""
-    return max(1 << 16, PASS_ELEMENTS // max(num_tasks, 1) // 8 * 8)
+def chunk_for(num_tasks: int, align: int = 8) -> int:
+    """Elements per chunk and task: PASS_ELEMENTS shared by the tasks, a multiple of `align` (8: whole
+    mask bytes; a block-quantized store's block), >= 64Ki."""
+    return max(1 << 16, PASS_ELEMENTS // max(num_tasks, 1) // align * align)
+
+
+def chunk_align(fused: list[FusedTensor]) -> int:
+    """What a pass's chunks must be a multiple of: whole mask bytes, and whole quantization blocks."""
+    return max([8, *(t.unified_dtype.block for t in fused if t.quantized)])
 
 
 class _DeferredKernel:
@@ -121,8 +127,8 @@ def check_unify_args(store_dir: Path, checkpoints, names, rescaler: str, missing
     if rescaler not in RESCALER_MODES:
         raise InputError(f"unknown rescaler mode {rescaler!r}; use one of {', '.join(RESCALER_MODES)}")
     check_missing(missing)
-    if dtype is not None and parse_dtype(dtype).name not in FLOAT_NAMES:
-        raise InputError(f"dtype {dtype!r}: the unified delta is stored in one of {', '.join(FLOAT_NAMES)}")
+    if dtype is not None and unified_form(dtype).name not in UNIFIED_NAMES:
+        raise InputError(f"dtype {dtype!r}: the unified delta is stored in one of {', '.join(UNIFIED_NAMES)}")
     if store_dir.exists() and not store_dir.is_dir():
         raise InputError(f"{store_dir}: exists and is not a folder; choose another --store")
     no_store_yet(store_dir)
@@ -139,7 +145,7 @@ def refuse_related(path: Path, store_dir: Path, what: str, other: str) -> None:
         raise InputError(f"{path}: {what} and {other} ({store_dir}) overlap; keep the store in a folder of its own")
 
 
-def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | None,
+def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode: str, dtype: DType | BlockQuant | None,
             missing: str, runner: Runner, chunk: int | None, progress: bool, max_shard_size: int, *,
             allow_degrade: bool = False) -> None:
     """Plan and check everything, then run the first generation's pass and commit it."""
@@ -164,7 +170,8 @@ def create(tx: Transaction, base_input: Input, inputs: list[Input], names, mode:
         empty = Manifest(format="condu-store", version=2, generation=-1, hash="xxh3-64", base=base_ref, space=space,
                          rescaler=mode, missing=missing, max_shard_size=max_shard_size,
                          tensors=[t.entry() for t in fused], next_number=1, tasks=[],
-                         unified=UnifiedEntry(files=[], weight_map={}), files={})
+                         unified=UnifiedEntry(files=[], weight_map={}), files={},
+                         quant_block=QUANT_BLOCK if any(t.quantized for t in fused) else None)
         next_generation(tx, base, fused, [], new, runner, chunk, progress, first=empty, keep_copies=names is not None,
                         operation="unify", allow_degrade=allow_degrade)
 
@@ -179,7 +186,7 @@ def next_generation(tx: Transaction, base: Checkpoint, fused: list[FusedTensor],
     then records. `operation` (unify, add, remove; `removed`: the task remove drops) names the change."""
     manifest = first or tx.current
     num_tasks = len(keep) + len(new)
-    chunk = chunk or chunk_for(num_tasks)
+    chunk = chunk or chunk_for(num_tasks, chunk_align(fused))
     with contextlib.ExitStack() as stack:
         old = None
         if keep:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, unified_form
 from ..io import SafetensorsFile
 from ..io.integrity import digest_file
 import msgspec
@@ -75,7 +75,9 @@ def _check_tensors(store_dir: Path, manifest: Manifest, rel: str, expected: dict
 
 
 def _expected_unified(manifest: Manifest, rel: str) -> dict[str, tuple]:
-    return {t.name: (t.unified_dtype, tuple(t.shape)) for t in manifest.tensors if manifest.unified.weight_map[t.name] == rel}
+    layouts = {t.name: FusedTensor.of(t).unified_layout for t in manifest.tensors}  # (dtype, shape) in the file
+    return {t.name: (layouts[t.name][0].code, tuple(layouts[t.name][1])) for t in manifest.tensors
+            if manifest.unified.weight_map[t.name] == rel}
 
 
 def _task_problems(store_dir: Path, manifest: Manifest, task: TaskEntry, damaged: dict[str, str]) -> list[str]:
@@ -170,7 +172,8 @@ def info(store_dir: Path, manifest: Manifest, records: list) -> dict:
         "rescaler": manifest.rescaler, "missing": manifest.missing,
         "tensors": len(manifest.tensors),
         "fused_parameters": sum(FusedTensor.of(t).numel for t in manifest.tensors),
-        "unified_dtypes": sorted({DTYPES[t.unified_dtype].name for t in manifest.tensors}),
+        "unified_dtypes": sorted({unified_form(t.unified_dtype).name for t in manifest.tensors}),
+        "quant_block": manifest.quant_block,
         "tasks": [{**r.as_dict(), "degraded_by_choice": chosen.get(r.number, [])} for r in records],
         "history": msgspec.to_builtins(manifest.history),
         "sizes": sizes,

@@ -24,7 +24,7 @@ import msgspec
 import xxhash
 
 from ..constants import MISSING_MODES, RESCALER_MODES
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, QUANT_BLOCK, QUANT_FORMS
 from ..errors import InputError, ManifestError
 from ..io.bounded_json import JsonLimits, loads
 from ..io.integrity import DIGEST_HEX, FileDigests
@@ -76,7 +76,8 @@ class BaseRef(msgspec.Struct, **_STRICT):
 
 
 class TensorEntry(msgspec.Struct, **_STRICT):
-    """A fused tensor: the base's dtype and the dtype its unified delta is stored in (safetensors codes)."""
+    """A fused tensor: the base's dtype and the dtype its unified delta is stored in (safetensors codes;
+    Q8 and Q4 for int8 and int4 blocks, fusion.dtypes.BlockQuant)."""
 
     name: str
     shape: list[int]
@@ -165,6 +166,9 @@ class Manifest(msgspec.Struct, **_STRICT):
     unified: UnifiedEntry
     files: dict[str, Digests]
     history: list[HistoryEvent] = []  # changes let through with --allow-degrade (older stores: none)
+    # Elements per block of the block-quantized unified deltas (tensors stored as Q8 or Q4, each block
+    # with its float32 scale); None where every unified delta is a float dtype (older stores: none).
+    quant_block: int | None = None
     checksum: str = ""
 
     def task_by_number(self, number: int) -> TaskEntry | None:
@@ -286,7 +290,12 @@ def _check_tensors(m: Manifest, where: str) -> None:
     for t in m.tensors:
         _require(all(s >= 0 for s in t.shape), where, f"tensor {t.name!r} has a negative dimension")
         _require(t.dtype in DTYPES and DTYPES[t.dtype].is_float, where, f"tensor {t.name!r}: dtype {t.dtype!r}")
-        _require(t.unified_dtype in ("F32", "F16", "BF16"), where, f"tensor {t.name!r}: unified dtype {t.unified_dtype!r}")
+        _require(t.unified_dtype in ("F32", "F16", "BF16", *QUANT_FORMS), where,
+                 f"tensor {t.name!r}: unified dtype {t.unified_dtype!r}")
+    quantized = any(t.unified_dtype in QUANT_FORMS for t in m.tensors)
+    _require(m.quant_block == (QUANT_BLOCK if quantized else None), where,
+             f"quant_block {m.quant_block!r}: " + (f"this condu reads blocks of {QUANT_BLOCK} elements" if quantized
+                                                   else "set, but no unified delta is block-quantized"))
     _require(set(m.unified.weight_map) == set(names), where, "the unified delta's weight map does not match the tensors")
     _require(set(m.unified.weight_map.values()) <= set(m.unified.files), where, "the weight map names an unlisted file")
     _require(all(layout.owned_kind(f) == "unified" for f in m.unified.files), where, "a unified file has a bad name")

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..arrays import is_torch, to_host
-from ..dtypes import DTYPES, DType, F32, dtype_of, from_float32, to_float32
+from ..dtypes import DTYPES, DType, F32, dtype_of, from_float32
 from ..errors import ConduError, InputError
 from ..fuse import FusedDeltas, private_names
 from ..io import Checkpoint, SafetensorsWriter, as_array
@@ -202,7 +202,7 @@ def write_fused(tx: Transaction, base_input: Input, state: FusedDeltas, names: l
     g, column = tx.generation, {name: k for k, name in enumerate(state.shapes)}
     meta = {"format": "condu-store", "generation": str(g)}
     unified = {t.name: np.ascontiguousarray(to_host(state.unified[t.name]), dtype=np.float32) for t in fused}
-    writer = tx.unified_writer([(t.name, t.unified_dtype, t.shape) for t in fused], max_shard_size=max_shard_size,
+    writer = tx.unified_writer([(t.name, *t.unified_layout) for t in fused], max_shard_size=max_shard_size,
                                metadata=meta)
     for t in fused:  # values already rounded to the unified dtype: storing them is exact
         writer.write(t.name, from_float32(unified[t.name], t.unified_dtype))
@@ -253,7 +253,8 @@ def read_fused(store_dir: Path) -> FusedDeltas:
 
     with reading(store_dir, select) as snapshot:
         m, fused = snapshot.manifest, snapshot.fused
-        unified = {t.name: to_float32(snapshot.unified(t.name, 0, t.numel), t.unified_dtype) for t in fused}  # copies
+        unified = {t.name: np.array(snapshot.unified_float32(t.name, 0, t.numel, out=np.empty(t.numel, np.float32)))
+                   for t in fused}  # copies; a block-quantized u as its float32 values (code * scale)
         masks = {t.name: np.stack([np.array(snapshot.packed(task, t.name, 0, t.numel)) for task in m.tasks])
                  for t in fused}  # (T, n/8)
         rescalers = np.array([[task.rescaler_of(t.name) for t in fused] for task in m.tasks], dtype=np.float64)
@@ -262,5 +263,6 @@ def read_fused(store_dir: Path) -> FusedDeltas:
             f = snapshot.private(task)
             private[i] = {} if f is None else {n: as_array(f.read(n), f.info(n).dtype) for n in task.private_tensors}
     return FusedDeltas({t.name: t.shape for t in fused}, unified, masks, rescalers.reshape(len(m.tasks), len(fused)),
-                       None, None, rescaler=m.rescaler, dtypes={t.name: t.unified_dtype for t in fused},
+                       None, None, rescaler=m.rescaler,
+                       dtypes={t.name: F32 if t.quantized else t.unified_dtype for t in fused},
                        private=private)

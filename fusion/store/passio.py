@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DTYPES, F32, from_float32, to_float32
+from ..dtypes import DTYPES, F32, BlockQuant, encode_blocks, from_float32, to_float32
 from ..device import DeviceStage
 from ..engine import ChunkInputs, StoredChunk, TensorSpec, fuse_pass
-from ..errors import InputError
+from ..errors import InputError, InvariantError
 from ..fidelity import NUM_SUMS, finish as finish_fidelity
 from ..io import Checkpoint
 from ..reference import NOT_MEASURED, OWN_ROW, ChunkResult, Originals
@@ -97,7 +97,7 @@ class _Sink:
     def __init__(self, plan: PassPlan, tx: Transaction, numbers: list[int]):
         self.fused = {t.name: t for t in plan.fused}
         meta = {"format": "condu-store", "generation": str(tx.generation)}
-        self.unified = tx.unified_writer([(t.name, t.unified_dtype, t.shape) for t in plan.fused],
+        self.unified = tx.unified_writer([(t.name, *t.unified_layout) for t in plan.fused],
                                          max_shard_size=plan.max_shard_size, metadata=meta)
         self.trigger_names = [layout.trigger_name(n, tx.generation) for n in numbers]
         masks = [(t.name, _U8, (t.mask_bytes,)) for t in plan.fused]
@@ -105,7 +105,11 @@ class _Sink:
         self.tx = tx
 
     def write(self, name: str, result: ChunkResult) -> None:
-        self.unified.write(name, from_float32(result.unified, self.fused[name].unified_dtype))
+        form = self.fused[name].unified_dtype
+        if isinstance(form, BlockQuant):
+            self.unified.write(name, quantized_records(name, result.unified, result.scales, form))
+        else:
+            self.unified.write(name, from_float32(result.unified, form))
         for writer, packed in zip(self.triggers, result.packed_masks):
             writer.write(name, packed)
 
@@ -115,6 +119,27 @@ class _Sink:
         for rel, writer in zip(self.trigger_names, self.triggers):
             writer.finish()
             self.tx.finished(rel, writer)
+
+
+def quantized_records(name: str, unified: np.ndarray, scales: np.ndarray | None, form: BlockQuant) -> np.ndarray:
+    """A chunk's records (fusion.dtypes.encode_blocks) from the pass's dequantized u (n,) and block
+    scales: each code is rint(u / scale), and code * scale must give u back bit for bit (checked:
+    these bytes are the only copy)."""
+    u = np.ascontiguousarray(unified, dtype=np.float32)  # (n,)
+    n = u.size
+    if scales is None or np.size(scales) != -(-n // form.block):
+        raise InvariantError(f"tensor {name!r}: the pass gave {np.size(scales) if scales is not None else 'no'} "
+                             f"block scales for {n} elements of a {form.name} unified delta")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if not (np.isfinite(u).all() and np.isfinite(scales).all()):
+        raise InputError(f"tensor {name!r}: its unified delta overflows {form.name}; store it in float32 "
+                         "(--dtype float32)")
+    spread = np.repeat(scales, form.block)[:n]  # (n,) each element's scale
+    steps = np.rint(np.divide(u, spread, out=np.zeros(n, np.float32), where=spread > 0))
+    codes = np.clip(steps, -form.qmax, form.qmax).astype(np.int8)
+    if not (np.array_equal(steps, codes) and np.array_equal((codes * spread).view(np.uint32), u.view(np.uint32))):
+        raise InvariantError(f"tensor {name!r}: the pass's {form.name} unified delta is not code * scale")
+    return encode_blocks(codes, scales, form)
 
 
 class _Slot:
@@ -208,9 +233,11 @@ class _Reads:
         old, keep = self.plan.old, self.plan.keep
         if old is None:
             return None
-        unified = old.unified(name, lo, hi)  # checked; float32 as is, else widened into the slot
-        if self.spec[name].unified_dtype is not F32 or self.plan.device is not None:
-            unified = to_float32(unified, self.spec[name].unified_dtype, out=buffers.unified[: hi - lo])
+        out = buffers.unified[: hi - lo]
+        unified = old.unified_float32(name, lo, hi, out=out)  # checked: float32 as is, else widened or dequantized
+        if self.plan.device is not None and unified is not out:  # a device copies up from the slot's pinned buffer
+            np.copyto(out, unified)
+            unified = out
         packed = _Slot.rows(buffers.packed, len(keep), -(-(hi - lo) // 8))  # (T_old, n/8)
         for i, task in enumerate(keep):
             packed[i] = old.packed(task, name, lo, hi)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import MISSING_MODES
-from ..dtypes import DTYPES, DType
+from ..dtypes import DTYPES, QUANT_FORMS, BlockQuant, DType
 from ..errors import InputError
 from ..fuse import private_names
 from ..io import Checkpoint
@@ -32,7 +32,7 @@ class FusedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: DType  # the base's
-    unified_dtype: DType
+    unified_dtype: DType | BlockQuant  # how its unified delta is stored: a float dtype, or int8 / int4 blocks
 
     @property
     def numel(self) -> int:
@@ -45,16 +45,29 @@ class FusedTensor:
     def mask_bytes(self) -> int:
         return -(-self.numel // 8)
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.unified_dtype, BlockQuant)
+
+    @property
+    def unified_layout(self) -> tuple[DType, tuple[int, ...]]:
+        """How the unified file holds it: its dtype and shape, or a block-quantized one's records as
+        uint8 bytes (fusion.dtypes.BlockQuant)."""
+        if isinstance(self.unified_dtype, BlockQuant):
+            return DTYPES["U8"], (self.unified_dtype.nbytes(self.numel),)
+        return self.unified_dtype, self.shape
+
     def entry(self) -> TensorEntry:
         return TensorEntry(name=self.name, shape=list(self.shape), dtype=self.dtype.code,
                            unified_dtype=self.unified_dtype.code)
 
     @classmethod
     def of(cls, entry: TensorEntry) -> "FusedTensor":
-        return cls(entry.name, tuple(entry.shape), DTYPES[entry.dtype], DTYPES[entry.unified_dtype])
+        form = QUANT_FORMS.get(entry.unified_dtype) or DTYPES[entry.unified_dtype]
+        return cls(entry.name, tuple(entry.shape), DTYPES[entry.dtype], form)
 
 
-def plan_tensors(base: Checkpoint, unified_dtype: DType | None) -> list[FusedTensor]:
+def plan_tensors(base: Checkpoint, unified_dtype: DType | BlockQuant | None) -> list[FusedTensor]:
     """Every floating-point base tensor, in the order of its bytes in the base's files."""
     file_order = {id(f): k for k, f in enumerate(base.files.values())}
     names = sorted((n for n in base.keys() if base.info(n).dtype.is_float),

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..dtypes import F32, dequantize_raw, to_float32
 from ..errors import InputError
 from ..io import Checkpoint, IntegrityError, SafetensorsFile
 from ..io.integrity import BlockHasher
@@ -62,9 +63,11 @@ class Snapshot:
     files: dict[str, SafetensorsFile] = field(default_factory=dict)
     raw: dict[str, bytes] = field(default_factory=dict)  # small side files, read whole
     fused: list[FusedTensor] = field(default_factory=list)
+    tensors: dict[str, FusedTensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.fused = [FusedTensor.of(e) for e in self.manifest.tensors]
+        self.tensors = {t.name: t for t in self.fused}
 
     def close(self) -> None:
         for f in self.files.values():
@@ -79,8 +82,20 @@ class Snapshot:
     # -- reads -------------------------------------------------------------------------------
 
     def unified(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Elements [lo, hi) of u, in its storage dtype: a verified view until the next read of its file."""
-        return self.files[self.manifest.unified.weight_map[name]].view_flat(name, lo, hi)
+        """Elements [lo, hi) of u, in its storage dtype (a block-quantized u: the bytes of their records;
+        lo a block boundary): a verified view until the next read of its file."""
+        tensor, where = self.tensors[name], self.files[self.manifest.unified.weight_map[name]]
+        if tensor.quantized:
+            return where.view_flat(name, *tensor.unified_dtype.byte_range(lo, hi, tensor.numel))
+        return where.view_flat(name, lo, hi)
+
+    def unified_float32(self, name: str, lo: int, hi: int, *, out: np.ndarray) -> np.ndarray:
+        """Elements [lo, hi) of u as float32: the reader's verified view where u is stored in float32,
+        else widened or dequantized (code * scale) into `out` (hi - lo,)."""
+        tensor, raw = self.tensors[name], self.unified(name, lo, hi)
+        if tensor.quantized:
+            return dequantize_raw(raw, hi - lo, tensor.unified_dtype, out=out)
+        return raw if tensor.unified_dtype is F32 else to_float32(raw, tensor.unified_dtype, out=out)
 
     def packed(self, task: TaskEntry, name: str, lo: int, hi: int) -> np.ndarray:
         """Mask bytes of `task` covering elements [lo, hi); lo is a multiple of 8."""
