@@ -2,6 +2,7 @@
 
     condu-cl run CONFIG.yaml [--methods a,b] [--out DIR] [--data-root DIR] [--aggregate mean|weighted|gated] [--top-k K]
     condu-cl report DIR
+    condu-cl predict DIR IMAGES... [--task NAME | --labels a,b,c] [--aggregate A] [--top-k K] [--top N] [--json]
     condu-cl prepare mtil --root DOWNLOADS --out DATA [--download]
     condu-cl prepare datasets SOURCE --out DATA/TASK [--image-column image] [--label-column label]
     condu-cl prepare split FOLDER --out OUT [--test 0.2] [--val 0.1] [--seed 0]
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from fusion import RESCALER_MODES
 
 from .config import AGGREGATES, load_config
 from .processes import is_main_process, relaunch_command
@@ -120,6 +123,45 @@ def report(run_dir):
         click.echo(make_report(run_dir), nl=False)
     except ValueError as err:
         _fail(err)
+
+
+@main.command()
+@click.argument("run_dir")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--task", help="a learned task: its own expert scores its own classes")
+@click.option("--labels", help="comma-separated class names of your own (zero-shot), routed over the learned experts")
+@click.option("--aggregate", type=click.Choice(AGGREGATES), help="routed logits (default: the run's)")
+@click.option("--top-k", type=click.IntRange(min=1), help="experts routed to besides theta0 (default: the run's)")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="classes shown per image")
+@click.option("--rescaler", type=click.Choice(RESCALER_MODES),
+              help="which of the run's ConDU stores (default: its first ConDU method's)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list: per image, its top classes and scores")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")
+def predict(run_dir, images, task, labels, aggregate, top_k, top, rescaler, as_json, device):
+    """Classify IMAGES with the continual model in RUN_DIR. With --task, that learned task's expert and
+    classes; with --labels, those labels; with neither, every learned task's classes (each shown with
+    its task). Routed predictions use theta0 plus the top-K experts by prototype similarity, as the
+    run's evaluation does."""
+    import json
+
+    from .console import quiet_library_bars
+    from .predict import ConduCLIP, format_predictions
+
+    quiet_library_bars()
+    try:
+        if task and labels:
+            raise ValueError("give --task (a learned task's classes) or --labels (your own), not both")
+        model = ConduCLIP.from_run(run_dir, device=device, rescaler=rescaler)
+        results = model.predict(list(images), _names(labels), task=task, top_k=top_k, aggregate=aggregate, top=top)
+    except ValueError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(ValueError(f"{err.filename or run_dir}: {err.strerror or err}"))
+    if as_json:
+        click.echo(json.dumps([{"image": name, "predictions": result} for name, result in zip(images, results)],
+                              indent=2))
+    else:
+        click.echo(format_predictions(images, results), nl=False)
 
 
 @main.command()

@@ -38,6 +38,29 @@ class Row:
     gates: list[float | None] | None = None  # gated aggregate: the step's thresholds, as recorded
 
 
+# ---------------------------------------------------------------- what a predictor shares
+
+
+def routing_settings(config: RunConfig, method: MethodConfig) -> tuple[str, int]:
+    """(aggregate, K) of a ConDU method: its own, else the run's evaluation settings."""
+    return method.aggregate or config.evaluation.aggregate, method.top_k or config.evaluation.top_k
+
+
+def expert_weights(store: Store, t: int, finetunes: FullWeights, clip: Clip) -> StateDict:
+    """Task t's (0-based) CLIP weights, from the state the store decouples: rebuilt straight onto
+    the model's device for whole-model fine-tunes, on the host for adapters (merged there)."""
+    device = clip.device if finetunes.rebuilds_on_model_device else "cpu"
+    return finetunes.weights(store.load_task(t + 1, device=device))
+
+
+def calibrated_gates(prototypes: Sequence[torch.Tensor], held_out_features: Callable[[int], torch.Tensor]
+                     ) -> torch.Tensor:
+    """The gated aggregate's (T,) taus for T learned tasks' prototypes, from theta0's features of each
+    learned task's held-out images (`held_out_features(s)`, (N_s, D))."""
+    weights = {s: routing_weights(held_out_features(s), prototypes) for s in range(len(prototypes))}
+    return gating.expert_thresholds(weights, len(prototypes))
+
+
 class Evaluation:
     def __init__(self, config: RunConfig, specs: Sequence[TaskSpec], clip: Clip, runner: ModelRunner,
                  data: TaskData, finetunes: FullWeights, folder: RunFolder, base_state: StateDict):
@@ -47,13 +70,17 @@ class Evaluation:
 
     # -- one model on every task --------------------------------------------------------------
 
+    def task_logits(self, key: Hashable, build: Callable[[], StateDict], j: int) -> torch.Tensor:
+        """(N, C) logits on task j's test images of one model, given by a cache key and a builder of
+        its weights, with task j's own text classifier."""
+        self.runner.activate(key, build)
+        logits, _ = self.runner.logits(self.data.test_set(j)[0], self.specs[j].class_names, self.specs[j].templates,
+                                       desc=f"eval {key[0]} on {self.specs[j].name}")
+        return logits
+
     def accuracy(self, key: Hashable, build: Callable[[], StateDict], j: int) -> float:
         """Accuracy on task j of one model, given by a cache key and a builder of its weights."""
-        self.runner.activate(key, build)
-        dataset, labels = self.data.test_set(j)
-        logits, _ = self.runner.logits(dataset, self.specs[j].class_names, self.specs[j].templates,
-                                       desc=f"eval {key[0]} on {self.specs[j].name}")
-        return accuracy(logits, labels)
+        return accuracy(self.task_logits(key, build, j), self.data.test_set(j)[1])
 
     def model_row(self, key: Hashable, build: Callable[[], StateDict]) -> list[float]:
         return [self.accuracy(key, build, j) for j in range(len(self.specs))]
@@ -82,16 +109,11 @@ class Evaluation:
         return Store.open(self.folder.store(rescaler), kernel=self.config.fusion_kernel)
 
     def load_expert(self, store: Store, t: int) -> StateDict:
-        """Task t's (0-based) CLIP weights, from the state the store decouples: rebuilt straight onto
-        the model's device for whole-model fine-tunes, on the host for adapters (merged there)."""
-        device = next(self.clip.model.parameters()).device if self.finetunes.rebuilds_on_model_device else "cpu"
-        return self.finetunes.weights(store.load_task(t + 1, device=device))
+        return expert_weights(store, t, self.finetunes, self.clip)
 
     def gate_thresholds(self, store: Store, method: MethodConfig, i: int) -> torch.Tensor:
         """The gated aggregate's (i + 1,) taus at step i, from held-out images of tasks 0..i only."""
-        protos = learned_prototypes(store, i)
-        weights = {s: routing_weights(self.data.held_out_features(s), protos) for s in range(i + 1)}
-        return gating.expert_thresholds(weights, i + 1)
+        return calibrated_gates(learned_prototypes(store, i), self.data.held_out_features)
 
     def experts(self, store: Store, method: MethodConfig, i: int, own: dict[int, float] | None) -> ExpertLogits:
         """The routed rule's experts at step i: expert t's logits on chosen rows of task j's test images,
@@ -106,18 +128,25 @@ class Evaluation:
                                           self.specs[j].templates, rows=r)[0] for j, r in rows.items()}
         return logits
 
-    def condu_row(self, method: MethodConfig, i: int) -> Row:
-        """Seen tasks with identity: their decoupled expert; the rest: theta0 + top-K routed experts."""
+    def routed(self, method: MethodConfig, i: int, tasks: Sequence[int], own: dict[int, float] | None = None
+               ) -> tuple[dict[int, tuple[torch.Tensor, Route]], torch.Tensor | None]:
+        """The routed rule at step i on the test images of `tasks`: per task, its (N, C) combined logits
+        and route; and the gated aggregate's thresholds (None for the others). With `own`, each seen
+        task's accuracy with its own expert is taken in the same visit (experts)."""
         store = self.open_store(method.rescaler)
-        evaluation = self.config.evaluation
-        aggregate, top_k = method.aggregate or evaluation.aggregate, method.top_k or evaluation.top_k
+        aggregate, top_k = routing_settings(self.config, method)
         thresholds = self.gate_thresholds(store, method, i) if aggregate == "gated" else None
-        routed = [j for j in range(len(self.specs)) if method.agnostic or j > i]
-        own = None if method.agnostic else {}
-        combined = routed_logits({j: self.data.base_eval(j)[1] for j in routed},
-                                 {j: self.data.base_eval(j)[0] for j in routed}, learned_prototypes(store, i),
+        combined = routed_logits({j: self.data.base_eval(j)[1] for j in tasks},
+                                 {j: self.data.base_eval(j)[0] for j in tasks}, learned_prototypes(store, i),
                                  self.experts(store, method, i, own), top_k=top_k, aggregate=aggregate,
                                  thresholds=thresholds, visit=range(i + 1) if own is not None else ())
+        return combined, thresholds
+
+    def condu_row(self, method: MethodConfig, i: int) -> Row:
+        """Seen tasks with identity: their decoupled expert; the rest: theta0 + top-K routed experts."""
+        own = None if method.agnostic else {}
+        combined, thresholds = self.routed(method, i, [j for j in range(len(self.specs)) if method.agnostic or j > i],
+                                           own)
         acc = {**(own or {}), **{j: accuracy(logits, self.data.base_eval(j)[2]) for j, (logits, _) in combined.items()}}
         return Row([acc[j] for j in range(len(self.specs))],
                    routing=self.routing_hits({j: r for j, (_, r) in combined.items()}, i) if method.agnostic else None,

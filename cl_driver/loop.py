@@ -63,12 +63,13 @@ class ContinualRun:
         device = self.processes.device if config.device in ("auto", "cuda") else resolve_device(config.device)
         with self.processes.main_process_first():  # one download of a hub id, then the cache
             self.clip = clip or load_clip(config.model, device=device)
-        self.specs: list[TaskSpec] = [resolve_task(t) for t in config.tasks]
-        self.folder = RunFolder(Path(out), tuple(s.name for s in self.specs))
+        self.folder = RunFolder(Path(out), tuple(t.name for t in config.tasks))
         self.methods: list[Method] = make_methods(config.methods)
         self.chains = chains_needed(m.chains for m in self.methods)
         self.rescalers = sorted({m.store for m in self.methods if m.store})
         self.state = load_state(self.folder.state, config)  # before anything is written: a refusal changes nothing
+        with self.processes.main_process_first():  # the main process records each task's split; a resumed run reads it
+            self.specs: list[TaskSpec] = [resolve_task(t, record_dir=self.folder.root / "splits") for t in config.tasks]
         self.finetunes = finetunes_for(self.folder.root, state_dict_cpu(self.clip.model), config.training)
         if self.main:
             self.folder.root.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,19 @@ def check_mini_mtil_study(res: dict, results: Path, tmp_path: Path) -> None:
         assert (results / f"{NAME}-{plot}.png").stat().st_size > 0
 
 
+def check_predict(res: dict, results: Path, tmp_path: Path) -> None:
+    assert res["quick"] is True and res["run"]["tasks"] == ["shapes", "colors"] and res["run"]["top_k"] == 1
+    assert set(res["modes"]) == {"task", "agnostic", "labels"}
+    for m in res["modes"].values():
+        (child,) = m["children"]
+        assert child["batch"] == 8 and len(child["warm_s"]) == 3 and m["warm_median_s"] > 0 and m["cold_s"] > 0
+        assert m["self_peak_rss_bytes"] >= m["rss_after_load_bytes"] > m["rss_after_imports_bytes"] > 0
+        assert 1 <= m["experts_built"] <= 2  # two learned tasks; an expert is rebuilt once, then cached
+    assert res["modes"]["task"]["experts_built"] == 1
+    assert res["modes"]["labels"]["children"][0]["kwargs"]["candidate_labels"]  # a task the run did not learn
+    assert "| agnostic | 8 |" in (results / "predict.md").read_text()
+
+
 CHECKS = {name[len("check_"):]: check for name, check in globals().items() if name.startswith("check_")}
 
 
