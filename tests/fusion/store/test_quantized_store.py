@@ -305,3 +305,26 @@ def test_kill_minus_nine_at_every_point_leaves_a_whole_compact_generation(store,
     assert store.verify().ok
     store.add(tmp_path / "task2.safetensors", name="after")  # the next writer clears the leftovers
     assert not [p for p in store.path.rglob("*") if ".tmp-" in p.name] and store.verify().ok
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------------
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs CUDA (the Triton kernel compiled)")
+def test_a_compact_store_made_on_cuda_is_the_one_made_on_the_cpu(tmp_path, form):
+    pytest.importorskip("triton")
+    base_path, paths, _, _ = checkpoints(tmp_path)
+    files = {}
+    for where, opts in (("cuda", dict(device="cuda", chunk=128)), ("cpu", OPTS)):
+        s = Store.unify(tmp_path / where, base_path, paths[:2], dtype=form, **opts)
+        s.add(paths[2])
+        files[where] = {p.relative_to(s.path).as_posix(): p.read_bytes() for p in s.path.rglob("*.safetensors")}
+    assert files["cuda"] == files["cpu"]
