@@ -31,7 +31,10 @@ from fusion import KERNELS, RESCALER_MODES
 SOURCE_KINDS = ("folder", "hf_disk", "builtin")
 TRAIN_PARTS = ("whole", "image", "text", "lora")
 AGGREGATES = ("mean", "weighted", "gated")  # gated: cl_driver/gating.py
-METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu")
+METHOD_KINDS = ("zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu", "continual_ties",
+                "opcm", "zscl")
+TIES_MERGES = ("sum", "mean")
+REFERENCE_KINDS = ("mini", "folder")
 NAME_RULE = "use letters, digits, '_', '.', '-'"
 
 
@@ -228,6 +231,74 @@ def default_method_name(data: dict) -> str:
     return f"{name}-agnostic" if data.get("agnostic") else name
 
 
+class TiesSettings(_Section):
+    """`kind: continual_ties` (FusionBench's continual TIES): after each task, the running merged task
+    vector and the new one are TIES-merged as two rows and added, times `scale`, to the running one
+    (cl_driver/baselines.py)."""
+
+    keep: Float = Field(0.2, gt=0, le=1, description="share of each row's entries kept by magnitude, over the "
+                                                     "whole model (TIES' k = 20%)")
+    scale: Float = Field(0.3, description="lambda, the scale of each step's merged vector (FusionBench's OPCM "
+                                          "experiments: 0.3)")
+    merge: Literal[TIES_MERGES] = Field("sum", description="how the entries that agree with the elected sign "
+                                                           "combine: `sum` (FusionBench's default) or `mean` (the "
+                                                           "TIES paper's disjoint mean)")
+
+
+class OpcmSettings(_Section):
+    """`kind: opcm` (Tang et al., 2025; FusionBench's OPCM): each new task vector's linear weights are
+    projected off the leading singular directions of the running merged weight, and the running
+    sum is rescaled to the mean task vector norm (cl_driver/baselines.py)."""
+
+    alpha: Float = Field(0.5, ge=0, le=1, description="the share of a merged weight's singular-value sum whose "
+                                                      "leading directions a new task may not touch "
+                                                      "(FusionBench's default)")
+
+
+class ZsclReference(_Section):
+    """ZSCL's reference set: images and texts the model is distilled on toward theta0. `mini`: pairs
+    drawn from the mini CLIP's pre-training distribution; `folder`: the images under `path` (any
+    sub-folders; ZSCL uses ImageNet) with the captions of `captions` (ZSCL: the Conceptual Captions
+    validation captions), or else the template filled with the names of the images' top folders."""
+
+    kind: Literal[REFERENCE_KINDS] = Field("mini", description="`mini` (generated) or `folder`")
+    path: str | None = Field(None, description="folder: the reference images, in any sub-folders (relative: to "
+                                               "data_root)")
+    captions: str | None = Field(None, description="folder: a text file of one caption a line, or a tab-separated "
+                                                   ".tsv/.csv with a `title` column (ZSCL's gather_cc.py output); "
+                                                   "null: class names from the top folders")
+    template: str = Field("a photo of a {}.", description="folder without captions: the text of a class name")
+    images: Int | None = Field(None, ge=1, description="how many reference images (a seeded subset); null: mini "
+                                                       "1024, folder all")
+    texts: Int | None = Field(None, ge=1, description="how many reference texts (a seeded subset); null: all")
+    seed: Int = Field(0, description="seeds the draw of a mini set and the subsets")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind == "folder" and not self.path:
+            raise ValueError("a folder reference set needs `path`, the folder of reference images")
+        if self.kind == "mini" and (self.path or self.captions):
+            raise ValueError("a mini reference set is generated; `path` and `captions` are for kind: folder")
+        if self.template.count("{}") != 1:
+            raise ValueError("the template needs exactly one '{}' for the class name")
+        return self
+
+
+class ZsclSettings(_Section):
+    """`kind: zscl` (Zheng et al., ICCV 2023), trained as its official MTIL code trains (cl_driver/zscl.py):
+    each task from the previous ZSCL model, with distillation toward theta0 on a reference set, an L2
+    pull to the task's start and weight ensembling. The defaults are its scripts/ZSCL.sh."""
+
+    reference: ZsclReference = Field(ZsclReference(), description="the [reference set](#methods-zscl-reference)")
+    weight: Float = Field(1.0, ge=0, description="weight of the distillation loss (each direction); 0: none")
+    text_loss: bool = Field(True, description="also distil text->image (the logits transposed), ZSCL's --text_loss")
+    temperature: Float = Field(2.0, gt=0, description="T of the distillation")
+    l2: Float = Field(1.0, ge=0, description="weight of sum (theta - theta_start)^2; 0: none")
+    ensemble_interval: Int | None = Field(100, ge=1, description="weight ensembling: iterations between members "
+                                                                 "(ZSCL's avg_freq); null: none")
+    batch_size: Int | None = Field(None, ge=1, description="reference images a step; null: training.batch_size")
+
+
 class MethodConfig(_Section):
     """A method: its kind alone (`zero_shot`), or a mapping with `kind` and options. All run through
     the same loop and training; `condu-cl run --methods a,b` selects by name."""
@@ -236,7 +307,8 @@ class MethodConfig(_Section):
                        json_schema_extra={"x-default": "the kind; ConDU: `condu-<rescaler>[-agnostic]`"})
     kind: Literal[METHOD_KINDS] = Field(description=(
         "zero_shot (theta0), sequential (each task starts from the previous model), task_arithmetic, magmax, "
-        "individual (one fine-tune per task with task identity: the upper bound), condu"))
+        "individual (one fine-tune per task with task identity: the upper bound), condu, continual_ties, opcm, "
+        "zscl (at most one a run)"))
     alpha: Float = Field(0.3, description="task_arithmetic: the scale of the summed task vectors")
     scale: Float = Field(1.0, description="magmax: the scale of the merged task vector")
     rescaler: Literal[RESCALER_MODES] = Field("model", description="condu: how the unified delta is rescaled "
@@ -244,6 +316,10 @@ class MethodConfig(_Section):
     agnostic: bool = Field(False, description="condu: route every task, seen or not (no task identity)")
     top_k: Int | None = Field(None, ge=1, description="condu: this method's evaluation.top_k")
     aggregate: Literal[AGGREGATES] | None = Field(None, description="condu: this method's evaluation.aggregate")
+    ties: TiesSettings | None = Field(None, description="continual_ties: [its settings](#methods-ties); null: "
+                                                        "their defaults")
+    opcm: OpcmSettings | None = Field(None, description="opcm: [its settings](#methods-opcm); null: their defaults")
+    zscl: ZsclSettings | None = Field(None, description="zscl: [its settings](#methods-zscl); null: their defaults")
 
     @model_validator(mode="before")
     @classmethod
@@ -252,6 +328,20 @@ class MethodConfig(_Section):
         if isinstance(data, dict) and "name" not in data:
             data = {**data, "name": default_method_name(data)}
         return data
+
+    @model_validator(mode="after")
+    def _own_settings(self):
+        for section in METHOD_SECTIONS.values():
+            if getattr(self, section) is not None and METHOD_SECTIONS.get(self.kind) != section:
+                raise ValueError(f"`{section}` is for kind {_kind_of(section)}, not {self.kind}; remove it")
+        return self
+
+
+METHOD_SECTIONS = {"continual_ties": "ties", "opcm": "opcm", "zscl": "zscl"}  # kind -> its settings' key
+
+
+def _kind_of(section: str) -> str:
+    return next(kind for kind, key in METHOD_SECTIONS.items() if key == section)
 
 
 class RunConfig(_Section):
@@ -473,7 +563,31 @@ def parse_config(data: Any, *, where: str = "<config>", base_dir: str | os.PathL
     root = Path(_expand(data_root)) if data_root else base_dir / _expand(raw.data_root or ".")
     tasks = tuple(t.model_copy(update={"source": type(t.source).model_validate(
         _resolve_source_paths(t.source_dict, root))}) for t in config.tasks)
-    return config.model_copy(update={"tasks": tasks, "model": _resolve_model(config.model, base_dir)})
+    _check_zscl(where, config)
+    methods = tuple(_resolve_reference_paths(m, root) for m in config.methods)
+    return config.model_copy(update={"tasks": tasks, "methods": methods, "model": _resolve_model(config.model, base_dir)})
+
+
+def _resolve_reference_paths(method: MethodConfig, data_root: Path) -> MethodConfig:
+    """A ZSCL folder reference set's paths start at data_root, as task sources' do."""
+    reference = method.zscl.reference if method.zscl else None
+    if reference is None or reference.kind != "folder":
+        return method
+    paths = {k: str((data_root / _expand(getattr(reference, k))).resolve()) for k in ("path", "captions")
+             if getattr(reference, k)}
+    zscl = method.zscl.model_copy(update={"reference": reference.model_copy(update=paths)})
+    return method.model_copy(update={"zscl": zscl})
+
+
+def _check_zscl(where: str, config: RunConfig) -> None:
+    """One ZSCL method a run (its fine-tunes are one chain), on a whole model or one tower."""
+    found = [i for i, m in enumerate(config.methods) if m.kind == "zscl"]
+    if len(found) > 1:
+        raise ValueError(f"{where}: methods[{found[1]}]: a second zscl method; a run trains one ZSCL chain, so keep "
+                         "one and run other settings from another config")
+    if found and config.training.train_part == "lora":
+        raise ValueError(f"{where}: methods[{found[0]}]: zscl fine-tunes the whole model or one tower, not LoRA "
+                         "adapters; set training.train_part to whole, image or text, or drop zscl")
 
 
 def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None) -> RunConfig:

@@ -27,6 +27,10 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("training: lora", c.LoraSettings),
     ("evaluation", c.EvaluationConfig),
     ("methods", c.MethodConfig),
+    ("methods: ties", c.TiesSettings),
+    ("methods: opcm", c.OpcmSettings),
+    ("methods: zscl", c.ZsclSettings),
+    ("methods: zscl reference", c.ZsclReference),
 )
 # JSON schema's bounds, and pydantic's own names for them where it leaves them inside an anyOf
 CONSTRAINTS = (("minimum", ">= {}"), ("ge", ">= {}"), ("exclusiveMinimum", "> {}"), ("gt", "> {}"),

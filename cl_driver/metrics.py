@@ -67,6 +67,9 @@ KIND_LABELS = {
     "task_arithmetic": "continual task arithmetic",
     "magmax": "MagMax",
     "individual": "individual experts (upper bound)",
+    "continual_ties": "continual TIES",
+    "opcm": "OPCM",
+    "zscl": "ZSCL",
 }
 
 

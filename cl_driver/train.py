@@ -5,6 +5,7 @@ protocol). Training goes through Hugging Face `accelerate`: under a launcher eve
 its share of each batch (the config's batch size is the global one) and the main process alone
 writes the result; one process on a CPU is a plain loop. Whole-model (or one-tower) fine-tunes are
 written as model folders, LoRA fine-tunes as PEFT adapter folders; both name theta0 as their base.
+A method that trains its own way adds to this loop through a `TrainingHook` (ZSCL: zscl.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,22 @@ PART_PREFIXES = {
     "image": ("vision_model.", "visual_projection."),
     "text": ("text_model.", "text_projection."),
 }
+
+
+class TrainingHook(Protocol):
+    """What a method adds to one task's fine-tuning, on the model itself (not a launcher's wrapper)."""
+
+    def begin(self, model) -> None:
+        """Once, with the start weights loaded and the trainable parameters chosen."""
+
+    def loss(self, model, step: int) -> torch.Tensor | None:
+        """A term added to step `step`'s cross-entropy (0-based), or None."""
+
+    def after_step(self, model, step: int) -> None:
+        """After the optimizer's step `step`."""
+
+    def end(self, model) -> None:
+        """After the last step, before the model is written: it may set the weights written."""
 
 
 def select_trainable(model, part: str) -> list[torch.nn.Parameter]:
@@ -122,14 +140,21 @@ def _training_parts(clip: Clip, params: list, spec: TaskSpec, dataset, settings:
     return module, optimizer, loader, scheduler
 
 
-def _optimize(accelerator, module, optimizer, loader, scheduler, settings: TrainingConfig, bar) -> None:
-    """`settings.iterations` steps of cross-entropy with label smoothing."""
-    for pixels, labels in _batches(loader, settings.iterations):
+def _optimize(accelerator, module, optimizer, loader, scheduler, settings: TrainingConfig, bar,
+              hook: TrainingHook | None = None, model=None) -> None:
+    """`settings.iterations` steps of cross-entropy with label smoothing, plus the hook's term."""
+    for step, (pixels, labels) in enumerate(_batches(loader, settings.iterations)):
         loss = F.cross_entropy(module(pixels), labels, label_smoothing=settings.label_smoothing)
+        if hook is not None:
+            with accelerator.autocast():
+                extra = hook.loss(model, step)
+            loss = loss if extra is None else loss + extra
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if hook is not None:
+            hook.after_step(model, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
@@ -140,7 +165,8 @@ def _freeze(model) -> None:
         param.requires_grad_(False)
 
 
-def _fit(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int, progress: bool):
+def _fit(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingConfig, seed: int, progress: bool,
+         hook: TrainingHook | None = None):
     """Train `params` of the model in place on every process of the run; returns the accelerator."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -148,22 +174,26 @@ def _fit(clip: Clip, params: list, spec: TaskSpec, dataset, settings: TrainingCo
     accelerator = Accelerator(cpu=clip.device.type == "cpu", mixed_precision=settings.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     parts = accelerator.prepare(*_training_parts(clip, params, spec, dataset, settings, seed))
+    if hook is not None:
+        hook.begin(clip.model)
     show = progress and accelerator.is_main_process
     with tqdm(total=settings.iterations, desc=f"train {spec.name}", disable=not show, leave=False) as bar:
-        _optimize(accelerator, *parts, settings, bar)
+        _optimize(accelerator, *parts, settings, bar, hook, clip.model)
+    if hook is not None:
+        hook.end(clip.model)
     _freeze(clip.model)
     accelerator.free_memory()
     return accelerator
 
 
 def finetune(clip: Clip, start: dict[str, torch.Tensor], spec: TaskSpec, dataset, settings: TrainingConfig,
-             out: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> Path:
+             out: str | os.PathLike, *, seed: int = 0, progress: bool = True, hook: TrainingHook | None = None) -> Path:
     """Fine-tune from the weights `start` on `dataset` and write the result to `out`, a model folder
-    that names theta0 as its base (checkpoints.py)."""
+    that names theta0 as its base (checkpoints.py); `hook` adds a method's own terms."""
     torch.manual_seed(seed)
     load_weights(clip.model, start)
     accelerator = _fit(clip, select_trainable(clip.model, settings.train_part), spec, dataset, settings, seed,
-                       progress)
+                       progress, hook)
     if accelerator.is_main_process:
         save_model_folder(state_dict_cpu(clip.model), out, base_folder=base_folder(clip), base=base_reference(clip),
                           task=spec.name)

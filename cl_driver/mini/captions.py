@@ -7,7 +7,8 @@ thinner and smaller glyphs in any colour, arrows without a sign, faces of any co
 no noise. The tasks' house styles (`cl_driver.mini.tasks`) are never drawn here, so zero-shot
 accuracy on the tasks measures transfer across a change of style.
 
-`sample_pair(rng, image_size)` draws one (image, caption); `make_batch` draws many.
+`sample_pair(rng, image_size)` draws one (image, caption); `make_batch` draws many;
+`reference_pairs` draws the fixed set that ZSCL distils on (cl_driver/zscl.py).
 """
 from __future__ import annotations
 
@@ -188,3 +189,12 @@ def sample_pair(rng: np.random.Generator, image_size: int = 32) -> tuple[Image.I
 def make_batch(rng: np.random.Generator, n: int, image_size: int = 32) -> tuple[list[Image.Image], list[str]]:
     pairs = [sample_pair(rng, image_size) for _ in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+REFERENCE_STREAM = 10**6  # seeds the reference set apart from the pre-training batches ([seed, step], step < 10^6)
+
+
+def reference_pairs(n: int, *, image_size: int = 32, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """n (image, caption) pairs of the pre-training distribution, the same for the same seed: the mini
+    CLIP's stand-in for ZSCL's reference images (ImageNet) and texts (Conceptual Captions)."""
+    return make_batch(np.random.default_rng([seed, REFERENCE_STREAM]), n, image_size)

@@ -118,7 +118,7 @@ def check_load(res: dict, results: Path, tmp_path: Path) -> None:
 
 def check_mini_mtil(res: dict, results: Path, tmp_path: Path) -> None:
     methods = {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu-model",
-               "condu-tensor-mean", "condu-tensor", "condu-model-agnostic"}
+               "condu-tensor-mean", "condu-tensor", "condu-model-agnostic", "continual_ties", "opcm", "zscl"}
     assert res["config"] == "benchmarks/configs/mini_mtil_tiny.yaml"
     assert set(res["results"]["summary"]) == methods
     assert all(len(row) == 2 for m in methods for row in res["results"]["matrices"][m])

@@ -24,5 +24,5 @@ def test_the_run_trains_the_chains_its_methods_read_in_one_order(tiny_config):
     only = make_methods(tuple(MethodConfig.model_validate(k) for k in ("magmax", "zero_shot")))
     assert chains_needed(m.chains for m in only) == ["sequential"]
     assert chains_needed(m.chains for m in make_methods((MethodConfig.model_validate("zero_shot"),))) == []
-    with pytest.raises(ValueError, match=r"chains \['zscl'\] are not in training.CHAINS"):
-        chains_needed([("individual",), ("zscl",)])
+    with pytest.raises(ValueError, match=r"chains \['lwf'\] are not in training.CHAINS"):
+        chains_needed([("individual",), ("lwf",)])

@@ -18,7 +18,9 @@ def test_shipped_configs_name_the_shipped_model_and_every_method():
     assert Path(full.model) == SHIPPED.resolve() == Path(quick.model)
     assert [t.name for t in full.tasks] == list(BUILTIN_TASKS)
     kinds = {m.kind for m in quick.methods}
-    assert kinds == {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu"}
+    assert kinds == {"zero_shot", "sequential", "task_arithmetic", "magmax", "individual", "condu", "continual_ties",
+                     "opcm", "zscl"}
+    assert {m.kind for m in full.methods} == kinds
     assert {m.rescaler for m in quick.methods if m.kind == "condu"} == {"model", "tensor-mean", "tensor"}
     assert any(m.agnostic for m in full.methods) and any(m.agnostic for m in quick.methods)
 
