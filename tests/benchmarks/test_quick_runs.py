@@ -61,6 +61,39 @@ def _fusion_store_runs(res: dict) -> list[dict]:
     return [run for side in sides for run in side.get("runs", [side])]
 
 
+def check_fidelity_per_bit(res: dict, results: Path, tmp_path: Path) -> None:
+    from fusion.dtypes import Q4, Q8
+
+    assert res["quick"] is True and (results / "fidelity_per_bit.png").stat().st_size > 1000
+    markdown = (results / "fidelity_per_bit.md").read_text()
+    assert "| ConDU model / int4 |" in markdown and "best T-Switch-style in as many bytes" in markdown
+    assert res["sources"]["clip"]["config"] == "benchmarks/configs/mini_mtil_tiny.yaml"
+    for name, tasks in (("clip", 2), ("gpt2", 3)):
+        family = res["families"][name]
+        assert len(family["tasks"]) == tasks and all(len(r["per_task"]) == tasks for r in family["rows"])
+        methods = {r["method"] for r in family["rows"]}
+        assert methods == {"ConDU", "EMR (one-shot)", "T-Switch-style", "BitDelta-style", "TALL-masks-style",
+                           "fine-tunes", "base"}
+        condu = {(r["rescaler"], r["dtype"]): r for r in family["rows"] if r["method"] == "ConDU"}
+        assert set(condu) == {(m, d) for m in ("model", "tensor-mean", "tensor")
+                              for d in ("float32", "bfloat16", "int8", "int4")}
+        size = [condu["model", d]["bytes_per_param_per_task"] for d in ("float32", "bfloat16", "int8", "int4")]
+        assert size == sorted(size, reverse=True) and size[-1] > 0
+        n = family["fused_parameters"]  # the compact unified files hold 8.5 and 4.5 bits a parameter, plus a header
+        for dtype, form in (("int8", Q8), ("int4", Q4)):
+            assert form.record * n / 64 <= condu["model", dtype]["unified_bytes"] < form.record * n / 64 + (1 << 16)
+        assert all(r["decouple_s_median"] > 0 for r in condu.values())
+        primary = family["primary"]
+        fine_tunes = next(r for r in family["rows"] if r["method"] == "fine-tunes")
+        assert all(0 <= r["mean"][primary] <= 100 for r in family["rows"])
+        if name == "gpt2":
+            assert fine_tunes["mean"]["agreement"] == 100.0  # a fine-tune agrees with itself
+        analysis = family["analysis"]
+        assert analysis["pareto"] and len(analysis["condu_vs_tswitch"]) == 12 and len(analysis["compact"]) == 9
+        assert all(c["bytes_ratio"] > 1 for c in analysis["compact"])  # every compact dtype is smaller than float32
+        assert 0 < family["condu_masks"]["xz_over_packed_mean"]
+
+
 def check_fusion_store(res: dict, results: Path, tmp_path: Path) -> None:
     assert (results / "fusion_store.png").stat().st_size > 0
     assert [(row["tasks"], row["add"]["tasks"]) for row in res["memory"]] == [(2, 3), (4, 5)]
