@@ -230,7 +230,7 @@ def _train(model, task: str, steps: int, lr: float, seed: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def gpt2_family(folder: Path, *, quick: bool) -> tuple[Family, dict]:
@@ -637,7 +637,7 @@ def _masks(family: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Fidelity per bit\n", f"`{result['command']}`; {result['machine']['cpu']}, "
+    lines = ["# Fidelity per bit\n", f"`{result['command']}`; {result['machine']['cpu']}, "
              f"load average {result['machine']['load_average']}, {result['machine']['time_utc']}.\n",
              "Bytes on disk per fused parameter per task against the quality of each task's rebuilt model, for "
              "ConDU's store and for T-Switch-, BitDelta- and TALL-masks-style encodings of the same fine-tunes "

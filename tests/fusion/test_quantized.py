@@ -216,3 +216,10 @@ def test_a_pass_refuses_chunks_that_cut_quantization_blocks(backend):
     with pytest.raises(InputError, match="multiple of 64"):
         fuse_pass([spec], num_tasks=1, read=read, emit=lambda *a: None, kernel=KERNEL, chunk=96)
     fuse_pass([spec], num_tasks=1, read=read, emit=lambda *a: None, kernel=KERNEL, chunk=128)
+
+
+def test_the_command_line_offers_every_storage_form():
+    from fusion.cli import UNIFIED_DTYPES
+    from fusion.dtypes import UNIFIED_NAMES
+
+    assert UNIFIED_DTYPES == UNIFIED_NAMES == ("float32", "float16", "bfloat16", "int8", "int4")
