@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fusion
-from fusion.dtypes import BF16, F16, F32
+from fusion.dtypes import BF16, F16, F32, Q4, Q8
 from fusion.kernels import cpu_native
 from fusion.kernels.cpu import CpuKernel
 from fusion.reference import OWN_ROW, Originals
@@ -219,12 +219,15 @@ def _chunk_results(kernel: CpuKernel) -> list:
     rows[1, ::5] = -rows[0, ::5]  # sums that cancel exactly
     rows[2, ::11] *= 2.0**-20
     base = rng.standard_normal(n, dtype=np.float32)
-    results = [kernel.elect(rows, unified_dtype=dtype) for dtype in (F32, F16, BF16)]
+    results = [kernel.elect(rows, unified_dtype=dtype) for dtype in (F32, F16, BF16, Q8, Q4)]
     results += [kernel.elect(as_dtype(rows, F16)), kernel.elect(as_dtype(rows, BF16))]
     originals = Originals(rows[:2] + base, np.array([0, 1, OWN_ROW, OWN_ROW, OWN_ROW]))
     results.append(kernel.elect(rows + base, base=base, originals=originals, unified_dtype=BF16))
     first = results[0]
     results.append(kernel.continual(first.unified, first.packed_masks[:3], np.array([0.9, 1.37, 1e-3]), rows[3:]))
+    quantized = results[4]  # the continual step of the compact store: from code * scale, back to int4 blocks
+    results.append(kernel.continual(quantized.unified, quantized.packed_masks[:3], np.array([0.9, 1.37, 1e-3]),
+                                    rows[3:], unified_dtype=Q4))
     rebuilt = np.empty(n, dtype=np.float32)
     cpu_native.rebuild(base, first.unified, np.ascontiguousarray(first.packed_masks[1]), 1.37, rebuilt)
     return results + [rebuilt]
@@ -272,6 +275,8 @@ def test_every_version_the_dispatch_may_pick_gives_the_same_bits(tmp_path, monke
                 continue
             assert np.array_equal(got.unified.view(np.int32), want.unified.view(np.int32)), name
             assert np.array_equal(got.packed_masks, want.packed_masks), name
+            if want.scales is not None:  # int8 / int4 blocks
+                assert np.array_equal(got.scales.view(np.int32), want.scales.view(np.int32)), name
             np.testing.assert_allclose(got.delta_l1, want.delta_l1, rtol=1e-12, err_msg=name)
             np.testing.assert_allclose(got.masked_l1, want.masked_l1, rtol=1e-12, err_msg=name)
             if want.fidelity is not None:
