@@ -2,11 +2,7 @@
 whole, a bug its traceback and status 2; and invariants that guard written bytes are real checks."""
 
 import ast
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +12,7 @@ from fusion import Store
 from fusion.store import faults
 from fusion.store.front import Store as FrontStore
 
-from .store.helpers import OPTS, REPO, models, run
+from .store.helpers import OPTS, REPO, child_stopped_at, models, run
 from .store.ondisk import disk_state
 
 BEFORE_SWAP = ["pass-chunk", "files-written", "backup-written"]
@@ -81,38 +77,16 @@ def test_a_refusal_is_still_one_line_and_status_1(store, tmp_path):
     assert result.exit_code == 1 and "task" in _only_line(result)
 
 
-# A real SIGINT, as a terminal sends it, while the child waits at a point of the change.
-INTERRUPTED = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from fusion.cli import main
-    from fusion.store import faults
-
-    def wait_here():  # tell the test, then wait for SIGINT (main thread) or the release (the pass's writer thread)
-        Path(sys.argv[3]).touch()
-        release, deadline = Path(sys.argv[3] + ".release"), time.monotonic() + 120
-        while not release.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    with faults.inject(sys.argv[2], wait_here):
-        main(["add", sys.argv[4], "--store", sys.argv[1], "--name", "victim", "-q"])
-""")
-
-
 @pytest.mark.parametrize("point", [*BEFORE_SWAP, "manifest-swapped"])
 def test_a_real_sigint_at_every_point_prints_one_line_and_exits_130(store, tmp_path, point):
+    """A real SIGINT, as a terminal sends it, while the command waits at a point of the change."""
     before = disk_state(store.path)
     marker = tmp_path / "reached"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(store.path), point, str(marker),
-                             str(tmp_path / "task3.safetensors")], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert marker.exists(), proc.stderr.read()
+    argv = ["add", str(tmp_path / "task3.safetensors"), "--store", str(store.path), "--name", "victim", "-q"]
+    proc = child_stopped_at(point, marker, f"from fusion.cli import main; main({argv!r})")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
-    Path(str(marker) + ".release").touch()  # a chunk in flight finishes, as a real one would
+    Path(str(marker) + ".release").touch()  # a chunk in flight on the pass's writer thread finishes
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -16,6 +16,8 @@ from fusion.kernels import get_kernel
 from fusion.kernels.cpu import KERNEL, CpuKernel
 from fusion.testing.strategies import FLOAT_DTYPES, as_dtype, deltas, state_dicts
 
+from .cpu_backends import BACKENDS, using_backend
+
 # Blocks that divide nothing in particular, down to one byte of mask, and the default.
 BLOCKS = st.sampled_from([8, 16, 24, 40, 96, 4096])
 # Scales: ordinary; fp16-subnormal after rounding; large enough that fp16 rounding overflows to inf.
@@ -23,18 +25,11 @@ SCALES = st.sampled_from([2.0**-6, 2.0**-21, 2.0**13])
 RESCALERS = st.sampled_from([0.0, 0.5, 1.0, 1.37, 3.0, 1e-3])
 
 
-@pytest.fixture(scope="module", autouse=True, params=["native", "numba"])
+@pytest.fixture(scope="module", autouse=True, params=BACKENDS)
 def backend(request):
     """The backend every kernel of the module uses, the shared KERNEL included."""
-    if request.param == "native":
-        from fusion.kernels import cpu_native
-
-        if not cpu_native.available():
-            pytest.skip(f"no native backend on this machine: {cpu_native._state['error']}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CONDU_CPU_BACKEND", request.param)
-        patch.setattr(KERNEL, "_backend", None)
-        yield request.param
+    with using_backend(request.param) as name:
+        yield name
 
 
 @contextlib.contextmanager

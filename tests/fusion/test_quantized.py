@@ -18,6 +18,8 @@ from fusion.errors import InputError
 from fusion.kernels.cpu import KERNEL, CpuKernel
 from fusion.testing.strategies import FLOAT_DTYPES, as_dtype, deltas
 
+from .cpu_backends import BACKENDS, using_backend
+
 FORMS = (Q8, Q4)
 # Kernel blocks that hold whole quantization blocks: one, two, and the default.
 BLOCKS = st.sampled_from([64, 128, 4096])
@@ -158,18 +160,11 @@ def test_rebuilds_never_change_sign_through_quantized_steps(rows, form, steps):
 # ---- the cpu kernel, both backends -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["native", "numba"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
     """The backend of the cpu kernels of the tests that take it (the shared KERNEL's too)."""
-    if request.param == "native":
-        from fusion.kernels import cpu_native
-
-        if not cpu_native.available():
-            pytest.skip(f"no native backend on this machine: {cpu_native._state['error']}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CONDU_CPU_BACKEND", request.param)
-        patch.setattr(KERNEL, "_backend", None)
-        yield request.param
+    with using_backend(request.param) as name:
+        yield name
 
 
 def assert_same(result: reference.ChunkResult, expected: reference.ChunkResult) -> None:

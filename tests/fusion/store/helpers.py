@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -93,3 +97,65 @@ def cli_process(args, cwd: Path, *, block: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "fusion.cli", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=cwd)
+
+
+def flip_a_bit_and_decouple_every_task(store, tmp_path: Path, data) -> None:
+    """Flip one bit (Hypothesis draws the file, byte and bit) of a store with `store.truth`; every task
+    then decouples exactly or fails in one line, never a wrong model with exit 0."""
+    files = sorted(p for p in store.path.rglob("*") if p.is_file() and p.name != "condu.lock")
+    target = data.draw(st.sampled_from(files), label="file")
+    offset = data.draw(st.integers(0, target.stat().st_size - 1), label="offset")
+    bit = data.draw(st.integers(0, 7), label="bit")
+    original = target.read_bytes()
+    flip_byte(target, offset, 1 << bit)
+    try:
+        for number, truth in store.truth.items():
+            out = tmp_path / f"t{number}.safetensors"
+            result = run(["decouple", "--store", store.path, "--task", str(number), "-o", out, "--force", "-q"], tmp_path)
+            if result.exit_code == 0:
+                assert equal_models(load_file(out), truth), (target.name, offset, bit, number)
+            else:
+                one_line_error(result, "")
+                assert not out.exists() or equal_models(load_file(out), truth)
+            out.unlink(missing_ok=True)
+    finally:
+        target.write_bytes(original)
+
+
+# A child that runs a Python statement with a fault point that stops it: it touches the marker, then
+# waits for a signal (SIGKILL, SIGINT) or for `<marker>.release`, which lets a thread's chunk finish.
+_WAITING_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from fusion.store import faults
+
+    marker = Path(sys.argv[2])
+
+    def wait_here():
+        marker.touch()
+        release, deadline = Path(sys.argv[2] + ".release"), time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    with faults.inject(sys.argv[1], wait_here):
+        exec(sys.argv[3])
+""")
+
+
+def child_stopped_at(point: str, marker: Path, statement: str) -> subprocess.Popen:
+    """Start `statement` in a child process and return once it has reached fault point `point`."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _WAITING_CHILD, point, str(marker), statement], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), proc.stderr.read()
+    return proc
+
+
+def killed_at(point: str, marker: Path, statement: str) -> None:
+    """`statement` in a child process, killed with SIGKILL at fault point `point`."""
+    proc = child_stopped_at(point, marker, statement)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -1,12 +1,6 @@
 """A change that fails or is killed at any moment leaves a whole generation: the old one before
 condu.json is swapped, the new one after."""
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +9,8 @@ from fusion import Store
 from fusion.store import faults
 from fusion.testing.checkpoints import snapshot
 
-from .helpers import OPTS, equal_models, models
+from .helpers import OPTS, equal_models, killed_at, models
 
-REPO = Path(__file__).resolve().parents[3]
 BEFORE_SWAP = ["pass-chunk", "files-written", "backup-written"]
 
 
@@ -53,33 +46,10 @@ def test_a_failure_after_the_swap_leaves_the_new_generation(store, tmp_path):
     assert sorted(p.name for p in store.path.glob("unified-*")) == ["unified-g000001.safetensors"]
 
 
-KILLED = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from fusion import Store
-    from fusion.store import faults
-
-    def stop_here():
-        Path(sys.argv[3]).touch()  # tell the test, then wait for SIGKILL
-        time.sleep(120)
-
-    with faults.inject(sys.argv[2], stop_here):
-        Store.open(sys.argv[1], kernel="reference", chunk=16).add(sys.argv[4], name="victim")
-""")
-
-
 @pytest.mark.parametrize("point", [*BEFORE_SWAP, "manifest-swapped"])
 def test_kill_minus_nine_at_every_point(store, tmp_path, point):
-    marker = tmp_path / "reached"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(store.path), point, str(marker),
-                             str(tmp_path / "task3.safetensors")], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert marker.exists(), proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_at(point, tmp_path / "reached", f"from fusion import Store; Store.open({str(store.path)!r}, kernel='reference', "
+              f"chunk=16).add({str(tmp_path / 'task3.safetensors')!r}, name='victim')")
 
     if point == "manifest-swapped":  # the new generation is whole: the victim is in
         assert store.generation == 1 and store.task("victim").number == 3

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
-from safetensors.numpy import load_file
 
 from fusion import Store
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
-from .helpers import OPTS, equal_models, flip_byte, manifest, models, one_line_error, run, task_entry
+from .helpers import (OPTS, equal_models, flip_a_bit_and_decouple_every_task, flip_byte, manifest, models,
+                      one_line_error, run, task_entry)
 
 
 @pytest.fixture
@@ -213,21 +213,4 @@ def test_set_base_accepts_a_moved_base_only_if_its_content_matches(store, tmp_pa
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(data=st.data())
 def test_no_flipped_bit_in_any_store_file_yields_a_wrong_model(store, tmp_path, data):
-    files = sorted(p for p in store.path.rglob("*") if p.is_file() and p.name != "condu.lock")
-    target = data.draw(st.sampled_from(files), label="file")
-    offset = data.draw(st.integers(0, target.stat().st_size - 1), label="offset")
-    bit = data.draw(st.integers(0, 7), label="bit")
-    original = target.read_bytes()
-    flip_byte(target, offset, 1 << bit)
-    try:
-        for number, truth in store.truth.items():
-            out = tmp_path / f"t{number}.safetensors"
-            result = run(["decouple", "--store", store.path, "--task", str(number), "-o", out, "--force", "-q"], tmp_path)
-            if result.exit_code == 0:
-                assert equal_models(load_file(out), truth), (target.name, offset, bit, number)
-            else:
-                one_line_error(result, "")
-                assert not out.exists() or equal_models(load_file(out), truth)
-            out.unlink(missing_ok=True)
-    finally:
-        target.write_bytes(original)
+    flip_a_bit_and_decouple_every_task(store, tmp_path, data)

@@ -8,12 +8,6 @@ file refuses every task and every change, and a change killed at any point leave
 generation."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import hypothesis.strategies as st
 import numpy as np
@@ -29,7 +23,8 @@ from fusion.store import faults
 from fusion.store.manifest import load_manifest
 from fusion.testing.checkpoints import snapshot, tiny_base, tiny_finetune, write_checkpoint
 
-from .helpers import REPO, equal_models, flip_byte, manifest, one_line_error, run, stored_unified, task_entry
+from .helpers import (equal_models, flip_a_bit_and_decouple_every_task, flip_byte, killed_at, manifest,
+                      one_line_error, run, stored_unified, task_entry)
 
 # Tensors of several quantization blocks (320: five; 200: three, the last one short), shorter than
 # one (5), and one of exactly one block.
@@ -231,25 +226,7 @@ def test_a_damaged_block_scale_refuses_every_task_and_every_change(store, tmp_pa
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(data=st.data())
 def test_no_flipped_bit_in_any_file_of_a_compact_store_yields_a_wrong_model(store, tmp_path, data):
-    files = sorted(p for p in store.path.rglob("*") if p.is_file() and p.name != "condu.lock")
-    target = data.draw(st.sampled_from(files), label="file")
-    offset = data.draw(st.integers(0, target.stat().st_size - 1), label="offset")
-    bit = data.draw(st.integers(0, 7), label="bit")
-    original = target.read_bytes()
-    flip_byte(target, offset, 1 << bit)
-    try:
-        for number, truth in store.truth.items():
-            out = tmp_path / f"t{number}.safetensors"
-            result = run(["decouple", "--store", store.path, "--task", str(number), "-o", out, "--force", "-q"],
-                         tmp_path)
-            if result.exit_code == 0:
-                assert equal_models(load_file(out), truth), (target.name, offset, bit, number)
-            else:
-                one_line_error(result, "")
-                assert not out.exists() or equal_models(load_file(out), truth)
-            out.unlink(missing_ok=True)
-    finally:
-        target.write_bytes(original)
+    flip_a_bit_and_decouple_every_task(store, tmp_path, data)
 
 
 # ---- crashes --------------------------------------------------------------------------------------
@@ -269,33 +246,10 @@ def test_a_failure_before_the_swap_leaves_the_compact_store_as_it_was(store, tmp
     assert snapshot(store.path) == before
 
 
-KILLED = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from fusion import Store
-    from fusion.store import faults
-
-    def stop_here():
-        Path(sys.argv[3]).touch()  # tell the test, then wait for SIGKILL
-        time.sleep(120)
-
-    with faults.inject(sys.argv[2], stop_here):
-        Store.open(sys.argv[1], kernel="reference", chunk=64).add(sys.argv[4], name="victim")
-""")
-
-
 @pytest.mark.parametrize("point", [*BEFORE_SWAP, "manifest-swapped"])
 def test_kill_minus_nine_at_every_point_leaves_a_whole_compact_generation(store, tmp_path, point):
-    marker = tmp_path / "reached"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(store.path), point, str(marker),
-                             str(tmp_path / "task1.safetensors")], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert marker.exists(), proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_at(point, tmp_path / "reached", f"from fusion import Store; Store.open({str(store.path)!r}, kernel='reference', "
+              f"chunk=64).add({str(tmp_path / 'task1.safetensors')!r}, name='victim')")
 
     if point == "manifest-swapped":  # the new generation is whole: the victim is in
         assert store.generation == 2 and store.task("victim").number == 4
